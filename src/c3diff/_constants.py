@@ -1,0 +1,57 @@
+"""Names and physical constants shared by the simulator, the readers and the tools.
+
+Every SpatialData that c3diff makes or reads follows these conventions (see ``docs/conventions.md``):
+all elements carry a transformation to the coordinate system :data:`COORDINATE_SYSTEM`, whose unit is
+the micrometre. Pixel sizes are always derived from those transformations.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+#: The coordinate system every c3diff element is registered to; its unit is 1 um.
+COORDINATE_SYSTEM = "global"
+#: Channel names of an RGB H&E image.
+RGB_CHANNELS = ("r", "g", "b")
+
+
+class Key(str, Enum):
+    """Default element names in a c3diff SpatialData (simulated or read)."""
+
+    HNE = "hne"  # H&E image, RGB uint8, Scale(um/px) to COORDINATE_SYSTEM
+    TRANSCRIPTS = "transcripts"  # points: x, y (um), gene, cell_id
+    CELLS = "cells"  # circle shapes, one per cell
+    CELL_LABELS = "cell_labels"  # labels raster of cell ids (0 = background)
+    CELL_TABLE = "cell_table"  # cells x genes counts, obs["cell_type"], annotates CELLS
+    SPOTS = "spots"  # circle shapes of measured spots (readers)
+    SPOT_TABLE = "table"  # spots x genes counts, annotates SPOTS (readers)
+    VISIUM_SPOTS = "visium_spots"  # simulator: Visium-like spots (55 um on a 100 um hex pitch)
+    VISIUM_TABLE = "visium_table"
+    ST_SPOTS = "st_spots"  # simulator: legacy-ST-like spots (100 um on a 200 um square pitch)
+    ST_TABLE = "st_table"
+
+
+#: Key of ``sdata.attrs`` / ``adata.uns`` under which c3diff records parameters and provenance.
+ATTRS_KEY = "c3diff"
+
+#: Paper geometry (METHOD.md section 1), in micrometres.
+HR_PIXEL_SIZE_10X = 10.0
+HR_PIXEL_SIZE_5X = 20.0
+LR_PIXEL_SIZE = 100.0
+HISTOLOGY_PIXEL_SIZE = 10.0
+
+VISIUM_SPOT_DIAMETER = 55.0
+VISIUM_PITCH = 100.0
+LEGACY_ST_SPOT_DIAMETER = 100.0
+LEGACY_ST_PITCH = 200.0
+
+#: Immune cell types of the cell-type map (METHOD.md section 8), in the paper's order.
+IMMUNE_TYPES = (
+    "B cell",
+    "T cell CD4",
+    "T cell CD8",
+    "Tregs",
+    "Macrophages M0",
+    "Macrophages M2",
+    "plasma cell",
+)

@@ -1,0 +1,1 @@
+"""c3diff.metrics."""
