@@ -84,6 +84,25 @@ class RasterGeometry:
         """Continuous pixel coordinates (row, col) of points given in the coordinate system."""
         return (np.asarray(y) - self.y0) / self.sy, (np.asarray(x) - self.x0) / self.sx
 
+    def transformation(self):
+        """The spatialdata transformation placing this grid in its coordinate system."""
+        from spatialdata.transformations import Identity, Scale, Sequence, Translation
+
+        steps = []
+        if (self.sy, self.sx) != (1.0, 1.0):
+            steps.append(Scale([self.sy, self.sx], axes=("y", "x")))
+        if (self.y0, self.x0) != (0.0, 0.0):
+            steps.append(Translation([self.y0, self.x0], axes=("y", "x")))
+        if not steps:
+            return Identity()
+        return steps[0] if len(steps) == 1 else Sequence(steps)
+
+    def crop(self, row: int, col: int, height: int, width: int) -> RasterGeometry:
+        """The geometry of the window ``[row:row+height, col:col+width]`` of this grid (may extend past it)."""
+        return RasterGeometry(
+            y0=self.y0 + row * self.sy, x0=self.x0 + col * self.sx, sy=self.sy, sx=self.sx, height=height, width=width
+        )
+
 
 def transform_matrix(element: Any, *, coordinate_system: str = COORDINATE_SYSTEM, arg: str = "element") -> np.ndarray:
     """3x3 affine matrix mapping ``(x, y, 1)`` of the element to ``coordinate_system``."""
