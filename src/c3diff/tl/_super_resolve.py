@@ -1,0 +1,419 @@
+"""c3.tl.super_resolve: whole-slide super-resolution of gene maps, tile by tile on dask, written as a raster layer."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from c3diff._constants import COORDINATE_SYSTEM, HISTOLOGY_PIXEL_SIZE, LR_PIXEL_SIZE
+from c3diff._provenance import record
+from c3diff._validation import RasterGeometry, check_genes, get_element, raster_geometry
+from c3diff.pp._binning import bin_transcripts, points_feature_key, points_genes
+from c3diff.pp._histology import detect_tissue, histology_raster
+from c3diff.pp._normalize import minmax_normalize
+from c3diff.pp._spots import MASK_MEASURED, MASK_OUTSIDE, spots_to_grid
+from c3diff.tl._execution import active_client, chunked, run_tasks
+from c3diff.tl._predictors import BicubicPredictor, ModelPredictor, TileBatch, resolve_device, run_predictor
+from c3diff.tl._tiling import BlendAccumulator, blend_window, plan_tiles
+
+if TYPE_CHECKING:  # pragma: no cover
+    from spatialdata import SpatialData
+
+#: What the values of a super-resolved layer mean (also recorded with each layer).
+UNITS = (
+    "expected transcript counts per output pixel, calibrated per tile and gene so that the prediction summed over "
+    "the tile's measured 100 um LR pixels equals their LR counts"
+)
+
+
+def _spot_tables(sdata: SpatialData) -> list[str]:
+    keys = []
+    for key, table in sdata.tables.items():
+        region = table.uns.get("spatialdata_attrs", {}).get("region")
+        region = region[0] if isinstance(region, list) and len(region) == 1 else region
+        if isinstance(region, str) and region in sdata.shapes and "radius" in sdata.shapes[region].columns:
+            keys.append(key)
+    return keys
+
+
+def _choose_lr_source(sdata: SpatialData, table_key: str | None, points_key: str | None) -> tuple[str, str]:
+    if table_key is not None and points_key is not None:
+        raise ValueError("Pass one LR source: `table_key` (spot counts) or `points_key` (transcripts), not both.")
+    if table_key is not None:
+        get_element(sdata, table_key, "tables", arg="table_key")
+        return "table", table_key
+    if points_key is not None:
+        get_element(sdata, points_key, "points", arg="points_key")
+        return "points", points_key
+    candidates = _spot_tables(sdata)
+    if len(candidates) == 1:
+        return "table", candidates[0]
+    if not candidates and len(sdata.points) == 1:
+        return "points", next(iter(sdata.points))
+    raise ValueError(
+        "Say which low-resolution counts to super-resolve: pass `table_key` (one of the spot tables "
+        f"{candidates}) or `points_key` (one of the points elements {sorted(sdata.points)})."
+    )
+
+
+def _load_model(model: Any, revision: str | None):
+    if model is None:
+        raise ValueError("`model` is required with method='c3diff': a local folder, a Hub repo id or a model object.")
+    if isinstance(model, str | Path):
+        from c3diff.models import from_pretrained
+
+        return from_pretrained(str(model), revision=revision), str(model)
+    if not hasattr(model, "predict") or not hasattr(model, "config"):
+        raise TypeError(f"`model` must be a c3diff model, a local folder or a Hub repo id, got {type(model).__name__}.")
+    return model, None
+
+
+def _model_geometry(model) -> dict[str, Any]:
+    config = model.config
+    get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
+    geometry = {
+        "image_size": int(get("image_size")),
+        "genes": list(get("genes")),
+        "scale": int(get("scale", 10)),
+        "histology_pixel_size": float(get("histology_pixel_size", HISTOLOGY_PIXEL_SIZE)),
+        "lr_pixel_size": float(get("lr_pixel_size", LR_PIXEL_SIZE)),
+    }
+    if geometry["histology_pixel_size"] != HISTOLOGY_PIXEL_SIZE or geometry["lr_pixel_size"] != LR_PIXEL_SIZE:
+        raise ValueError(
+            f"This model expects histology at {geometry['histology_pixel_size']:g} um/px and LR maps at "
+            f"{geometry['lr_pixel_size']:g} um/px; c3diff's super_resolve builds {HISTOLOGY_PIXEL_SIZE:g} and "
+            f"{LR_PIXEL_SIZE:g} um/px inputs."
+        )
+    return geometry
+
+
+def _transformations_like(image: Any, grid: RasterGeometry, coordinate_system: str) -> dict[str, Any]:
+    """The output grid in ``coordinate_system`` and, through the image, in every other system the image is in."""
+    from spatialdata.transformations import Sequence, get_transformation
+
+    own = grid.transformation()
+    transformations = {coordinate_system: own}
+    image_transforms = get_transformation(image, get_all=True)
+    to_cs = image_transforms[coordinate_system]
+    for name, transform in image_transforms.items():
+        if name != coordinate_system:
+            transformations[name] = Sequence([own, to_cs.inverse(), transform])
+    return transformations
+
+
+def _to_counts(
+    pred: np.ndarray, std: np.ndarray | None, lr_counts: np.ndarray, lr_mask: np.ndarray, per_lr: int
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Map a [0, 1] tile prediction ``(G, h, w)`` to counts per output pixel (see :data:`UNITS`).
+
+    Each gene is scaled so that the prediction summed over the tile's measured LR pixels equals their LR counts.
+    A gene predicted flat zero where the LR has counts (e.g. a constant LR map, which min-max maps to 0) gets the
+    LR density spread evenly instead.
+    """
+    n = pred.shape[-1] // per_lr
+    pooled = pred[:, : n * per_lr, : n * per_lr].reshape(pred.shape[0], n, per_lr, n, per_lr).sum(axis=(2, 4))
+    measured = lr_mask[:n, :n] == MASK_MEASURED
+    if not measured.any():
+        measured = lr_mask[:n, :n] != MASK_OUTSIDE
+    numerator = lr_counts[:, :n, :n][:, measured].sum(axis=1)
+    denominator = pooled[:, measured].sum(axis=1)
+    factors = np.where(denominator > 0, numerator / np.where(denominator > 0, denominator, 1.0), 0.0)
+    counts = pred * factors[:, None, None].astype(np.float32)
+    flat = (denominator <= 0) & (numerator > 0)
+    if flat.any():
+        counts[flat] = (numerator[flat] / (max(int(measured.sum()), 1) * per_lr**2))[:, None, None]
+    if std is None:
+        return counts, None
+    return counts, std * factors[:, None, None].astype(np.float32)
+
+
+def _parse_layer(values: Any, genes: list[str], transformations: dict[str, Any]):
+    from spatialdata.models import Image2DModel
+
+    height, width = values.shape[-2:]
+    levels = max(1, min(5, int(math.floor(math.log2(max(min(height, width), 1) / 64)))))
+    levels = levels if min(height, width) >= 2 else 0
+    return Image2DModel.parse(
+        values,
+        dims=("c", "y", "x"),
+        c_coords=genes,
+        transformations=transformations,
+        scale_factors=[2] * levels if levels else None,
+        chunks=(1, min(256, height), min(256, width)),
+    )
+
+
+def super_resolve(
+    sdata: SpatialData,
+    image_key: str,
+    *,
+    table_key: str | None = None,
+    points_key: str | None = None,
+    genes: list[str] | None = None,
+    scale: Literal[5, 10] = 10,
+    model: Any = None,
+    method: Literal["c3diff", "bicubic"] = "c3diff",
+    steps: int = 50,
+    eta: float = 0.0,
+    n_samples: int = 1,
+    batch_size: int = 4,
+    device: str = "auto",
+    seed: int = 0,
+    overlap: int | None = None,
+    tile_size: int | None = None,
+    drop_missing_genes: bool = False,
+    revision: str | None = None,
+    store: str | Path | None = None,
+    key_added: str | None = None,
+    inplace: bool = True,
+    progress: bool = True,
+    coordinate_system: str = COORDINATE_SYSTEM,
+) -> dict[str, Any] | None:
+    """Super-resolve low-resolution gene counts with the H&E, over the whole slide, tile by tile.
+
+    The spot counts (``table_key``) or transcripts (``points_key``) are turned into the model's inputs with
+    :mod:`c3diff.pp`: an LR map at 100 um/px (:func:`~c3diff.pp.spots_to_grid` / :func:`~c3diff.pp.bin_transcripts`)
+    and the histology at 10 um/px, both anchored at the H&E's corner. The tissue (detected in the H&E) is covered
+    with overlapping tiles of the model's size (2.56 mm for the paper preset); each tile's LR maps are min-max
+    normalised, the model predicts the HR maps, the predictions are mapped to expression units (:data:`UNITS`) and
+    overlapping tiles are cross-faded (no seams). Tiles run as dask tasks on the active scheduler - a
+    ``dask.distributed.Client`` included (a model given by path or repo id is loaded once per worker; a model object
+    is scattered once to each worker) - and results are blended as they arrive, so memory is bounded by the tile
+    batch (plus the output, unless ``store`` streams it to disk). Nothing is written unless everything succeeded.
+
+    Parameters
+    ----------
+    sdata
+        The section.
+    image_key
+        The H&E image (RGB) in ``sdata.images``.
+    table_key
+        A spot table (Visium / legacy ST) to super-resolve.
+    points_key
+        Transcripts to super-resolve (binned at 100 um for the LR input). Default: the only spot table, else the only
+        points element.
+    genes
+        Genes to predict. Default: the model's genes (c3diff) or every gene of the LR source (bicubic).
+    scale
+        10 (10 um output pixels) or 5 (20 um). A model trained at 10x predicts 5x by 2x2 averaging.
+    model
+        A c3diff model object, a local folder written by ``save_pretrained``, or a Hugging Face Hub repo id.
+    method
+        ``"c3diff"`` (the model) or ``"bicubic"`` (bicubic upsampling of the LR map through the same path: the baseline).
+    steps, eta
+        DDIM sampling steps and eta.
+    n_samples
+        Samples per tile; with more than one the layer holds their mean and a ``f"{key_added}_std"`` layer their
+        standard deviation (an uncertainty map).
+    batch_size
+        Tiles per dask task (and model call).
+    device
+        ``"auto"`` (a GPU when visible), ``"cpu"``, ``"cuda"``, ...
+    seed
+        Base seed; tile ``i`` of the tile plan uses ``seed + i``, so results do not depend on the scheduler.
+    overlap
+        Overlap of neighbouring tiles in histology pixels (10 um). Default: a quarter of the tile; the stride is
+        rounded down to whole LR pixels.
+    tile_size
+        Tile size in histology pixels for ``method="bicubic"`` (default 256); c3diff uses the model's.
+    drop_missing_genes
+        Predict only the requested genes present in the data (warning which are dropped) instead of raising.
+    revision
+        Hub revision (tag, branch or commit) when ``model`` is a repo id; pin it for reproducible results.
+    store
+        Path of a zarr store that receives the output tile by tile (memory stays flat for whole slides); by default
+        the output is held in memory.
+    key_added
+        Name of the new image. Default ``f"{image_key}_{method}_x{scale}"``, e.g. ``"hne_c3diff_x10"``.
+    inplace
+        Write into ``sdata`` (return ``None``); otherwise return ``{"mean": ..., "std": ...}``.
+    progress
+        Show a progress bar of tiles done.
+    coordinate_system
+        The micrometre coordinate system shared by the image and the counts.
+
+    Returns
+    -------
+    ``None``; or with ``inplace=False`` a dict with the ``"mean"`` layer and the ``"std"`` layer (or ``None``).
+    The layer is an Image2DModel (multiscale, chunked per gene) with ``c`` = genes whose transformations place it
+    exactly on the H&E in every coordinate system the H&E has. Parameters, model and version are recorded in
+    ``sdata.attrs["c3diff"][key_added]``.
+
+    Examples
+    --------
+    >>> import c3diff as c3
+    >>> sdata = c3.datasets.simulate_section(seed=0)  # doctest: +SKIP
+    >>> c3.tl.super_resolve(sdata, "hne", table_key="visium_table", model="org/c3diff-breast", revision="v1")  # doctest: +SKIP
+    >>> c3.tl.super_resolve(sdata, "hne", table_key="visium_table", method="bicubic")  # doctest: +SKIP
+    """
+    from tqdm.auto import tqdm
+
+    if method not in ("c3diff", "bicubic"):
+        raise ValueError(f"`method` must be 'c3diff' or 'bicubic', got {method!r}.")
+    if scale not in (5, 10):
+        raise ValueError(f"`scale` must be 5 or 10, got {scale!r}.")
+    for name, value, low in (("steps", steps, 1), ("n_samples", n_samples, 1), ("batch_size", batch_size, 1)):
+        if not isinstance(value, int | np.integer) or value < low:
+            raise ValueError(f"`{name}` must be an integer >= {low}, got {value!r}.")
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"`eta` must be in [0, 1], got {eta!r}.")
+    image = get_element(sdata, image_key, "images", arg="image_key")
+    image_geometry = raster_geometry(image, coordinate_system=coordinate_system, arg="image_key")
+    source_kind, source_key = _choose_lr_source(sdata, table_key, points_key)
+
+    # --- what to predict, and with what ------------------------------------------------------------------------
+    if source_kind == "table":
+        available = [str(g) for g in sdata.tables[source_key].var_names]
+    else:
+        points = sdata.points[source_key]
+        available = points_genes(points, points_feature_key(points, arg="points_key"))
+    model_obj = model_id = None
+    if method == "c3diff":
+        model_obj, model_id = _load_model(model, revision)
+        geometry = _model_geometry(model_obj)
+        if scale > geometry["scale"]:
+            raise ValueError(f"This model was trained for {geometry['scale']}x; it cannot predict {scale}x.")
+        size = geometry["image_size"]
+        model_genes = geometry["genes"]
+        genes = model_genes if genes is None else check_genes(genes, model_genes, arg="genes (of the model)")
+    else:
+        size = 256 if tile_size is None else int(tile_size)
+        genes = available if genes is None else check_genes(genes, available)
+    missing = [g for g in genes if g not in set(available)]
+    if missing:
+        if not drop_missing_genes or len(missing) == len(genes):
+            raise KeyError(
+                f"{len(missing)} gene(s) to predict are not in `{source_kind}_key={source_key!r}`: {missing[:10]}"
+                f"{' ...' if len(missing) > 10 else ''}. Pass `genes` to choose a subset, or `drop_missing_genes=True`."
+            )
+        warnings.warn(f"super_resolve: dropping {len(missing)} gene(s) absent from the data: {missing}.",
+                      UserWarning, stacklevel=2)
+        genes = [g for g in genes if g not in set(missing)]
+
+    hist_px = HISTOLOGY_PIXEL_SIZE
+    lr_factor = round(LR_PIXEL_SIZE / hist_px)
+    out_factor = 10 // scale  # histology pixels per output pixel
+    if size % out_factor or size < lr_factor:
+        raise ValueError(f"The tile size must be a multiple of {out_factor} and at least {lr_factor}, got {size}.")
+    overlap = size // 4 if overlap is None else int(overlap)
+    stride = ((size - overlap) // lr_factor) * lr_factor
+    if stride <= 0:
+        raise ValueError(f"`overlap={overlap}` leaves no stride for tiles of {size} px; use a smaller overlap.")
+    lr_size = math.ceil(size / lr_factor)
+
+    # --- inputs on the H&E-anchored grids -------------------------------------------------------------------
+    rgb, hist_grid = histology_raster(sdata, image_key, pixel_size=hist_px, coordinate_system=coordinate_system)
+    if source_kind == "table":
+        raster, mask = spots_to_grid(
+            sdata, table_key=source_key, genes=genes, image_key=image_key, inplace=False,
+            coordinate_system=coordinate_system,
+        )
+        lr_full, lr_mask = np.asarray(raster.data, dtype=np.float32), np.asarray(mask.data, dtype=np.uint8)
+    else:
+        raster = bin_transcripts(
+            sdata, points_key=source_key, bin_size=LR_PIXEL_SIZE, genes=genes, image_key=image_key, inplace=False,
+            coordinate_system=coordinate_system,
+        )
+        lr_full = np.asarray(raster.data, dtype=np.float32)
+        lr_mask = np.full(lr_full.shape[-2:], MASK_MEASURED, dtype=np.uint8)
+    tissue = detect_tissue(rgb, pixel_size=hist_px)
+    coverage = np.kron(lr_mask != MASK_OUTSIDE, np.ones((lr_factor, lr_factor), dtype=bool))
+    coverage = coverage[: tissue.shape[0], : tissue.shape[1]]
+    tissue[: coverage.shape[0], : coverage.shape[1]] &= coverage
+    if not tissue.any():
+        raise ValueError(
+            f"No tissue with counts: the H&E `image_key={image_key!r}` shows no tissue where "
+            f"`{source_kind}_key={source_key!r}` has data."
+        )
+    plan = plan_tiles(hist_grid.height, hist_grid.width, size=size, stride=stride, keep=tissue)
+
+    out_grid = RasterGeometry(
+        y0=hist_grid.y0, x0=hist_grid.x0, sy=hist_px * out_factor, sx=hist_px * out_factor,
+        height=math.ceil(hist_grid.height / out_factor), width=math.ceil(hist_grid.width / out_factor),
+    )
+    out_size = size // out_factor
+    per_lr = lr_factor // out_factor  # output pixels per LR pixel
+
+    def window(array: np.ndarray, row: int, col: int, n: int, fill: float | None) -> np.ndarray:
+        """``array[..., row:row+n, col:col+n]``; past the edge: ``fill``, or the edge values when ``fill`` is None."""
+        h, w = array.shape[-2:]
+        part = array[..., row : row + n, col : col + n]
+        pad = [(0, 0)] * (array.ndim - 2) + [(0, n - part.shape[-2]), (0, n - part.shape[-1])]
+        if fill is None:
+            return np.pad(part, pad, mode="edge")
+        return np.pad(part, pad, mode="constant", constant_values=fill)
+
+    def lr_window(tile) -> tuple[np.ndarray, np.ndarray]:
+        # LR past the slide's edge repeats the edge (a neutral context for the model); the mask marks it outside
+        r, c = tile.row // lr_factor, tile.col // lr_factor
+        return window(lr_full, r, c, lr_size, None), window(lr_mask, r, c, lr_size, MASK_OUTSIDE)
+
+    groups = chunked(plan.tiles, batch_size)
+    batches = []
+    for group in groups:
+        lr = np.stack([lr_window(t)[0] for t in group])
+        batches.append(TileBatch(
+            histology=np.stack([window(rgb, t.row, t.col, size, 255) for t in group]),
+            lr=minmax_normalize(lr)[0],
+            seeds=tuple(int(seed) + t.index for t in group),
+        ))
+
+    # --- run -------------------------------------------------------------------------------------------------
+    if method == "c3diff":
+        model_genes = _model_geometry(model_obj)["genes"]
+        predictor = ModelPredictor(
+            revision=revision, gene_indices=tuple(model_genes.index(g) for g in genes), scale=scale, steps=steps,
+            eta=float(eta), n_samples=n_samples, device=device,
+        )
+        client = active_client()
+        if client is not None:
+            # one model per worker: by path (each worker loads and caches it) or scattered once as an object
+            model_arg = model_id if model_id is not None else client.scatter(model_obj, broadcast=True)
+        else:
+            model_arg = model_obj.to(resolve_device(device))
+    else:
+        predictor, model_arg = BicubicPredictor(factor=per_lr, out_size=out_size), None
+
+    weight = blend_window(out_size, (size - stride) // out_factor)
+    mean_acc = BlendAccumulator(len(genes), out_grid.height, out_grid.width, chunk=256,
+                                store=None if store is None else Path(store) / "mean")
+    std_acc = None
+    if n_samples > 1:
+        std_acc = BlendAccumulator(len(genes), out_grid.height, out_grid.width, chunk=256,
+                                   store=None if store is None else Path(store) / "std")
+    bar = tqdm(total=len(plan), desc=f"super_resolve ({method})", unit="tile", disable=not progress)
+    for b, (mean, std) in run_tasks(run_predictor, batches, extra_args=(predictor, model_arg)):
+        group = groups[b]
+        for k, tile in enumerate(group):
+            lr_counts, mask = lr_window(tile)
+            counts, spread = _to_counts(mean[k], None if std is None else std[k], lr_counts, mask, per_lr)
+            row, col = tile.row // out_factor, tile.col // out_factor
+            mean_acc.add(row, col, counts, weight)
+            if std_acc is not None and spread is not None:
+                std_acc.add(row, col, spread, weight)
+        bar.update(len(group))
+    bar.close()
+
+    transformations = _transformations_like(image, out_grid, coordinate_system)
+    layers = {"mean": _parse_layer(mean_acc.result(), genes, transformations), "std": None}
+    if std_acc is not None:
+        layers["std"] = _parse_layer(std_acc.result(), genes, transformations)
+    if not inplace:
+        return layers
+
+    key = key_added or f"{image_key}_{method}_x{scale}"
+    sdata.images[key] = layers["mean"]
+    if layers["std"] is not None:
+        sdata.images[f"{key}_std"] = layers["std"]
+    record(
+        sdata, key, "super_resolve", image_key=image_key, source=f"{source_kind}:{source_key}", method=method,
+        model=model_id if model_id is not None else (type(model_obj).__name__ if model_obj is not None else None),
+        revision=revision, scale=scale, steps=steps, eta=eta, n_samples=n_samples, seed=seed, tile_size=size,
+        overlap=size - stride, n_tiles=len(plan), genes=genes, units=UNITS,
+        pixel_size_um=out_grid.sy, std_key=f"{key}_std" if layers["std"] is not None else None,
+    )
+    return None

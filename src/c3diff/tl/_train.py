@@ -1,0 +1,572 @@
+"""c3.tl.train: the paper's training recipe on accelerate (CPU, one GPU or several), with validation and resumable
+checkpoints."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from c3diff._constants import ATTRS_KEY
+from c3diff.pp._patches import PatchSet, make_patches
+from c3diff.pp._splits import split_samples
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
+    from spatialdata import SpatialData
+
+    from c3diff.models import C3DiffModel
+
+#: The supplementary's Table 1 (and section 3.2) recipe.
+PAPER_RECIPE = {
+    "learning_rate": 1e-5,
+    "betas": (0.9, 0.999),
+    "eps": 1e-8,
+    "weight_decay": 1e-5,
+    "batch_size": 16,
+    "epochs": 50,
+    "lr_missing_fraction": 0.05,
+}
+
+_STATE_FILE = "trainer_state.json"
+
+
+@dataclass
+class TrainingResult:
+    """What :func:`train` returns.
+
+    Attributes
+    ----------
+    model
+        The best model by validation PCC (the last one without validation).
+    history
+        One row per validation (epoch): loss components and RMSE/PCC of sampled maps.
+    output_dir
+        Folder with ``checkpoints/``, ``best/`` (``save_pretrained`` folder) and ``log.jsonl``.
+    best_checkpoint
+        The ``best/`` folder, or ``None`` without validation.
+    """
+
+    model: C3DiffModel
+    history: pd.DataFrame
+    output_dir: Path
+    best_checkpoint: Path | None
+
+
+class EpochSampler:
+    """A permutation of the dataset per epoch, drawn from ``(seed, epoch)``: reproducible and resumable."""
+
+    def __init__(self, n: int, *, seed: int) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        return iter(np.random.default_rng((self.seed, self.epoch)).permutation(self.n).tolist())
+
+
+# -------------------------------------------------------------------------------------------------- inputs
+def _as_list(data: Any) -> list[Any]:
+    if data is None:
+        return []
+    return list(data) if isinstance(data, list | tuple) else [data]
+
+
+def _patches_from(
+    data: Any,
+    *,
+    genes: list[str],
+    scale: int,
+    patch_size: int,
+    patch_kwargs: Mapping[str, Any],
+    arg: str,
+) -> PatchSet | None:
+    items = _as_list(data)
+    if not items:
+        return None
+    patchsets, seen = [], {}
+    for i, item in enumerate(items):
+        if isinstance(item, PatchSet):
+            patches = item
+        elif hasattr(item, "images") and hasattr(item, "tables"):
+            patches = make_patches(item, genes=genes, scale=scale, patch_size=patch_size, **patch_kwargs)
+        elif isinstance(item, str | Path):
+            patches = PatchSet.load(item)
+        else:
+            raise TypeError(f"`{arg}[{i}]` must be a SpatialData, a PatchSet or a patch file, got {type(item).__name__}.")
+        for sample in patches.samples:  # distinct sections must not share a sample id (splits are by sample)
+            if sample in seen and seen[sample] != i:
+                patches.sample_id = np.where(patches.sample_id == sample, f"{sample}#{i}", patches.sample_id)
+        seen.update({s: i for s in patches.samples})
+        patchsets.append(patches)
+    if any(p.params.get("patch_size") != patch_size for p in patchsets):
+        sizes = sorted({p.params.get("patch_size") for p in patchsets})
+        raise ValueError(f"`{arg}`: patches of {sizes} px do not match the model's {patch_size} px tiles.")
+    if any(p.scale != scale for p in patchsets):
+        raise ValueError(f"`{arg}`: patches at scales {sorted({p.scale for p in patchsets})}x, the model is {scale}x.")
+    out = PatchSet.concat(patchsets)
+    if out.hr is None:
+        raise ValueError(f"`{arg}` has no HR ground truth to learn from (make the patches with `points_key`/`hr_key`).")
+    missing = [g for g in genes if g not in set(out.genes)]
+    if missing:
+        raise ValueError(
+            f"`{arg}` lacks {len(missing)} of the model's genes: {missing[:10]}{' ...' if len(missing) > 10 else ''}. "
+            "Make the patches with the model's genes (`model.genes`)."
+        )
+    return out
+
+
+def _resolve_model(model: Any, *, genes: list[str] | None, scale: int, overrides: Mapping[str, Any]) -> C3DiffModel:
+    from c3diff import models
+
+    if isinstance(model, str) and model in models.PRESETS:
+        if not genes:
+            raise ValueError(f"`genes` is required to build a new model from the preset {model!r}.")
+        return models.build_model(model, genes=list(genes), scale=scale, **dict(overrides))
+    if isinstance(model, str | Path):
+        return models.from_pretrained(str(model))
+    if isinstance(model, models.C3DiffModel):
+        return model
+    raise TypeError(
+        f"`model` must be a preset name {sorted(models.PRESETS)}, a model folder/Hub id or a C3DiffModel, got "
+        f"{type(model).__name__}."
+    )
+
+
+def make_optimizer(
+    model: C3DiffModel,
+    *,
+    learning_rate: float = PAPER_RECIPE["learning_rate"],
+    betas: tuple[float, float] = PAPER_RECIPE["betas"],
+    eps: float = PAPER_RECIPE["eps"],
+    weight_decay: float = PAPER_RECIPE["weight_decay"],
+) -> torch.optim.AdamW:
+    """AdamW over the model's trainable parameters with the paper's hyper-parameters (Table 1) as defaults."""
+    return torch.optim.AdamW(
+        model.trainable_parameters(), lr=learning_rate, betas=tuple(betas), eps=eps, weight_decay=weight_decay
+    )
+
+
+def _check_output_dir(output_dir: str | Path) -> Path:
+    path = Path(output_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".c3diff_write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise PermissionError(f"`output_dir={str(path)!r}` is not writable ({err.strerror}); choose another folder.") from err
+    return path
+
+
+def _latest_checkpoint(output_dir: Path) -> Path | None:
+    checkpoints = sorted((output_dir / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    return checkpoints[-1] if checkpoints else None
+
+
+def _mixed_precision(value: str) -> str:
+    if value == "auto":
+        if torch.cuda.is_available():
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "no"
+    if value not in ("no", "fp16", "bf16"):
+        raise ValueError(f"`mixed_precision` must be 'auto', 'no', 'fp16' or 'bf16', got {value!r}.")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------- validation
+def _validation_losses(model, loader, *, seed: int, max_batches: int) -> dict[str, float]:
+    generator = torch.Generator(device=model.device).manual_seed(seed)
+    sums: dict[str, float] = {}
+    n = 0
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for b, batch in enumerate(loader):
+            if b >= max_batches:
+                break
+            losses = model.compute_losses(batch, generator=generator).as_dict()
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            n += 1
+    model.train(was_training)
+    return {f"val_{k}": v / max(n, 1) for k, v in sums.items()}
+
+
+def validation_scores(
+    model: C3DiffModel,
+    patches: PatchSet,
+    *,
+    steps: int = 10,
+    max_patches: int = 8,
+    max_genes: int = 16,
+    seed: int = 0,
+) -> dict[str, float]:
+    """RMSE / PCC (METHOD.md section 7) of maps sampled with ``steps`` DDIM steps on up to ``max_patches`` patches and
+    ``max_genes`` genes (the most variable in the validation truth), in the model's scale."""
+    from c3diff.metrics import score_maps, summarize_scores
+
+    index = np.arange(min(len(patches), max_patches))
+    channels = [patches.genes.index(g) for g in model.genes]
+    spread = (patches.hr_high - patches.hr_low)[index][:, channels].mean(axis=0)
+    order = np.argsort(-spread, kind="stable")[:max_genes]
+    order = order[spread[order] > 0]
+    if len(order) == 0:
+        return {"val_rmse": float("nan"), "val_pcc": float("nan")}
+    picked = [channels[i] for i in order]
+    was_training = model.training
+    model.eval()
+    mean, _ = model.predict(
+        torch.from_numpy(patches.histology[index].astype(np.float32) / 255.0),
+        torch.from_numpy(patches.lr[index][:, picked]),
+        gene_indices=[int(i) for i in order],
+        num_inference_steps=steps,
+        seed=seed,
+    )
+    model.train(was_training)
+    truth = patches.hr[index][:, picked]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # constant truth maps are skipped and counted by score_maps
+        scores = summarize_scores(score_maps(mean.numpy(), truth, genes=[model.genes[i] for i in order]))
+    return {"val_rmse": float(scores["rmse"].iloc[0]), "val_pcc": float(scores["pcc"].iloc[0])}
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+def _save_checkpoint(path: Path, *, model, optimizer, generator, state: dict[str, Any]) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(path / "model"))
+    torch.save(optimizer.state_dict(), path / "optimizer.pt")
+    torch.save(generator.get_state(), path / "generator.pt")
+    (path / _STATE_FILE).write_text(json.dumps(state, indent=1))
+
+
+def _load_checkpoint(path: Path) -> tuple[C3DiffModel, dict, Any, dict[str, Any]]:
+    from c3diff.models import from_pretrained
+
+    if not (path / _STATE_FILE).exists():
+        raise FileNotFoundError(f"`resume`: {str(path)!r} is not a c3diff checkpoint (no {_STATE_FILE}).")
+    model = from_pretrained(str(path / "model"))
+    optimizer_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+    generator_state = torch.load(path / "generator.pt", map_location="cpu", weights_only=True)
+    return model, optimizer_state, generator_state, json.loads((path / _STATE_FILE).read_text())
+
+
+class _LossModule(torch.nn.Module):
+    """The model's loss as ``forward``, so that accelerate (autocast, DDP gradient sync) wraps the training step."""
+
+    def __init__(self, model: C3DiffModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: Mapping[str, torch.Tensor], generator: torch.Generator):
+        return self.model.compute_losses(batch, generator=generator)
+
+
+# ------------------------------------------------------------------------------------------------- train
+def train(
+    data: SpatialData | PatchSet | Sequence[SpatialData | PatchSet],
+    *,
+    output_dir: str | Path,
+    model: str | C3DiffModel = "paper",
+    genes: list[str] | None = None,
+    scale: int = 10,
+    val_data: SpatialData | PatchSet | Sequence[SpatialData | PatchSet] | None = None,
+    val_fraction: float = 0.2,
+    image_key: str = "hne",
+    points_key: str | None = None,
+    hr_key: str | None = None,
+    lr_key: str | None = None,
+    table_key: str | None = None,
+    min_tissue: float = 0.5,
+    epochs: int = PAPER_RECIPE["epochs"],
+    batch_size: int = PAPER_RECIPE["batch_size"],
+    learning_rate: float = PAPER_RECIPE["learning_rate"],
+    betas: tuple[float, float] = PAPER_RECIPE["betas"],
+    eps: float = PAPER_RECIPE["eps"],
+    weight_decay: float = PAPER_RECIPE["weight_decay"],
+    loss_weights: Mapping[str, float] | None = None,
+    lr_missing_fraction: float = PAPER_RECIPE["lr_missing_fraction"],
+    skip_constant: bool = True,
+    gradient_accumulation_steps: int = 1,
+    mixed_precision: str = "auto",
+    device: str = "auto",
+    seed: int = 0,
+    max_steps: int | None = None,
+    max_time: float | None = None,
+    val_steps: int = 10,
+    val_max_patches: int = 8,
+    val_max_genes: int = 16,
+    val_max_batches: int = 8,
+    autoencoder_steps: int = 2000,
+    checkpoint_every: int = 1,
+    resume: str | Path | None = None,
+    num_workers: int = 0,
+    progress: bool = True,
+    log_every: int = 10,
+    model_overrides: Mapping[str, Any] | None = None,
+) -> TrainingResult:
+    """Train a C3-Diff model with the paper's recipe (supplementary Table 1), every value overridable.
+
+    AdamW (lr 1e-5, betas 0.9/0.999, eps 1e-8, weight decay 1e-5), batch 16, 50 epochs, loss weights
+    ``mse 2, modal 1, content 1, inter_sphere 1``, 5% of samples trained as modality-incomplete (no LR ST). Runs on
+    accelerate: the same call works on the CPU, one GPU or several (``accelerate launch``), with mixed precision on
+    GPUs and gradient accumulation. Each epoch is validated (loss components, and RMSE/PCC of maps sampled with
+    ``val_steps`` DDIM steps) on a patient-level split; the best model by validation PCC is kept in ``best/``.
+    Checkpoints (``save_pretrained`` model + optimizer + RNG + progress) let ``resume`` continue exactly.
+
+    Parameters
+    ----------
+    data
+        Training sections (SpatialData with an H&E and transcripts/HR rasters), ``PatchSet`` objects or patch files
+        written by ``PatchSet.save``; patches are made with :func:`~c3diff.pp.make_patches` at the model's tile size.
+    output_dir
+        Folder for checkpoints, the best model and the run log (``log.jsonl``); created, must be writable.
+    model
+        A preset name (``"paper"``, ``"tiny"``), a model folder / Hub id, or a model object to continue training.
+    genes
+        Genes of a new model (default: the model's; required with a preset when ``data`` has no single gene list).
+    scale
+        10 or 5 (for a new model; an existing model keeps its own).
+    val_data
+        Validation sections/patches. Default: ``val_fraction`` of the training samples, split by sample.
+    val_fraction
+        Fraction of samples held out when ``val_data`` is not given (no validation with a single sample).
+    image_key, points_key, hr_key, lr_key, table_key, min_tissue
+        Passed to :func:`~c3diff.pp.make_patches` for SpatialData inputs.
+    epochs, batch_size, learning_rate, betas, eps, weight_decay
+        The optimisation recipe (Table 1 defaults).
+    loss_weights
+        Overrides of ``{"mse": 2, "modal": 1, "content": 1, "inter_sphere": 1}`` (0 turns a loss off).
+    lr_missing_fraction
+        Fraction of samples whose LR ST is withheld each epoch (trained through imputation; METHOD.md section 5).
+    skip_constant
+        Skip (patch, gene) pairs whose HR map is constant.
+    gradient_accumulation_steps, mixed_precision, device
+        accelerate settings (``mixed_precision="auto"``: bf16/fp16 on GPUs, none on CPU; ``device="cpu"`` forces CPU).
+    seed
+        Seeds model initialisation, data order, noise and timesteps.
+    max_steps, max_time
+        Stop after this many optimisation steps / seconds (a checkpoint is written when stopping).
+    val_steps, val_max_patches, val_max_genes, val_max_batches
+        Validation cost: DDIM steps, patches and genes sampled; batches for the validation losses.
+    autoencoder_steps
+        Steps of first-stage training when the model's autoencoder has not been trained yet (then frozen).
+    checkpoint_every
+        Write a checkpoint every this many epochs.
+    resume
+        ``"latest"`` or a checkpoint folder (``output_dir/checkpoints/step-N``): continue that run exactly.
+    num_workers
+        DataLoader workers.
+    progress
+        Progress bars with the loss components.
+    log_every
+        Write a step row to the log every this many steps.
+    model_overrides
+        Config overrides for a new model from a preset (e.g. ``{"unet_config": {...}}``).
+
+    Returns
+    -------
+    A :class:`TrainingResult`.
+
+    Examples
+    --------
+    >>> import c3diff as c3
+    >>> sections = [c3.datasets.simulate_section(seed=s, width=1280, height=1280) for s in range(4)]  # doctest: +SKIP
+    >>> result = c3.tl.train(sections, model="tiny", genes=["GATA3", "CD8A"], points_key="transcripts",
+    ...                      output_dir="runs/tiny", epochs=2)  # doctest: +SKIP
+    >>> result.history[["epoch", "val_pcc"]]  # doctest: +SKIP
+    """
+    import pandas as pd
+    from accelerate import Accelerator, DistributedDataParallelKwargs
+    from accelerate.utils import set_seed
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
+    # ---- validate everything before any work ------------------------------------------------------------------
+    for name, value in (("epochs", epochs), ("batch_size", batch_size), ("gradient_accumulation_steps",
+                        gradient_accumulation_steps), ("checkpoint_every", checkpoint_every)):
+        if not isinstance(value, int | np.integer) or value < 1:
+            raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+    if learning_rate <= 0:
+        raise ValueError(f"`learning_rate` must be positive, got {learning_rate!r}.")
+    unknown = sorted(set(loss_weights or {}) - {"mse", "modal", "content", "inter_sphere"})
+    if unknown:
+        raise ValueError(f"`loss_weights` has unknown entries {unknown}; use mse, modal, content, inter_sphere.")
+    if not _as_list(data):
+        raise ValueError("`data` is empty: pass at least one SpatialData or PatchSet to train on.")
+    output_dir = _check_output_dir(output_dir)
+
+    set_seed(seed)
+    resume_state = None
+    if resume is not None:
+        checkpoint = _latest_checkpoint(output_dir) if str(resume) == "latest" else Path(resume)
+        if checkpoint is None:
+            raise FileNotFoundError(f"`resume='latest'`: no checkpoint under {str(output_dir / 'checkpoints')!r}.")
+        net, optimizer_state, generator_state, resume_state = _load_checkpoint(checkpoint)
+    else:
+        first = next(iter(_as_list(data)))
+        if genes is None and isinstance(first, PatchSet) and isinstance(model, str) and model in _preset_names():
+            genes = list(first.genes)
+        net = _resolve_model(model, genes=genes, scale=scale, overrides=model_overrides or {})
+    if loss_weights:
+        net.register_to_config(**{f"lambda_{k}": float(v) for k, v in loss_weights.items()})
+    genes_model = net.genes
+    scale_model = int(net.config.scale)
+    patch_size = int(net.config.image_size)
+    patch_kwargs = {"image_key": image_key, "points_key": points_key, "hr_key": hr_key, "lr_key": lr_key,
+                    "table_key": table_key, "min_tissue": min_tissue}
+    train_patches = _patches_from(data, genes=genes_model, scale=scale_model, patch_size=patch_size,
+                                  patch_kwargs=patch_kwargs, arg="data")
+    val_patches = _patches_from(val_data, genes=genes_model, scale=scale_model, patch_size=patch_size,
+                                patch_kwargs=patch_kwargs, arg="val_data")
+    if val_patches is None and len(train_patches.samples) > 1 and val_fraction > 0:
+        splits = split_samples(train_patches.samples, val_fraction=val_fraction, test_fraction=0.0, seed=seed)
+        val_patches = train_patches.subset(samples=splits["val"])
+        train_patches = train_patches.subset(samples=splits["train"])
+    if val_patches is None:
+        warnings.warn("train: no validation data (no `val_data`, and `val_fraction=0` or a single sample); keeping the last model.",
+                      UserWarning, stacklevel=2)
+    dataset = train_patches.dataset(genes=genes_model, lr_missing_fraction=lr_missing_fraction,
+                                    skip_constant=skip_constant, seed=seed)
+    if len(dataset) < batch_size:
+        raise ValueError(f"The training set has {len(dataset)} (patch, gene) samples, fewer than `batch_size={batch_size}`.")
+
+    cpu = device == "cpu" or not torch.cuda.is_available()
+    accelerator = Accelerator(
+        mixed_precision=_mixed_precision(mixed_precision) if not cpu else "no",
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        cpu=cpu,
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+
+    # ---- first stage --------------------------------------------------------------------------------------------
+    if net.vqvae is not None and not bool(net.config.get("autoencoder_trained", False)) and resume_state is None:
+        from c3diff.models import fit_autoencoder
+
+        maps = torch.from_numpy(train_patches.hr[:, [train_patches.genes.index(g) for g in genes_model]])
+        maps = maps.reshape(-1, 1, *maps.shape[-2:]) * 2.0 - 1.0
+        net.vqvae.to(accelerator.device)
+        fit_autoencoder(net.vqvae, maps, steps=autoencoder_steps, batch_size=batch_size,
+                        image_size=patch_size, seed=seed, progress=progress and accelerator.is_main_process)
+        net.register_to_config(autoencoder_trained=True, autoencoder_config=dict(net.vqvae.config))
+
+    sampler = EpochSampler(len(dataset), seed=seed)
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, num_workers=num_workers)
+    val_loader = None
+    if val_patches is not None:
+        val_set = val_patches.dataset(genes=genes_model, skip_constant=skip_constant, seed=seed)
+        val_loader = DataLoader(val_set, batch_size=batch_size, shuffle=False)
+    optimizer = make_optimizer(net, learning_rate=learning_rate, betas=betas, eps=eps, weight_decay=weight_decay)
+    loss_module = _LossModule(net)
+    loss_module, optimizer, loader = accelerator.prepare(loss_module, optimizer, loader)
+    generator = torch.Generator(device=accelerator.device).manual_seed(seed + accelerator.process_index)
+
+    state: dict[str, Any] = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_pcc": -math.inf,
+                             "elapsed": 0.0, "history": []}
+    if resume_state is not None:
+        optimizer.load_state_dict(optimizer_state)
+        generator.set_state(generator_state)
+        state.update(resume_state)
+
+    log_path = output_dir / "log.jsonl"
+    best_dir = output_dir / "best"
+    steps_per_epoch = len(loader)
+    start_time = time.perf_counter() - float(state["elapsed"])
+    stop = False
+
+    def log(row: dict[str, Any]) -> None:
+        if accelerator.is_main_process:
+            with log_path.open("a") as fh:
+                fh.write(json.dumps(row) + "\n")
+
+    def checkpoint() -> None:
+        state["elapsed"] = time.perf_counter() - start_time
+        if accelerator.is_main_process:
+            _save_checkpoint(output_dir / "checkpoints" / f"step-{state['global_step']}", model=net,
+                             optimizer=optimizer, generator=generator, state=state)
+
+    def validate(epoch: int) -> None:
+        row: dict[str, Any] = {"type": "epoch", "epoch": epoch, "step": state["global_step"],
+                               "time": time.perf_counter() - start_time}
+        if val_patches is not None and accelerator.is_main_process:
+            row.update(_validation_losses(net, val_loader, seed=seed, max_batches=val_max_batches))
+            row.update(validation_scores(net, val_patches, steps=val_steps, max_patches=val_max_patches,
+                                         max_genes=val_max_genes, seed=seed))
+            if row["val_pcc"] > state["best_pcc"]:
+                state["best_pcc"] = row["val_pcc"]
+                net.save_pretrained(str(best_dir), training_data=_describe(train_patches))
+                row["best"] = True
+        state["history"].append(row)
+        log(row)
+
+    net.train()
+    while state["epoch"] < epochs and not stop:
+        epoch = state["epoch"]
+        sampler.set_epoch(epoch)
+        dataset.set_epoch(epoch)
+        epoch_loader = accelerator.skip_first_batches(loader, state["step_in_epoch"]) if state["step_in_epoch"] else loader
+        bar = tqdm(epoch_loader, total=steps_per_epoch - state["step_in_epoch"], desc=f"epoch {epoch + 1}/{epochs}",
+                   disable=not (progress and accelerator.is_main_process), leave=False)
+        for batch in bar:
+            with accelerator.accumulate(loss_module):
+                losses = loss_module(batch, generator)
+                accelerator.backward(losses.total)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            state["global_step"] += 1
+            state["step_in_epoch"] += 1
+            values = {k: float(v) for k, v in losses.as_dict().items()}
+            bar.set_postfix({k: f"{v:.3f}" for k, v in values.items()})
+            if state["global_step"] % log_every == 0:
+                log({"type": "step", "epoch": epoch, "step": state["global_step"], **values})
+            if (max_steps is not None and state["global_step"] >= max_steps) or (
+                max_time is not None and time.perf_counter() - start_time >= max_time
+            ):
+                stop = True
+                break
+        bar.close()
+        if not stop:
+            state["epoch"] += 1
+            state["step_in_epoch"] = 0
+            validate(epoch)
+            if state["epoch"] % checkpoint_every == 0 or state["epoch"] == epochs:
+                checkpoint()
+    if stop:
+        checkpoint()
+        if not state["history"] or state["history"][-1]["step"] != state["global_step"]:
+            validate(state["epoch"])
+
+    accelerator.wait_for_everyone()
+    final = net
+    best = best_dir if (best_dir / "config.json").exists() else None
+    if best is not None:
+        from c3diff.models import from_pretrained
+
+        final = from_pretrained(str(best))
+    final.register_to_config(training_data=_describe(train_patches))
+    return TrainingResult(model=final, history=pd.DataFrame(state["history"]), output_dir=output_dir,
+                          best_checkpoint=best)
+
+
+def _preset_names() -> list[str]:
+    from c3diff.models import PRESETS
+
+    return list(PRESETS)
+
+
+def _describe(patches: PatchSet) -> str:
+    samples = patches.samples
+    shown = ", ".join(samples[:5]) + (f" and {len(samples) - 5} more" if len(samples) > 5 else "")
+    return f"{len(patches)} patches from {len(samples)} sample(s) ({shown}); {ATTRS_KEY} PatchSet, scale {patches.scale}x"

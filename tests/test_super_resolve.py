@@ -1,0 +1,171 @@
+"""c3.tl.super_resolve: tiling, blending, geometry, units, dask execution and errors (bicubic and tiny models)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import make_toy_section
+
+import c3diff as c3
+from c3diff._validation import raster_geometry, scale0
+from c3diff.tl._super_resolve import super_resolve
+from c3diff.tl._tiling import BlendAccumulator, blend_window, plan_tiles
+
+
+# ------------------------------------------------------------------------------------------------------- tiling
+def test_plan_covers_grid_and_skips_empty_tiles():
+    keep = np.zeros((100, 130), dtype=bool)
+    keep[10:20, 100:130] = True
+    plan = plan_tiles(100, 130, size=32, stride=24)
+    covered = np.zeros((100, 130), dtype=int)
+    for t in plan.tiles:
+        covered[t.row : t.row + 32, t.col : t.col + 32] += 1
+    assert covered.min() >= 1
+    sparse = plan_tiles(100, 130, size=32, stride=24, keep=keep)
+    assert 0 < len(sparse) < len(plan)
+    covered = np.zeros((100, 130), dtype=bool)
+    for t in sparse.tiles:
+        covered[t.row : t.row + 32, t.col : t.col + 32] = True
+    assert covered[keep].all()
+    assert [t.index for t in sparse.tiles] == list(range(len(sparse)))
+    with pytest.raises(ValueError, match="stride"):
+        plan_tiles(10, 10, size=8, stride=9)
+
+
+@pytest.mark.parametrize("store", [False, True])
+def test_blending_constant_tiles_is_seamless(tmp_path, store):
+    plan = plan_tiles(70, 90, size=32, stride=20)
+    acc = BlendAccumulator(2, 70, 90, chunk=16, store=tmp_path / "acc" if store else None)
+    weight = blend_window(32, 12)
+    assert weight.min() > 0 and weight.max() == 1
+    for t in plan.tiles:
+        acc.add(t.row, t.col, np.full((2, 32, 32), 3.0, dtype=np.float32), weight)
+    np.testing.assert_allclose(np.asarray(acc.result()), 3.0, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------- bicubic path
+def test_bicubic_layer_geometry_channels_and_provenance():
+    sdata = make_toy_section(origin=(20.0, 40.0))
+    from spatialdata.transformations import Identity, set_transformation
+
+    set_transformation(sdata.images["hne"], Identity(), "pixels")  # a second coordinate system to carry over
+    super_resolve(sdata, "hne", table_key="table", method="bicubic", tile_size=32, progress=False)
+    layer = sdata.images["hne_bicubic_x10"]
+    data = scale0(layer)
+    assert list(data.coords["c"].values) == ["GENE_A", "GENE_B", "GENE_C"]
+    geom = raster_geometry(layer)
+    assert (geom.sy, geom.sx, geom.y0, geom.x0) == (10.0, 10.0, 20.0, 40.0)
+    assert (geom.height, geom.width) == (100, 120)
+    # pixel (i, j)'s centre in the H&E's own pixel system: Identity "pixels" = H&E pixels of 2 um
+    from c3diff._validation import transform_matrix
+
+    m = transform_matrix(layer, coordinate_system="pixels")
+    np.testing.assert_allclose(m[:2, :2], np.diag([5.0, 5.0]))  # one 10 um pixel = 5 H&E pixels
+    np.testing.assert_allclose(m[:2, 2], [0.0, 0.0], atol=1e-9)
+    assert len(layer.children) >= 2  # multiscale
+    assert data.chunks[0][0] == 1  # one gene per chunk
+    entry = sdata.attrs["c3diff"]["hne_bicubic_x10"]
+    assert entry["tool"] == "super_resolve" and entry["params"]["method"] == "bicubic"
+    assert "counts per output pixel" in entry["params"]["units"]
+
+
+def test_bicubic_output_aggregated_on_spots_tracks_counts():
+    sdata = make_toy_section()
+    super_resolve(sdata, "hne", table_key="table", method="bicubic", tile_size=32, scale=5, progress=False)
+    layer = scale0(sdata.images["hne_bicubic_x5"])
+    assert raster_geometry(sdata.images["hne_bicubic_x5"]).sy == 20.0
+    spots = c3.pp.spots_from_table(sdata, "table")
+    values = np.asarray(layer.sel(c="GENE_B").values)
+    rows, cols = (spots.centres // 20).astype(int).T
+    predicted = values[rows, cols]
+    r = np.corrcoef(predicted, spots.counts[:, 1])[0, 1]
+    assert r > 0.5
+    # units: counts per 20 um pixel, so 25 pixels of a 100 um square hold about a 100 um pixel's counts
+    grid = c3.pp.spots_to_grid(sdata, table_key="table", image_key="hne", inplace=False)[0]
+    lr = np.asarray(grid.sel(c="GENE_B").values)
+    pooled = values[: 50, : 60].reshape(10, 5, 12, 5).sum(axis=(1, 3))
+    inner = lr[3:7, 3:9]
+    assert np.median(pooled[3:7, 3:9] / inner) == pytest.approx(1.0, rel=0.2)
+
+
+def test_bicubic_reproduces_a_smooth_field():
+    """Transcripts drawn from a smooth intensity: the 10x bicubic output follows the 10 um truth closely."""
+    from spatialdata.models import PointsModel
+
+    sdata = make_toy_section()
+    rng = np.random.default_rng(1)
+    n = 400_000
+    y, x = rng.uniform(0, 1000, n), rng.uniform(0, 1200, n)
+    intensity = 1.0 + 0.8 * np.sin(2 * np.pi * x / 1200) * np.cos(2 * np.pi * y / 1000)
+    keep = rng.uniform(0, 1.8, n) < intensity
+    frame = pd.DataFrame({"x": x[keep], "y": y[keep], "gene": pd.Categorical(["SMOOTH"] * int(keep.sum()))})
+    sdata.points["smooth"] = PointsModel.parse(frame, coordinates={"x": "x", "y": "y"}, feature_key="gene")
+    super_resolve(sdata, "hne", points_key="smooth", method="bicubic", tile_size=32, progress=False)
+    pred = np.asarray(scale0(sdata.images["hne_bicubic_x10"]).values[0])
+    truth = intensity_grid = 1.0 + 0.8 * np.sin(2 * np.pi * (np.arange(120) + 0.5) * 10 / 1200)[None, :] * np.cos(
+        2 * np.pi * (np.arange(100) + 0.5) * 10 / 1000
+    )[:, None]
+    inside = pred > 0
+    assert inside.mean() > 0.3
+    assert np.corrcoef(pred[inside], truth[inside])[0, 1] > 0.9  # LR Poisson noise (~7% per 100 um pixel) limits it
+    del intensity_grid
+
+
+def test_constant_input_has_no_seams():
+    from spatialdata.models import PointsModel
+
+    sdata = make_toy_section()
+    yy, xx = np.meshgrid(np.arange(5, 1000, 10.0), np.arange(5, 1200, 10.0), indexing="ij")
+    frame = pd.DataFrame({"x": np.repeat(xx.ravel(), 3), "y": np.repeat(yy.ravel(), 3),
+                          "gene": pd.Categorical(["FLAT"] * (3 * xx.size))})
+    sdata.points["flat"] = PointsModel.parse(frame, coordinates={"x": "x", "y": "y"}, feature_key="gene")
+    super_resolve(sdata, "hne", points_key="flat", method="bicubic", tile_size=32, progress=False)
+    pred = np.asarray(scale0(sdata.images["hne_bicubic_x10"]).values[0])
+    tissue = pred > 0
+    # 3 transcripts per 10 um pixel everywhere: the blended output is 3 wherever tiles ran, with no jumps
+    np.testing.assert_allclose(pred[tissue], 3.0, rtol=1e-4)
+    assert np.abs(np.diff(pred, axis=1))[tissue[:, 1:] & tissue[:, :-1]].max() < 1e-3
+
+
+def test_store_streams_to_zarr_and_matches_memory(tmp_path):
+    sdata = make_toy_section()
+    mem = super_resolve(sdata, "hne", table_key="table", method="bicubic", tile_size=32, inplace=False,
+                        progress=False)["mean"]
+    disk = super_resolve(sdata, "hne", table_key="table", method="bicubic", tile_size=32, inplace=False,
+                         progress=False, store=tmp_path / "sr.zarr")["mean"]
+    assert (tmp_path / "sr.zarr" / "mean").exists()
+    np.testing.assert_allclose(scale0(disk).values, scale0(mem).values, rtol=1e-6)
+
+
+def test_distributed_client_gives_the_same_result():
+    distributed = pytest.importorskip("distributed")
+    sdata = make_toy_section()
+    local = super_resolve(sdata, "hne", table_key="table", method="bicubic", tile_size=32, inplace=False,
+                          progress=False)["mean"]
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        with distributed.Client(cluster):
+            remote = super_resolve(sdata, "hne", table_key="table", method="bicubic", tile_size=32, inplace=False,
+                                   progress=False)["mean"]
+    np.testing.assert_allclose(scale0(remote).values, scale0(local).values, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------------- errors
+def test_super_resolve_errors_leave_sdata_untouched():
+    sdata = make_toy_section()
+    before = set(sdata.images)
+    with pytest.raises(KeyError, match="image_key='nope'"):
+        super_resolve(sdata, "nope", method="bicubic")
+    with pytest.raises(ValueError, match="method"):
+        super_resolve(sdata, "hne", method="nearest")
+    with pytest.raises(ValueError, match="scale"):
+        super_resolve(sdata, "hne", method="bicubic", scale=4)
+    with pytest.raises(ValueError, match="one LR source"):
+        super_resolve(sdata, "hne", method="bicubic", table_key="table", points_key="transcripts")
+    with pytest.raises(KeyError, match="NOTAGENE"):
+        super_resolve(sdata, "hne", method="bicubic", genes=["NOTAGENE"], table_key="table")
+    with pytest.raises(ValueError, match="`model` is required"):
+        super_resolve(sdata, "hne", table_key="table")
+    with pytest.raises(ValueError, match="n_samples"):
+        super_resolve(sdata, "hne", table_key="table", method="bicubic", n_samples=0)
+    assert set(sdata.images) == before and "hne_bicubic_x10" not in sdata.attrs.get("c3diff", {})

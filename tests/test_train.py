@@ -1,0 +1,109 @@
+"""c3.tl.train: the recipe, optimisation, resume, imputation path and bad inputs (tiny preset, CPU)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_toy_section
+
+import c3diff as c3
+from c3diff.tl._train import PAPER_RECIPE, make_optimizer, train
+
+GENES = ["GENE_A", "GENE_B", "GENE_C"]
+
+
+@pytest.fixture(scope="module")
+def patchsets():
+    sections = [make_toy_section(seed=s, height=1400, width=1400, pixel_size=4.0, n_transcripts=40_000)
+                for s in range(3)]
+    return [c3.pp.make_patches(s, genes=GENES, points_key="transcripts", patch_size=64, min_tissue=0.3)
+            for s in sections]
+
+
+def _weights(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_one_step_on_a_fixed_batch_lowers_the_loss(patchsets):
+    model = c3.models.build_model("tiny", genes=GENES)
+    loader = torch.utils.data.DataLoader(patchsets[0].dataset(), batch_size=8, shuffle=False)
+    batch = next(iter(loader))
+    optimizer = make_optimizer(model, learning_rate=1e-3)
+
+    def loss():
+        return model.compute_losses(batch, generator=torch.Generator().manual_seed(0)).total
+
+    model.train()
+    before = loss()
+    optimizer.zero_grad()
+    before.backward()
+    optimizer.step()
+    assert float(loss().detach()) < float(before.detach())
+
+
+def test_optimiser_defaults_are_table_1(patchsets, tmp_path):
+    optimizer = make_optimizer(c3.models.build_model("tiny", genes=GENES))
+    group = optimizer.param_groups[0]
+    assert (group["lr"], group["betas"], group["eps"], group["weight_decay"]) == (1e-5, (0.9, 0.999), 1e-8, 1e-5)
+    assert PAPER_RECIPE["batch_size"] == 16 and PAPER_RECIPE["epochs"] == 50
+    # train() uses them unless overridden, and the overrides reach the optimiser
+    train(patchsets, model="tiny", genes=GENES, output_dir=tmp_path, max_steps=1, batch_size=4, weight_decay=0.5,
+          val_fraction=0, progress=False)
+    state = torch.load(next((tmp_path / "checkpoints").glob("step-*")) / "optimizer.pt", weights_only=True)
+    group = state["param_groups"][0]
+    assert (group["lr"], tuple(group["betas"]), group["eps"], group["weight_decay"]) == (1e-5, (0.9, 0.999), 1e-8, 0.5)
+
+
+def test_resume_reproduces_the_uninterrupted_run(patchsets, tmp_path):
+    common = dict(model="tiny", genes=GENES, batch_size=4, val_fraction=0, progress=False, seed=3,
+                  lr_missing_fraction=0.25, learning_rate=1e-3)
+    full = train(patchsets, output_dir=tmp_path / "full", max_steps=3, **common)
+    train(patchsets, output_dir=tmp_path / "split", max_steps=2, **common)
+    resumed = train(patchsets, output_dir=tmp_path / "split", max_steps=3, resume="latest", **common)
+    a, b = _weights(full.model), _weights(resumed.model)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], msg=k)
+    state = json.loads((tmp_path / "split" / "checkpoints" / "step-3" / "trainer_state.json").read_text())
+    assert state["global_step"] == 3
+
+
+def test_modality_incomplete_samples_train_the_imputation(patchsets, tmp_path):
+    result = train(patchsets, model="tiny", genes=GENES, output_dir=tmp_path, max_steps=3, batch_size=8,
+                   lr_missing_fraction=0.5, learning_rate=1e-2, val_fraction=0, progress=False)
+    imputer = result.model.imputer
+    assert float(imputer.alpha) != 1.0 or float(imputer.beta) != 1.0  # only imputed samples give them gradients
+    untouched = train(patchsets, model="tiny", genes=GENES, output_dir=tmp_path / "none", max_steps=3, batch_size=8,
+                      lr_missing_fraction=0.0, learning_rate=1e-2, val_fraction=0, progress=False)
+    assert float(untouched.model.imputer.alpha) == 1.0 and float(untouched.model.imputer.beta) == 1.0
+
+
+def test_validation_keeps_the_best_model_and_logs(patchsets, tmp_path):
+    result = train(patchsets, model="tiny", genes=GENES, output_dir=tmp_path, epochs=1, batch_size=8,
+                   val_fraction=0.34, val_steps=2, val_max_patches=2, progress=False, log_every=1)
+    assert result.best_checkpoint == tmp_path / "best"
+    assert {"val_mse", "val_content", "val_pcc", "val_rmse"} <= set(result.history.columns)
+    assert 0 <= result.history["val_pcc"].iloc[0] <= 1
+    rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert {r["type"] for r in rows} == {"step", "epoch"}
+    assert {"total", "mse", "content", "modal", "inter_sphere"} <= set(rows[0])
+    assert result.model.genes == GENES
+
+
+def test_bad_inputs_fail_before_any_work(patchsets, tmp_path):
+    with pytest.raises(ValueError, match="`data` is empty"):
+        train([], model="tiny", genes=GENES, output_dir=tmp_path)
+    with pytest.raises(ValueError, match="lacks 1 of the model's genes: \\['GENE_D'\\]"):
+        train(patchsets, model="tiny", genes=[*GENES, "GENE_D"], output_dir=tmp_path)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(PermissionError, match="not writable"):
+        train(patchsets, model="tiny", genes=GENES, output_dir=blocker / "run")
+    with pytest.raises(ValueError, match="loss_weights"):
+        train(patchsets, model="tiny", genes=GENES, output_dir=tmp_path, loss_weights={"contrast": 1.0})
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train(patchsets, model="tiny", genes=GENES, output_dir=tmp_path / "fresh", resume="latest")
+    assert not (tmp_path / "checkpoints").exists()
