@@ -19,6 +19,7 @@ class Key(str, Enum):
     """Default element names in a c3diff SpatialData (simulated or read)."""
 
     HNE = "hne"  # H&E image, RGB uint8, Scale(um/px) to COORDINATE_SYSTEM
+    MORPHOLOGY = "morphology"  # Xenium DAPI/morphology image (readers)
     TRANSCRIPTS = "transcripts"  # points: x, y (um), gene, cell_id
     CELLS = "cells"  # circle shapes, one per cell
     CELL_LABELS = "cell_labels"  # labels raster of cell ids (0 = background)
