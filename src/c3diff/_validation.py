@@ -139,6 +139,23 @@ def raster_geometry(element: Any, *, coordinate_system: str = COORDINATE_SYSTEM,
     )
 
 
+def level_geometries(
+    element: Any, *, coordinate_system: str = COORDINATE_SYSTEM, arg: str = "element"
+) -> list[tuple[xr.DataArray, RasterGeometry]]:
+    """Each pyramid level of a raster with its own geometry, finest first (levels share the level-0 transform)."""
+    base = raster_geometry(element, coordinate_system=coordinate_system, arg=arg)
+    out = []
+    for level in raster_levels(element):
+        h, w = int(level.sizes["y"]), int(level.sizes["x"])
+        out.append((level, RasterGeometry(base.y0, base.x0, base.sy * base.height / h, base.sx * base.width / w, h, w)))
+    return out
+
+
+def is_integer(value: float, tol: float = 1e-6) -> bool:
+    """Whether ``value`` is a whole number up to a relative tolerance (grid ratios and offsets)."""
+    return abs(value - round(value)) < tol * max(1.0, abs(value))
+
+
 def check_genes(requested: Iterable[str], available: Sequence[str], *, arg: str = "genes") -> list[str]:
     """Return ``requested`` as a list, raising a ``KeyError`` that lists the unknown genes."""
     requested = [requested] if isinstance(requested, str) else list(requested)

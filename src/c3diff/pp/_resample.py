@@ -7,23 +7,7 @@ from typing import Any
 import numpy as np
 
 from c3diff._constants import COORDINATE_SYSTEM
-from c3diff._validation import RasterGeometry, raster_geometry, raster_levels
-
-
-def _level_geometries(element: Any, coordinate_system: str, arg: str) -> list[tuple[Any, RasterGeometry]]:
-    """Each pyramid level with its own geometry (levels of a multiscale image share the level-0 transform)."""
-    base = raster_geometry(element, coordinate_system=coordinate_system, arg=arg)
-    out = []
-    for level in raster_levels(element):
-        h, w = int(level.sizes["y"]), int(level.sizes["x"])
-        out.append(
-            (level, RasterGeometry(base.y0, base.x0, base.sy * base.height / h, base.sx * base.width / w, h, w))
-        )
-    return out
-
-
-def _is_integer(value: float, tol: float = 1e-6) -> bool:
-    return abs(value - round(value)) < tol * max(1.0, abs(value))
+from c3diff._validation import RasterGeometry, is_integer, level_geometries
 
 
 def _choose_level(levels: list[tuple[Any, RasterGeometry]], grid: RasterGeometry) -> tuple[Any, RasterGeometry, bool]:
@@ -35,7 +19,7 @@ def _choose_level(levels: list[tuple[Any, RasterGeometry]], grid: RasterGeometry
     for lv, g in reversed(fine_enough):
         fy, fx = grid.sy / g.sy, grid.sx / g.sx
         oy, ox = (grid.y0 - g.y0) / g.sy, (grid.x0 - g.x0) / g.sx
-        if all(_is_integer(v) for v in (fy, fx, oy, ox)):
+        if all(is_integer(v) for v in (fy, fx, oy, ox)):
             return lv, g, True
     lv, g = fine_enough[-1]
     return lv, g, False
@@ -78,7 +62,7 @@ def resample_raster(
     """
     from scipy import ndimage
 
-    level, src, exact = _choose_level(_level_geometries(element, coordinate_system, arg), grid)
+    level, src, exact = _choose_level(level_geometries(element, coordinate_system=coordinate_system, arg=arg), grid)
     data = level.transpose("c", "y", "x").data if "c" in level.dims else level.data[None]
     n_channels = data.shape[0]
     out = np.full((n_channels, grid.height, grid.width), fill, dtype=np.float32)

@@ -1,1 +1,28 @@
-"""c3diff.tl."""
+"""c3diff.tl: tools that run on a SpatialData.
+
+- :func:`super_resolve`: super-resolve spot counts or transcripts with the H&E over the whole slide (tiled, on dask).
+- :func:`train`: train a C3-Diff model with the paper's recipe (accelerate; validation; resumable checkpoints).
+- :func:`evaluate`: score a super-resolved layer against a high-resolution truth (per tile and gene) or against
+  the measured spots.
+- :func:`celltype_map`: call immune cell types per pixel from super-resolved marker genes
+  (:data:`DEFAULT_MARKERS`).
+"""
+
+from c3diff.tl._celltype import DEFAULT_MARKERS, CelltypeMap, celltype_map
+from c3diff.tl._evaluate import evaluate
+from c3diff.tl._super_resolve import UNITS, super_resolve
+from c3diff.tl._train import PAPER_RECIPE, TrainingResult, make_optimizer, train, validation_scores
+
+__all__ = [
+    "DEFAULT_MARKERS",
+    "PAPER_RECIPE",
+    "UNITS",
+    "CelltypeMap",
+    "TrainingResult",
+    "celltype_map",
+    "evaluate",
+    "make_optimizer",
+    "super_resolve",
+    "train",
+    "validation_scores",
+]

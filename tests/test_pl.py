@@ -1,0 +1,187 @@
+"""c3diff.pl: figures are built from the transforms, have the expected panels and fail clearly."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from matplotlib.collections import PatchCollection  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+import c3diff as c3  # noqa: E402
+
+GENES = ["CD3E", "MS4A1", "EPCAM"]
+EXTENT_X, EXTENT_Y = (200.0, 200.0 + 48 * 10.0), (100.0, 100.0 + 40 * 10.0)
+
+
+def _transform(pixel: float, origin: tuple[float, float]):
+    from spatialdata.transformations import Scale, Sequence, Translation
+
+    return {"global": Sequence([Scale([pixel, pixel], axes=("y", "x")), Translation(list(origin), axes=("y", "x"))])}
+
+
+def _raster(values, pixel, origin=(100.0, 200.0), genes=GENES):
+    from spatialdata.models import Image2DModel
+
+    return Image2DModel.parse(np.asarray(values, np.float32), dims=("c", "y", "x"), c_coords=genes,
+                              transformations=_transform(pixel, origin))
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    yield
+    plt.close("all")
+
+
+@pytest.fixture
+def sdata():
+    import anndata as ad
+    import pandas as pd
+    from spatialdata import SpatialData
+    from spatialdata.models import Image2DModel, ShapesModel, TableModel
+    from spatialdata.transformations import Identity
+
+    rng = np.random.default_rng(0)
+    pred = rng.gamma(2.0, 1.0, size=(3, 40, 48))
+    # H&E at 2 um/px, larger than the prediction, with a pyramid
+    hne = Image2DModel.parse(rng.integers(0, 255, size=(3, 300, 400), dtype=np.uint8), dims=("c", "y", "x"),
+                             c_coords=["r", "g", "b"], transformations=_transform(2.0, (50.0, 150.0)),
+                             scale_factors=[2, 2])
+    xs, ys = np.meshgrid(np.arange(250.0, 700.0, 100.0), np.arange(150.0, 500.0, 100.0))
+    xy = np.column_stack([xs.ravel(), ys.ravel()])
+    shapes = ShapesModel.parse(xy, geometry=0, radius=np.full(xs.size, 27.5),
+                               index=pd.Index(np.arange(xs.size), name="spot_id"),
+                               transformations={"global": Identity()})
+    table = ad.AnnData(rng.poisson(5.0, size=(xs.size, 3)).astype(np.float32))
+    table.var_names = GENES
+    table.obs["spot_id"] = np.arange(xs.size)
+    table.obs["region"] = pd.Categorical(["spots"] * xs.size)
+    table.obsm["spatial"] = xy
+    table.obs["in_tissue"] = np.arange(xs.size) != 0
+    table.uns["c3diff"] = {"spots": {"layout": "visium", "diameter_um": 55.0, "pitch_um": 100.0}}
+    return SpatialData(
+        images={
+            "hne": hne,
+            "sr": _raster(pred, 10.0),
+            "lr": _raster(pred.reshape(3, 4, 10, 6, 8).sum(axis=(2, 4)), 100.0, (100.0, 200.0)),
+            "truth": _raster(rng.poisson(pred), 10.0),
+            "sr_std": _raster(pred * 0.1, 10.0),
+        },
+        shapes={"spots": shapes},
+        tables={"spots_table": TableModel.parse(table, region="spots", region_key="region", instance_key="spot_id")},
+    )
+
+
+def _panels(fig):
+    return [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
+
+
+def test_super_resolved_panels_titles_and_extent(sdata):
+    fig = c3.pl.super_resolved(sdata, "sr", ["CD3E", "MS4A1"], lr_key="lr", truth_key="truth", std_key="sr_std")
+    assert isinstance(fig, Figure)
+    panels = _panels(fig)
+    assert len(panels) == 2 * 5
+    assert len(fig.axes) - len(panels) == 2 * 4  # a colourbar per map, none for the H&E
+    assert [ax.get_title() for ax in panels[:5]] == [
+        "CD3E: H&E", "CD3E: LR input", "CD3E: prediction", "CD3E: truth", "CD3E: std"
+    ]
+    assert panels[5].get_title() == "MS4A1: H&E"
+    for ax in panels:  # every panel shows the prediction's extent in um, y running down
+        np.testing.assert_allclose(ax.get_xlim(), EXTENT_X)
+        np.testing.assert_allclose(ax.get_ylim(), EXTENT_Y[::-1])
+    # the LR raster is placed by its own transform (100 um pixels), the prediction by its own
+    lr_image = panels[1].get_images()[0]
+    # (6 columns of 100 um from x = 200 um; those reaching into the 480 um wide view are drawn)
+    assert lr_image.get_array().shape == (4, 5)
+    np.testing.assert_allclose(lr_image.get_extent(), [200.0, 700.0, 500.0, 100.0])
+    np.testing.assert_allclose(panels[2].get_images()[0].get_array(), sdata.images["sr"].sel(c="CD3E").values)
+
+
+def test_super_resolved_hne_uses_a_coarser_level_and_overlay(sdata):
+    fig = c3.pl.super_resolved(sdata, "sr", "EPCAM", overlay=True, max_pixels=100)
+    panels = _panels(fig)
+    assert [ax.get_title() for ax in panels] == ["EPCAM: H&E", "EPCAM: prediction"]
+    hne = panels[0].get_images()[0]
+    # the view is 480 um wide: level 1 (4 um/px) is the coarsest with >= 100 pixels across it (level 2 has 60);
+    # its crop covers the view with whole pixels (12.5 .. 132.5 -> columns 12 .. 133)
+    assert hne.get_array().shape[:2] == (101, 121)
+    np.testing.assert_allclose(hne.get_extent(), [198.0, 682.0, 502.0, 98.0])
+    images = panels[1].get_images()
+    assert len(images) == 2 and images[1].get_alpha() == pytest.approx(0.6)  # prediction over the H&E
+
+
+def test_super_resolved_spot_table_input(sdata):
+    fig = c3.pl.super_resolved(sdata, "sr", ["MS4A1"], lr_key="spots_table", image_key=None)
+    lr_panel = _panels(fig)[0]
+    assert lr_panel.get_title() == "MS4A1: LR input"
+    (spots,) = [c for c in lr_panel.collections if isinstance(c, PatchCollection)]
+    table = sdata.tables["spots_table"]
+    keep = table.obs["in_tissue"].to_numpy()
+    np.testing.assert_allclose(spots.get_array(), table[keep, "MS4A1"].X.ravel())
+    assert len(spots.get_paths()) == keep.sum()
+    # each disc has the spot's true diameter, at its centre in um
+    first = spots.get_paths()[0].get_extents()
+    np.testing.assert_allclose([first.width, first.height], [55.0, 55.0], rtol=1e-3)
+    np.testing.assert_allclose([(first.x0 + first.x1) / 2, (first.y0 + first.y1) / 2],
+                               table.obsm["spatial"][keep][0], atol=1e-6)
+
+
+def test_super_resolved_errors(sdata):
+    with pytest.raises(KeyError, match="NOPE"):
+        c3.pl.super_resolved(sdata, "sr", ["CD3E", "NOPE"])
+    with pytest.raises(KeyError, match="`key='missing'`"):
+        c3.pl.super_resolved(sdata, "missing", ["CD3E"])
+    with pytest.raises(KeyError, match="`image_key='he'`"):
+        c3.pl.super_resolved(sdata, "sr", ["CD3E"], image_key="he")
+    with pytest.raises(KeyError, match="neither a gene raster"):
+        c3.pl.super_resolved(sdata, "sr", ["CD3E"], lr_key="nothing")
+    sdata.images["truth2"] = _raster(np.ones((1, 4, 4)), 10.0, genes=["CD3E"])
+    with pytest.raises(KeyError, match="truth_key='truth2'"):
+        c3.pl.super_resolved(sdata, "sr", ["MS4A1"], truth_key="truth2")
+    with pytest.raises(ValueError, match="overlay"):
+        c3.pl.super_resolved(sdata, "sr", ["CD3E"], image_key=None, overlay=True)
+
+
+def test_celltype_map_figure(sdata):
+    from spatialdata.models import Labels2DModel
+
+    markers = {"T cell": ["CD3E"], "B cell": ["MS4A1"], "Tumour": ["EPCAM"]}
+    c3.tl.celltype_map(sdata, "sr", markers=markers)
+    truth = np.zeros((40, 48), dtype=np.uint8)
+    truth[:, :24] = 1
+    truth[:, 24:] = 2
+    sdata.labels["true_types"] = Labels2DModel.parse(truth, dims=("y", "x"), transformations=_transform(10.0, (100.0,
+                                                                                                              200.0)))
+    # names recorded as a value -> name mapping (as c3.datasets.true_cell_types writes them)
+    sdata.attrs["c3diff"]["true_types"] = {"labels": {1: "T cell", 2: "Tumour"}}
+    fig = c3.pl.celltype_map(sdata, "sr_celltypes", truth_key="true_types")
+    panels = _panels(fig)
+    assert [ax.get_title() for ax in panels] == ["hne", "sr_celltypes", "true_types (truth)"]
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == ["T cell", "B cell", "Tumour"]
+    # label colours follow the type, and "no call" (0) is transparent
+    rgba = panels[2].get_images()[0].get_array()
+    assert rgba.shape == (40, 48, 4)
+    np.testing.assert_allclose(rgba[0, 0], legend.get_patches()[0].get_facecolor())  # T cell
+    np.testing.assert_allclose(rgba[0, -1], legend.get_patches()[2].get_facecolor())  # Tumour, label 2 of the truth
+    for ax in panels:
+        np.testing.assert_allclose(ax.get_xlim(), EXTENT_X)
+
+
+def test_celltype_map_figure_errors(sdata):
+    from spatialdata.models import Labels2DModel
+
+    sdata.labels["plain"] = Labels2DModel.parse(np.full((40, 48), 3, np.uint8), dims=("y", "x"),
+                                                transformations=_transform(10.0, (100.0, 200.0)))
+    with pytest.raises(KeyError, match="Pass `categories`"):
+        c3.pl.celltype_map(sdata, "plain")
+    with pytest.raises(ValueError, match="go up to 3 but only 2"):
+        c3.pl.celltype_map(sdata, "plain", categories=["a", "b"])
+    with pytest.raises(KeyError, match="not in `sdata.labels`"):
+        c3.pl.celltype_map(sdata, "nope")
+    fig = c3.pl.celltype_map(sdata, "plain", categories=["a", "b", "c"], image_key=None, palette={"c": "red"})
+    np.testing.assert_allclose(_panels(fig)[0].get_images()[0].get_array()[0, 0], [1, 0, 0, 1])
