@@ -26,6 +26,8 @@ class SpotLayout:
         return self.pitch * np.sqrt(3.0) / 2.0 if self.hexagonal else self.pitch
 
 
+#: Spot geometries the simulator can lay out: Visium-like (55 um spots, 100 um hex pitch) and legacy-ST-like
+#: (100 um spots, 200 um square pitch).
 SPOT_LAYOUTS: dict[str, SpotLayout] = {
     "visium": SpotLayout("visium", VISIUM_SPOT_DIAMETER, VISIUM_PITCH, True, Key.VISIUM_SPOTS.value,
                          Key.VISIUM_TABLE.value),

@@ -67,7 +67,7 @@ class ModelPredictor:
     eta: float
     n_samples: int
     device: str
-    gene_batch_size: int | None = None
+    gene_batch_size: int = 16
 
     def _model(self, model: Any):
         if isinstance(model, str):
