@@ -1,0 +1,230 @@
+"""The ``c3diff`` command: ``demo``, ``predict`` and ``train``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+_DESCRIPTION = """\
+c3diff super-resolves spatial transcriptomics with the paired H&E (C3-Diff).
+
+  c3diff demo                      simulate a section and run the whole flow with the bundled demo model
+  c3diff predict SECTION.zarr ...  super-resolve a SpatialData zarr and write the new layers into it
+  c3diff train CONFIG.yaml         train a model from a config file
+
+Run `c3diff COMMAND --help` for the options of each command.
+"""
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="c3diff", description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    from c3diff import __version__
+
+    parser.add_argument("--version", action="version", version=f"c3diff {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    demo = sub.add_parser(
+        "demo",
+        help="simulate a section and run the whole flow with the bundled demo model",
+        description="Simulate a breast-tissue section, super-resolve it at 10x and 5x with the demo model shipped "
+        "inside c3diff and with bicubic upsampling, map immune cell types, score everything against the simulated "
+        "truth, and write the SpatialData zarr, a metrics table (markdown + JSON) and PNG figures. Needs no "
+        "network and no GPU.",
+    )
+    demo.add_argument("--output", "-o", default="c3diff_demo", help="output folder (default: %(default)s)")
+    demo.add_argument("--seed", type=int, default=1000, help="seed of the simulated section (default: %(default)s)")
+    demo.add_argument("--size", type=float, default=1920.0,
+                      help="edge of the simulated square section in micrometres (default: %(default)s)")
+    demo.add_argument("--steps", type=_positive_int, default=20,
+                      help="DDIM sampling steps (the paper uses 50; default: %(default)s)")
+    demo.add_argument("--samples", type=_positive_int, default=2,
+                      help="samples per tile, averaged; >1 also writes an uncertainty layer (default: %(default)s)")
+    demo.add_argument("--model", default=None,
+                      help="a model folder or Hub repo id to use instead of the bundled demo model")
+    demo.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    predict = sub.add_parser(
+        "predict",
+        help="super-resolve a SpatialData zarr and write the new layers into it",
+        description="Read a SpatialData zarr store, super-resolve its low-resolution counts with the H&E "
+        "(c3.tl.super_resolve), optionally map immune cell types (c3.tl.celltype_map), and write the new elements "
+        "into the store (or into a copy with --output).",
+    )
+    predict.add_argument("input", help="path of the SpatialData zarr store")
+    predict.add_argument("--model", "-m", default=None,
+                         help="model folder or Hugging Face Hub repo id (required unless --method bicubic)")
+    predict.add_argument("--revision", default=None, help="Hub revision (tag, branch or commit) of --model")
+    predict.add_argument("--image-key", default="hne", help="H&E image element (default: %(default)s)")
+    predict.add_argument("--table-key", default=None, help="spot table to super-resolve (Visium / legacy ST)")
+    predict.add_argument("--points-key", default=None, help="transcripts to super-resolve (binned at 100 um)")
+    predict.add_argument("--scale", type=int, choices=(5, 10), default=10, help="5x or 10x (default: %(default)s)")
+    predict.add_argument("--method", choices=("c3diff", "bicubic"), default="c3diff",
+                         help="the model or the bicubic baseline (default: %(default)s)")
+    predict.add_argument("--genes", nargs="+", default=None, help="genes to predict (default: all of the model's)")
+    predict.add_argument("--steps", type=_positive_int, default=50, help="DDIM steps (default: %(default)s)")
+    predict.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default: %(default)s)")
+    predict.add_argument("--samples", type=_positive_int, default=1,
+                         help="samples per tile; >1 adds a _std uncertainty layer (default: %(default)s)")
+    predict.add_argument("--batch-size", type=_positive_int, default=4, help="tiles per model call (default: %(default)s)")
+    predict.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default: %(default)s)")
+    predict.add_argument("--seed", type=int, default=0, help="base seed (default: %(default)s)")
+    predict.add_argument("--key-added", default=None, help="name of the new layer (default: IMAGE_KEY_METHOD_xSCALE)")
+    predict.add_argument("--drop-missing-genes", action="store_true",
+                         help="skip model genes absent from the data instead of failing")
+    predict.add_argument("--celltypes", action="store_true", help="also run celltype_map on the new layer")
+    predict.add_argument("--output", "-o", default=None,
+                         help="write a copy of the SpatialData with the new layers here instead of into INPUT")
+    predict.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    train = sub.add_parser(
+        "train",
+        help="train a model from a YAML/JSON config file",
+        description="Train a C3-Diff model with c3.tl.train. The config file (YAML or JSON) holds `output_dir`, "
+        "`data` (a list of entries: {zarr: PATH} for a SpatialData store, {patches: FILE.npz} for a saved PatchSet, "
+        "{simulate: {seed: 1, width: 2560, ...}} for a simulated section), optional `val_data` in the same form, "
+        "and any keyword of c3.tl.train (model, genes, scale, epochs, batch_size, learning_rate, points_key, "
+        "table_key, loss_weights, lr_missing_fraction, max_time, ...). Command-line options override the file.",
+    )
+    train.add_argument("config", help="path of the YAML/JSON config file")
+    train.add_argument("--output-dir", default=None, help="override `output_dir`")
+    train.add_argument("--epochs", type=_positive_int, default=None, help="override `epochs`")
+    train.add_argument("--max-time", type=float, default=None, help="stop after this many seconds")
+    train.add_argument("--resume", default=None, help="'latest' or a checkpoint folder to continue")
+    train.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+def _load_config(path: Path) -> dict:
+    import json
+
+    import yaml
+
+    if not path.exists():
+        raise SystemExit(f"c3diff train: config file {str(path)!r} does not exist.")
+    text = path.read_text()
+    config = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    if not isinstance(config, dict):
+        raise SystemExit(f"c3diff train: {str(path)!r} must hold a mapping of options, got {type(config).__name__}.")
+    return config
+
+
+def _load_data_entries(entries, *, field: str, base: Path) -> list:
+    import spatialdata as sd
+
+    from c3diff.datasets import simulate_section
+    from c3diff.pp import PatchSet
+
+    if entries is None:
+        return []
+    if not isinstance(entries, list):
+        raise SystemExit(f"c3diff train: `{field}` must be a list of entries like {{zarr: PATH}}.")
+    loaded = []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or len(entry) != 1:
+            raise SystemExit(f"c3diff train: `{field}[{i}]` must be one of {{zarr: PATH}}, {{patches: FILE}}, "
+                             f"{{simulate: {{...}}}}; got {entry!r}.")
+        kind, value = next(iter(entry.items()))
+        if kind == "zarr":
+            loaded.append(sd.read_zarr(base / value))
+        elif kind == "patches":
+            loaded.append(PatchSet.load(base / value))
+        elif kind == "simulate":
+            loaded.append(simulate_section(**(value or {})))
+        else:
+            raise SystemExit(f"c3diff train: `{field}[{i}]` has unknown kind {kind!r} (zarr, patches, simulate).")
+    return loaded
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from c3diff.tl import train
+
+    path = Path(args.config)
+    config = _load_config(path)
+    base = path.parent
+    data = _load_data_entries(config.pop("data", None), field="data", base=base)
+    val_data = _load_data_entries(config.pop("val_data", None), field="val_data", base=base) or None
+    for option, key in (("output_dir", "output_dir"), ("epochs", "epochs"), ("max_time", "max_time"),
+                        ("resume", "resume")):
+        if getattr(args, option) is not None:
+            config[key] = getattr(args, option)
+    if "output_dir" not in config:
+        raise SystemExit("c3diff train: the config needs `output_dir` (or pass --output-dir).")
+    config["progress"] = not args.quiet
+    result = train(data, val_data=val_data, **config)
+    print(f"Trained {len(result.history)} epoch(s); model in {result.best_checkpoint or result.output_dir}")
+    if len(result.history):
+        print(result.history.tail().to_string(index=False))
+    return 0
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    import spatialdata as sd
+
+    import c3diff as c3
+
+    source = Path(args.input)
+    if not source.exists():
+        raise SystemExit(f"c3diff predict: {str(source)!r} does not exist (expected a SpatialData zarr store).")
+    sdata = sd.read_zarr(source)
+    before = set(sdata.images) | set(sdata.labels)
+    c3.tl.super_resolve(
+        sdata, args.image_key, table_key=args.table_key, points_key=args.points_key, genes=args.genes,
+        scale=args.scale, model=args.model, method=args.method, steps=args.steps, eta=args.eta,
+        n_samples=args.samples, batch_size=args.batch_size, device=args.device, seed=args.seed,
+        drop_missing_genes=args.drop_missing_genes, revision=args.revision, key_added=args.key_added,
+        progress=not args.quiet,
+    )
+    key = args.key_added or f"{args.image_key}_{args.method}_x{args.scale}"
+    if args.celltypes:
+        c3.tl.celltype_map(sdata, key)
+    new = sorted((set(sdata.images) | set(sdata.labels)) - before)
+    if args.output:
+        sdata.write(args.output, overwrite=False)
+        print(f"Wrote {args.output} with the new elements {new}")
+    else:
+        for element in new:
+            sdata.write_element(element)
+        sdata.write_attrs()
+        print(f"Added {new} to {source}")
+    return 0
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from c3diff._demo import run_demo
+
+    run_demo(
+        output=Path(args.output), seed=args.seed, size=args.size, steps=args.steps, n_samples=args.samples,
+        model=args.model, progress=not args.quiet,
+    )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``c3diff`` command."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    runners = {"demo": _run_demo, "predict": _run_predict, "train": _run_train}
+    try:
+        return runners[args.command](args)
+    except (KeyError, ValueError, TypeError, FileNotFoundError, PermissionError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"c3diff {args.command}: error: {message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,533 @@
+"""The composite C3-Diff model: first stage, denoiser, ControlNet, hint encoders, imputation and losses.
+
+:class:`C3DiffModel` holds every trainable and frozen part and the geometry it was built for; it computes the
+training losses of a batch (:meth:`C3DiffModel.compute_losses`) and super-resolves tiles
+(:meth:`C3DiffModel.predict`, DDIM, see :mod:`c3diff.models.sampling`). Persistence goes through
+:mod:`c3diff.models.hub`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, UNet2DModel
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils.torch_utils import randn_tensor
+
+from c3diff._validation import check_genes
+from c3diff.models.autoencoder import build_autoencoder, downsampling_factor
+from c3diff.models.controlnet import (
+    DECODER_MODULES,
+    ENCODER_MODULES,
+    UNet2DControlNetModel,
+    unet_decode,
+    unet_encode,
+)
+from c3diff.models.hint_encoders import HintEncoders, ModalityFeatures, lr_condition_image, sphere_noise_augment
+from c3diff.models.imputation import FeatureImputer
+from c3diff.models.losses import (
+    LossOutput,
+    LossWeights,
+    content_loss,
+    diffusion_mse,
+    inter_sphere_loss,
+    modal_loss,
+    overall_loss,
+)
+
+__all__ = ["C3DiffModel"]
+
+_SCALES = (5, 10)
+
+
+class C3DiffModel(ModelMixin, ConfigMixin):
+    r"""C3-Diff: a ControlNet-conditioned (latent) diffusion model that super-resolves ST gene maps with histology.
+
+    One sample is one gene of one tile: the HR map of the gene is the image to generate; the hint combines
+    histology features (``C_h``, ``M_h``), LR ST features (``C_y``, ``M_y``; imputed when the tile has no LR ST) and a
+    gene code. The UNet's encoder and the autoencoder are frozen; the ControlNet, the UNet decoder, the hint encoders
+    and the imputation scalars train. Build one with :func:`~c3diff.models.build_model` (presets),
+    :func:`~c3diff.models.from_ldm` (a pretrained LDM backbone) or :func:`~c3diff.models.from_pretrained`.
+
+    Parameters
+    ----------
+    genes
+        Gene names; the position of a gene is its gene index (and its gene code ``index / G``).
+    image_size
+        ``S``: histology and HR tile size in pixels, at ``hr_pixel_size``.
+    lr_size
+        ``L = ceil(S * hr_pixel_size / lr_pixel_size)``; computed when ``None``, checked otherwise.
+    hr_pixel_size, lr_pixel_size, histology_pixel_size
+        Pixel sizes in micrometres (10, 100, 10 in the paper). The LR conditioning image is the LR map upsampled by
+        ``lr_pixel_size / hr_pixel_size``.
+    scale
+        10 (targets ``S x S`` at ``hr_pixel_size``) or 5 (targets ``S/2 x S/2`` at twice that; upsampled nearest to
+        ``S`` for the network).
+    normalization
+        How the maps were normalised (recorded; ``"minmax"``: per patch and gene to [0, 1]).
+    unet_config
+        Arguments of :class:`~diffusers.UNet2DModel` (the denoiser); ``sample_size`` defaults to the latent size.
+    autoencoder_config
+        Arguments of :class:`~diffusers.VQModel`, or ``None`` for pixel-space diffusion.
+    hint_channels
+        Channels of each hint encoder (55 in the paper).
+    hint_encoder_channels
+        Widths of each hint encoder's conv stack (one stride-2 stage per factor 2 of the autoencoder).
+    gene_code_channels
+        Channels of the gene code in the hint (4).
+    scheduler_config
+        Arguments of :class:`~diffusers.DDIMScheduler` (used for training noise and for sampling).
+    temperature
+        ``tau`` of the contrastive losses and the imputation.
+    st_noise_sigma
+        On-sphere noise augmentation of ST features during training (0.03).
+    lambda_mse, lambda_modal, lambda_content, lambda_inter_sphere
+        Loss weights (2, 1, 1, 1).
+    memory_bank_size, memory_bank_pool
+        Inference-time imputation memory bank: entries and pooled size (see :mod:`c3diff.models.imputation`).
+    train_unet_encoder
+        Also train the UNet encoder (the paper freezes it; only for experiments from scratch).
+    training_data
+        Free text recorded in the model card (what the model was trained on).
+
+    Examples
+    --------
+    >>> import torch, c3diff
+    >>> model = c3diff.models.build_model("tiny", genes=["EPCAM", "PTPRC"])
+    >>> batch = {"histology": torch.rand(4, 3, 64, 64), "lr": torch.rand(4, 1, 7, 7),
+    ...          "hr": torch.rand(4, 1, 64, 64) * 2 - 1, "gene_index": torch.tensor([0, 1, 0, 1]),
+    ...          "lr_missing": torch.tensor([False, False, False, True])}
+    >>> losses = model.compute_losses(batch, generator=torch.Generator().manual_seed(0))
+    >>> sorted(losses.as_dict())
+    ['content', 'inter_sphere', 'modal', 'mse', 'total']
+    >>> mean, std = model.predict(torch.rand(1, 3, 64, 64), torch.rand(1, 2, 7, 7), num_inference_steps=2)
+    >>> tuple(mean.shape), std is None
+    ((1, 2, 64, 64), True)
+    """
+
+    config_name = "config.json"
+
+    @register_to_config
+    def __init__(
+        self,
+        *,
+        genes: Sequence[str] | None = None,
+        image_size: int = 256,
+        lr_size: int | None = None,
+        hr_pixel_size: float = 10.0,
+        lr_pixel_size: float = 100.0,
+        histology_pixel_size: float = 10.0,
+        scale: int = 10,
+        normalization: str = "minmax",
+        unet_config: Mapping[str, Any] | None = None,
+        autoencoder_config: Mapping[str, Any] | None = None,
+        hint_channels: int = 55,
+        hint_encoder_channels: Sequence[int] = (32, 64, 128),
+        gene_code_channels: int = 4,
+        scheduler_config: Mapping[str, Any] | None = None,
+        temperature: float = 0.07,
+        st_noise_sigma: float = 0.03,
+        lambda_mse: float = 2.0,
+        lambda_modal: float = 1.0,
+        lambda_content: float = 1.0,
+        lambda_inter_sphere: float = 1.0,
+        memory_bank_size: int = 128,
+        memory_bank_pool: int = 8,
+        train_unet_encoder: bool = False,
+        training_data: str | None = None,
+    ):
+        super().__init__()
+        if genes is None:
+            raise TypeError("`genes` is required: the gene names the model predicts, in gene-index order.")
+        genes = check_genes(genes, list(genes), arg="genes")
+        if scale not in _SCALES:
+            raise ValueError(f"`scale` must be 5 or 10, got {scale!r}.")
+        ratio = lr_pixel_size / hr_pixel_size
+        if abs(ratio - round(ratio)) > 1e-6:
+            raise ValueError(
+                f"`lr_pixel_size / hr_pixel_size` must be an integer, got {lr_pixel_size} / {hr_pixel_size}."
+            )
+        expected_lr = math.ceil(image_size * hr_pixel_size / lr_pixel_size - 1e-9)
+        if lr_size is not None and lr_size != expected_lr:
+            raise ValueError(
+                f"`lr_size={lr_size}` disagrees with the geometry: ceil({image_size} px x {hr_pixel_size} um / "
+                f"{lr_pixel_size} um) = {expected_lr}. Leave `lr_size=None` to compute it."
+            )
+        if scale == 5 and image_size % 2:
+            raise ValueError(f"A 5x model needs an even `image_size`, got {image_size}.")
+
+        # first stage (frozen) or pixel space
+        self.vqvae = None if autoencoder_config is None else build_autoencoder(autoencoder_config)
+        factor = 1 if self.vqvae is None else downsampling_factor(self.vqvae)
+        if image_size % factor:
+            raise ValueError(f"`image_size={image_size}` is not divisible by the autoencoder's factor {factor}.")
+        latent_size = image_size // factor
+        image_channels = self.vqvae.config.in_channels if self.vqvae is not None else None
+        latent_channels = self.vqvae.config.latent_channels if self.vqvae is not None else None
+
+        # denoiser
+        unet_config = dict(unet_config or {})
+        unet_config.setdefault("sample_size", latent_size)
+        if latent_channels is not None:
+            unet_config.setdefault("in_channels", latent_channels)
+            unet_config.setdefault("out_channels", latent_channels)
+        self.unet = UNet2DModel(**unet_config)
+        unet_in = self.unet.config.in_channels
+        if self.unet.config.out_channels != unet_in:
+            raise ValueError(
+                f"The UNet must output as many channels as it takes ({unet_in}), got {self.unet.config.out_channels}."
+            )
+        if latent_channels is not None and unet_in != latent_channels:
+            raise ValueError(
+                f"`unet_config['in_channels']={unet_in}` must equal the autoencoder's latent channels "
+                f"{latent_channels}."
+            )
+        if self.unet.config.sample_size != latent_size:
+            raise ValueError(
+                f"`unet_config['sample_size']={self.unet.config.sample_size}` must be the latent size {latent_size} "
+                f"(image_size {image_size} / autoencoder factor {factor})."
+            )
+
+        # conditioning
+        self.hint_encoders = HintEncoders(
+            feature_channels=hint_channels,
+            block_out_channels=tuple(hint_encoder_channels),
+            num_downsamples=int(math.log2(factor)),
+            gene_code_channels=gene_code_channels,
+        )
+        self.controlnet = UNet2DControlNetModel.from_unet(self.unet, hint_channels=self.hint_encoders.hint_channels)
+        self.imputer = FeatureImputer(
+            feature_channels=hint_channels,
+            bank_size=memory_bank_size,
+            bank_pool=memory_bank_pool,
+            temperature=temperature,
+        )
+
+        scheduler_config = dict(scheduler_config or {})
+        self.noise_scheduler = DDIMScheduler(**scheduler_config)
+        if self.noise_scheduler.config.prediction_type != "epsilon":
+            raise ValueError("C3-Diff predicts the noise: `scheduler_config['prediction_type']` must be 'epsilon'.")
+
+        self.register_to_config(
+            genes=list(genes),
+            lr_size=expected_lr,
+            unet_config=config_kwargs(self.unet.config),
+            autoencoder_config=None if self.vqvae is None else config_kwargs(self.vqvae.config),
+            scheduler_config=config_kwargs(self.noise_scheduler.config),
+            hint_encoder_channels=list(hint_encoder_channels),
+        )
+        self._image_channels = image_channels or unet_in
+        self._freeze()
+
+    # ------------------------------------------------------------------ geometry
+    @property
+    def genes(self) -> list[str]:
+        """Gene names in gene-index order."""
+        return list(self.config.genes)
+
+    @property
+    def num_genes(self) -> int:
+        """``G``."""
+        return len(self.config.genes)
+
+    @property
+    def latent_size(self) -> int:
+        """Spatial size of the diffusion space (``S / 4`` with VQ-f4, ``S`` in pixel space)."""
+        return self.unet.config.sample_size
+
+    @property
+    def lr_upsample_factor(self) -> int:
+        """``lr_pixel_size / hr_pixel_size`` (10)."""
+        return round(self.config.lr_pixel_size / self.config.hr_pixel_size)
+
+    def output_size(self, scale: int | None = None) -> int:
+        """Side of an output map at ``scale`` (``S`` at 10x, ``S / 2`` at 5x)."""
+        scale = self.config.scale if scale is None else scale
+        return self.config.image_size if scale == 10 else self.config.image_size // 2
+
+    # ------------------------------------------------------------------ parts
+    def _encoder_modules(self) -> list[torch.nn.Module]:
+        return [m for m in (getattr(self.unet, name) for name in ENCODER_MODULES) if m is not None]
+
+    def _freeze(self) -> None:
+        self.requires_grad_(True)
+        if self.vqvae is not None:
+            self.vqvae.requires_grad_(False)
+            self.vqvae.eval()
+        if not self.config.train_unet_encoder:
+            for module in self._encoder_modules():
+                module.requires_grad_(False)
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """The parameters C3-Diff trains: ControlNet, UNet decoder, hint encoders, ``alpha`` and ``beta``.
+
+        Examples
+        --------
+        >>> import c3diff
+        >>> model = c3diff.models.build_model("tiny", genes=["A"])
+        >>> n = sum(p.numel() for p in model.trainable_parameters())
+        >>> n == sum(p.numel() for p in model.parameters() if p.requires_grad)
+        True
+        """
+        modules: list[torch.nn.Module] = [self.controlnet, self.hint_encoders]
+        modules += [getattr(self.unet, name) for name in DECODER_MODULES]
+        if self.config.train_unet_encoder:
+            modules += self._encoder_modules()
+        params = [p for m in modules for p in m.parameters()]
+        return [*params, self.imputer.alpha, self.imputer.beta]
+
+    def train(self, mode: bool = True) -> C3DiffModel:
+        """Set train/eval mode; the frozen autoencoder always stays in eval mode."""
+        super().train(mode)
+        if self.vqvae is not None:
+            self.vqvae.eval()
+        return self
+
+    # ------------------------------------------------------------------ image <-> latent
+    def lr_image(self, lr: torch.Tensor) -> torch.Tensor:
+        """``(B, 1, L, L)`` LR maps -> ``(B, 3, S, S)`` encoder inputs (see :func:`lr_condition_image`)."""
+        return lr_condition_image(lr, image_size=self.config.image_size, upsample_factor=self.lr_upsample_factor)
+
+    def target_image(self, hr: torch.Tensor) -> torch.Tensor:
+        """``(B, 1, H, H)`` HR maps in [-1, 1] (``H = S`` at 10x, ``S/2`` at 5x) -> ``(B, C, S, S)`` network images."""
+        size = self.config.image_size
+        expected = self.output_size()
+        if hr.ndim != 4 or hr.shape[1] != 1 or hr.shape[-1] != expected or hr.shape[-2] != expected:
+            raise ValueError(
+                f"`hr` must be (B, 1, {expected}, {expected}) for this {self.config.scale}x model with "
+                f"{size} px tiles, got {tuple(hr.shape)}."
+            )
+        if expected != size:  # 5x: nearest upsampling to the network's size (METHOD.md section 1)
+            hr = F.interpolate(hr, size=(size, size), mode="nearest")
+        return hr.expand(-1, self._image_channels, -1, -1)
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] -> (scaled) latents; identity in pixel space."""
+        if self.vqvae is None:
+            return images.to(self.dtype)
+        latents = self.vqvae.encode(images.to(self.dtype)).latents
+        return latents * self.vqvae.config.scaling_factor
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> ``(B, 1, S, S)`` maps in [0, 1] (channel mean of the decoded image)."""
+        if self.vqvae is not None:
+            latents = self.vqvae.decode(latents / self.vqvae.config.scaling_factor).sample
+        return ((latents.mean(dim=1, keepdim=True) + 1.0) / 2.0).clamp(0.0, 1.0)
+
+    # ------------------------------------------------------------------ denoiser
+    def denoise(self, sample: torch.Tensor, timestep: torch.Tensor | int, hint: torch.Tensor) -> torch.Tensor:
+        """Noise prediction of the UNet with the ControlNet residuals of ``hint`` added.
+
+        The frozen UNet encoder runs without autograd (its features need no gradient; the ControlNet residuals
+        added to them do).
+        """
+        control = self.controlnet(sample, timestep, hint)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.config.train_unet_encoder):
+            encoded = unet_encode(self.unet, sample, timestep)
+        return unet_decode(
+            self.unet,
+            encoded,
+            down_block_additional_residuals=control.down_block_res_samples,
+            mid_block_additional_residual=control.mid_block_res_sample,
+        )
+
+    # ------------------------------------------------------------------ training
+    def compute_losses(
+        self, batch: Mapping[str, torch.Tensor], *, generator: torch.Generator | None = None
+    ) -> LossOutput:
+        """All C3-Diff losses of a training batch (noise and timesteps are sampled inside).
+
+        In train mode the ST features of complete samples get on-sphere noise augmentation and are pushed into the
+        imputation memory bank; in eval mode (validation loss) neither happens. Samples with ``lr_missing`` get
+        imputed ST features and count only in ``L_mse``.
+
+        Parameters
+        ----------
+        batch
+            ``"histology"`` ``(B, 3, S, S)`` in [0, 1]; ``"lr"`` ``(B, 1, L, L)`` in [0, 1]; ``"hr"`` ``(B, 1, H, H)``
+            in [-1, 1] (``H = S`` at 10x, ``S/2`` at 5x); ``"gene_index"`` ``(B,)`` int; optional ``"lr_missing"``
+            ``(B,)`` bool.
+        generator
+            Seeds the diffusion noise, the timesteps and the feature augmentation.
+
+        Returns
+        -------
+        ``LossOutput(total, mse, content, modal, inter_sphere)``.
+        """
+        histology, lr, gene_index, missing = self._check_batch(batch)
+        device = self.device
+        x0 = self.encode_images(self.target_image(batch["hr"].to(device)))
+        noise = randn_tensor(x0.shape, generator=generator, device=device, dtype=x0.dtype)
+        n_steps = self.noise_scheduler.config.num_train_timesteps
+        timesteps = torch.randint(
+            0, n_steps, (len(x0),), generator=generator, device=generator.device if generator else "cpu"
+        )
+        timesteps = timesteps.to(device)
+        noisy = self.noise_scheduler.add_noise(x0, noise, timesteps)
+
+        encoders = self.hint_encoders
+        h = encoders.encode_histology(histology)
+        y = encoders.encode_st(self.lr_image(lr))
+        if self.training and self.config.st_noise_sigma > 0:
+            sigma = self.config.st_noise_sigma
+            y_aug = ModalityFeatures(
+                content=sphere_noise_augment(y.content, sigma=sigma, generator=generator),
+                modal=sphere_noise_augment(y.modal, sigma=sigma, generator=generator),
+            )
+        else:
+            y_aug = y
+
+        complete = ~missing
+        tau = self.config.temperature
+        l_content = content_loss(h.content[complete], y_aug.content[complete], temperature=tau)
+        l_modal = modal_loss(h.modal[complete], y_aug.modal[complete], temperature=tau)
+        l_inter = inter_sphere_loss(h.content[complete], h.modal[complete], temperature=tau)
+
+        c_y, m_y = self.imputer.impute_from_batch(h.content, h.modal, y_aug.content, y_aug.modal, missing)
+        hint = encoders.assemble(
+            encoders.histology_hint(h),
+            encoders.st_hint(ModalityFeatures(content=c_y, modal=m_y)),
+            gene_index,
+            num_genes=self.num_genes,
+        )
+        l_mse = diffusion_mse(self.denoise(noisy, timesteps, hint), noise)
+
+        if self.training:
+            self.imputer.update_bank(h.content[complete], h.modal[complete], y.content[complete], y.modal[complete])
+        weights = LossWeights(
+            mse=self.config.lambda_mse,
+            modal=self.config.lambda_modal,
+            content=self.config.lambda_content,
+            inter_sphere=self.config.lambda_inter_sphere,
+        )
+        return overall_loss(mse=l_mse, content=l_content, modal=l_modal, inter_sphere=l_inter, weights=weights)
+
+    def _check_batch(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        required = ("histology", "lr", "hr", "gene_index")
+        absent = [k for k in required if k not in batch]
+        if absent:
+            raise KeyError(
+                f"`batch` lacks {absent}; it needs {list(required)} (+ optional 'lr_missing'), as made by "
+                "`c3diff.pp.PatchDataset` with the default collate."
+            )
+        s, lr_size = self.config.image_size, self.config.lr_size
+        histology, lr = batch["histology"], batch["lr"]
+        b = len(histology)
+        if histology.shape != (b, 3, s, s):
+            raise ValueError(f"`batch['histology']` must be (B, 3, {s}, {s}), got {tuple(histology.shape)}.")
+        if lr.shape != (b, 1, lr_size, lr_size):
+            raise ValueError(f"`batch['lr']` must be ({b}, 1, {lr_size}, {lr_size}), got {tuple(lr.shape)}.")
+        gene_index = torch.as_tensor(batch["gene_index"]).long()
+        if gene_index.shape != (b,):
+            raise ValueError(f"`batch['gene_index']` must be ({b},), got {tuple(gene_index.shape)}.")
+        missing = batch.get("lr_missing")
+        missing = torch.zeros(b, dtype=torch.bool) if missing is None else torch.as_tensor(missing).bool()
+        if missing.shape != (b,):
+            raise ValueError(f"`batch['lr_missing']` must be ({b},), got {tuple(missing.shape)}.")
+        device, dtype = self.device, self.dtype
+        return (histology.to(device, dtype), lr.to(device, dtype), gene_index.to(device), missing.to(device))
+
+    # ------------------------------------------------------------------ inference
+    @torch.no_grad()
+    def predict(
+        self,
+        histology: torch.Tensor,
+        lr: torch.Tensor | None = None,
+        *,
+        gene_indices: Sequence[int] | None = None,
+        lr_available: Sequence[bool] | torch.Tensor | None = None,
+        num_inference_steps: int = 50,
+        eta: float = 0.0,
+        n_samples: int = 1,
+        seed: int | Sequence[int] = 0,
+        gene_batch_size: int = 16,
+        scale: int | None = None,
+        progress: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Super-resolve gene maps of ``T`` tiles with DDIM (see :func:`c3diff.models.sampling.sample`).
+
+        Parameters
+        ----------
+        histology
+            ``(T, 3, S, S)`` H&E tiles in [0, 1].
+        lr
+            ``(T, G', L, L)`` LR maps in [0, 1] of the requested genes, or ``None`` (no LR ST for any tile).
+        gene_indices
+            Model gene indices to predict (``G'`` of them); default: all genes in model order.
+        lr_available
+            ``(T,)`` bool; False tiles ignore ``lr`` and impute their ST features from the memory bank.
+        num_inference_steps, eta
+            DDIM steps (50) and eta (0: deterministic).
+        n_samples
+            Samples per (tile, gene); with more than one, the per-pixel standard deviation is returned as well.
+        seed
+            An int (tile ``t`` gets ``seed + t``) or one int per tile. Every (tile, gene, sample) draws its noise from
+            its own generator seeded by (tile seed, gene index, sample index): results do not depend on batching.
+        gene_batch_size
+            Genes of one tile denoised together (times ``n_samples``).
+        scale
+            10 or 5; ``None``: the model's scale. 5 on a 10x model is the 2 x 2 mean of the 10x output.
+        progress
+            Show a progress bar.
+
+        Returns
+        -------
+        ``(mean, std)``: ``(T, G', H, H)`` float32 on the CPU in [0, 1] (``H = S`` at 10x, ``S/2`` at 5x); ``std`` is
+        ``None`` when ``n_samples == 1``.
+        """
+        from c3diff.models.sampling import sample
+
+        return sample(
+            self,
+            histology,
+            lr,
+            gene_indices=gene_indices,
+            lr_available=lr_available,
+            num_inference_steps=num_inference_steps,
+            eta=eta,
+            n_samples=n_samples,
+            seed=seed,
+            gene_batch_size=gene_batch_size,
+            scale=scale,
+            progress=progress,
+        )
+
+    # ------------------------------------------------------------------ persistence (see hub.py)
+    def save_pretrained(self, save_directory: str, *, training_data: str | None = None, **kwargs: Any) -> None:
+        """Write ``config.json``, ``model.safetensors`` and a model card ``README.md`` to ``save_directory``.
+
+        See :func:`c3diff.models.hub.save_pretrained`.
+        """
+        from c3diff.models import hub
+
+        hub.save_pretrained(self, save_directory, training_data=training_data, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, **kwargs: Any) -> C3DiffModel:
+        """Load a model from a local folder or a Hub repo id; see :func:`c3diff.models.hub.from_pretrained`."""
+        from c3diff.models import hub
+
+        return hub.from_pretrained(pretrained_model_name_or_path, model_class=cls, **kwargs)
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any):
+        """Upload the model to the Hub; see :func:`c3diff.models.hub.push_to_hub`."""
+        from c3diff.models import hub
+
+        return hub.push_to_hub(self, repo_id, **kwargs)
+
+    def model_card(self, **kwargs: Any):
+        """The model card (``huggingface_hub.ModelCard``); see :func:`c3diff.models.model_card.make_model_card`."""
+        from c3diff.models.model_card import make_model_card
+
+        return make_model_card(self, **kwargs)
+
+
+def config_kwargs(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A component's config as a plain dict of constructor arguments (no private ``_`` entries)."""
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(config).items() if not k.startswith("_")}

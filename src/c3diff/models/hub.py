@@ -1,0 +1,398 @@
+"""Saving, loading and sharing C3-Diff models (all Hugging Face Hub access of c3diff lives here).
+
+Layout of a saved model (a local folder or a Hub model repository)::
+
+    config.json         C3DiffModel constructor arguments (+ _class_name, _module, _c3diff_version)
+    model.safetensors   every weight and buffer (ControlNet, UNet, autoencoder, hint encoders, alpha/beta,
+                        imputation memory bank)
+    README.md           model card: YAML metadata (genes in order, scale, normalisation, pixel sizes, training data,
+                        c3diff version) and a human-readable page
+
+Local folders are read directly; repo ids go through one :func:`huggingface_hub.snapshot_download` (cached, so
+later loads work offline). As in scvi-tools' hub models, loading a repo without a pinned commit warns, because the
+repository may change under the same name. Weights load strictly: a missing, unexpected or mis-shaped tensor is an
+error, never silently re-initialised.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import UNet2DModel, VQModel
+from huggingface_hub import HfApi, snapshot_download
+from huggingface_hub.errors import (
+    HFValidationError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from huggingface_hub.utils import validate_repo_id
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from c3diff._version import __version__
+from c3diff.models.autoencoder import downsampling_factor
+from c3diff.models.c3diff import C3DiffModel, config_kwargs
+from c3diff.models.model_card import make_model_card
+from c3diff.models.presets import preset_config
+
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "from_ldm", "from_pretrained", "push_to_hub", "save_pretrained"]
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+CARD_NAME = "README.md"
+#: Public module that exports the model classes; recorded in config.json (checkpoints depend on it staying stable).
+_PUBLIC_MODULE = "c3diff.models"
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+
+
+def save_pretrained(
+    model: C3DiffModel,
+    save_directory: str | Path,
+    *,
+    training_data: str | None = None,
+    repo_id: str | None = None,
+) -> Path:
+    """Write ``config.json``, ``model.safetensors`` and ``README.md`` (model card) into ``save_directory``.
+
+    Parameters
+    ----------
+    model
+        The model to save.
+    save_directory
+        Folder to write (created if needed; existing files of the same names are replaced).
+    training_data
+        Description of the training data; recorded in the config and the model card (kept when ``None``).
+    repo_id
+        Hub repository the folder is meant for (only used in the card's usage snippet).
+
+    Returns
+    -------
+    The folder.
+
+    Examples
+    --------
+    >>> import tempfile, c3diff
+    >>> model = c3diff.models.build_model("tiny", genes=["A", "B"])
+    >>> folder = save_pretrained(model, tempfile.mkdtemp(), training_data="simulated sections")
+    >>> sorted(p.name for p in folder.iterdir())
+    ['README.md', 'config.json', 'model.safetensors']
+    """
+    folder = Path(save_directory)
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"`save_directory` {str(folder)!r} is a file; pass a folder.")
+    folder.mkdir(parents=True, exist_ok=True)
+    if training_data is not None:
+        model.register_to_config(training_data=str(training_data))
+    if model.vqvae is not None:
+        # fit_autoencoder updates the VQModel's own config (scaling_factor): keep the model's config in step
+        model.register_to_config(autoencoder_config=config_kwargs(model.vqvae.config))
+
+    config = json.loads(model.to_json_string())
+    config["_module"] = _PUBLIC_MODULE
+    config["_c3diff_version"] = __version__
+    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt", "c3diff_version": __version__})
+    make_model_card(model, repo_id=repo_id).save(folder / CARD_NAME)
+    return folder
+
+
+def from_pretrained(
+    path_or_repo_id: str | Path,
+    *,
+    revision: str | None = None,
+    local_files_only: bool = False,
+    cache_dir: str | Path | None = None,
+    token: str | bool | None = None,
+    device: str | torch.device = "cpu",
+    model_class: type | None = None,
+) -> C3DiffModel:
+    """Load a C3-Diff model from a local folder or a Hugging Face Hub repository.
+
+    Parameters
+    ----------
+    path_or_repo_id
+        A folder written by :func:`save_pretrained`, or a Hub repo id (``"user/name"``).
+    revision
+        Hub commit sha, branch or tag. Pin a commit sha for reproducible results (a warning says so otherwise).
+    local_files_only
+        Use only the local Hub cache (no network).
+    cache_dir
+        Hub cache folder (default: the huggingface_hub cache).
+    token
+        Hub token for private repositories.
+    device
+        Where to put the model.
+    model_class
+        The class to instantiate (default: the one recorded in ``config.json``, which must live in c3diff).
+
+    Returns
+    -------
+    The model in eval mode.
+
+    Examples
+    --------
+    >>> import tempfile, c3diff
+    >>> folder = save_pretrained(c3diff.models.build_model("tiny", genes=["A", "B"]), tempfile.mkdtemp())
+    >>> from_pretrained(folder).genes
+    ['A', 'B']
+    >>> model = from_pretrained("user/c3diff-breast-10x", revision="<commit sha>")  # doctest: +SKIP
+    """
+    folder = _resolve_folder(
+        path_or_repo_id,
+        revision=revision,
+        local_files_only=local_files_only,
+        cache_dir=cache_dir,
+        token=token,
+        allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, CARD_NAME],
+        what="C3-Diff model",
+    )
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(
+                f"{str(path_or_repo_id)!r} has no {name}: not a c3diff model folder (expected {CONFIG_NAME}, "
+                f"{WEIGHTS_NAME}, {CARD_NAME}, as written by `model.save_pretrained`)."
+            )
+    try:
+        config = json.loads((folder / CONFIG_NAME).read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"{folder / CONFIG_NAME} is not valid JSON ({err}); re-download or re-save the model."
+        ) from err
+    cls = model_class or _model_class(config)
+    model = cls.from_config(config)
+    load_weights(model, folder / WEIGHTS_NAME)
+    return model.to(device).eval()
+
+
+def load_weights(model: torch.nn.Module, path: str | Path) -> None:
+    """Load a safetensors file into ``model`` strictly (errors list missing, unexpected and mis-shaped tensors)."""
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise OSError(
+            f"Cannot read the weights {str(path)!r} ({err}). The file is corrupted or incomplete: download it again "
+            "(`huggingface_hub.snapshot_download(..., force_download=True)`) or save the model again."
+        ) from err
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
+    if missing or unexpected or mismatched:
+
+        def show(keys):
+            return f"{keys[:5]}{' ...' if len(keys) > 5 else ''} ({len(keys)})"
+
+        raise ValueError(
+            f"The weights in {str(path)!r} do not match the model built from its config.json: missing {show(missing)}, "
+            f"unexpected {show(unexpected)}, wrong shape {show(mismatched)}. The folder mixes files of different "
+            "models or versions; re-save the model with the c3diff version that trained it."
+        )
+    model.load_state_dict(state, strict=True)
+
+
+def push_to_hub(
+    model: C3DiffModel,
+    repo_id: str,
+    *,
+    commit_message: str = "Upload C3-Diff model",
+    private: bool | None = None,
+    token: str | bool | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+    training_data: str | None = None,
+):
+    """Upload ``model`` (config, weights, model card) to a Hub model repository, creating it if needed.
+
+    Parameters
+    ----------
+    model
+        The model.
+    repo_id
+        ``"user/name"``.
+    commit_message
+        Message of the upload commit.
+    private
+        Visibility when the repository is created.
+    token
+        Hub token with write access (default: the logged-in user's).
+    revision
+        Branch to push to.
+    create_pr
+        Open a pull request instead of committing.
+    training_data
+        Recorded in the config and the card (see :func:`save_pretrained`).
+
+    Returns
+    -------
+    The ``huggingface_hub.CommitInfo`` of the upload (its ``oid`` is the commit to pin when loading).
+
+    Examples
+    --------
+    >>> model.push_to_hub("user/c3diff-breast-10x", training_data="Xenium breast, 99 sections")  # doctest: +SKIP
+    """
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    with tempfile.TemporaryDirectory() as tmp:
+        save_pretrained(model, tmp, training_data=training_data, repo_id=repo_id)
+        return api.upload_folder(
+            repo_id=repo_id,
+            folder_path=tmp,
+            commit_message=commit_message,
+            revision=revision,
+            create_pr=create_pr,
+            repo_type="model",
+        )
+
+
+def from_ldm(
+    path_or_repo_id: str | Path,
+    *,
+    genes: list[str],
+    scale: int = 10,
+    revision: str | None = None,
+    local_files_only: bool = False,
+    cache_dir: str | Path | None = None,
+    token: str | bool | None = None,
+    **overrides: Any,
+) -> C3DiffModel:
+    """Build a C3-Diff model on a pretrained LDM backbone (diffusers layout, as CompVis/ldm-celebahq-256).
+
+    The folder (or Hub repo) must hold ``vqvae/`` (a ``VQModel``) and ``unet/`` (a ``UNet2DModel``). The tile size is
+    the UNet's sample size times the autoencoder's factor; every other option comes from the ``paper`` preset
+    unless overridden. The UNet's encoder is copied into the ControlNet, whose zero convs make the new model start
+    as the pretrained backbone.
+
+    Parameters
+    ----------
+    path_or_repo_id
+        Local folder or Hub repo id.
+    genes
+        Gene names in model order.
+    scale
+        10 or 5.
+    revision, local_files_only, cache_dir, token
+        As for :func:`from_pretrained`.
+    **overrides
+        Further :class:`~c3diff.models.C3DiffModel` options (not ``unet_config`` / ``autoencoder_config``).
+
+    Returns
+    -------
+    The model (train mode, frozen parts set).
+
+    Examples
+    --------
+    >>> model = from_ldm("CompVis/ldm-celebahq-256", genes=c3diff._panels.paper_genes(),
+    ...                  revision="<commit sha>")  # doctest: +SKIP
+    """
+    for key in ("unet_config", "autoencoder_config", "image_size"):
+        if key in overrides:
+            raise TypeError(f"`{key}` comes from the LDM backbone and cannot be overridden in `from_ldm`.")
+    folder = _resolve_folder(
+        path_or_repo_id,
+        revision=revision,
+        local_files_only=local_files_only,
+        cache_dir=cache_dir,
+        token=token,
+        allow_patterns=["vqvae/*", "unet/*"],
+        what="LDM backbone",
+    )
+    for sub in ("vqvae", "unet"):
+        if not (folder / sub / CONFIG_NAME).is_file():
+            raise FileNotFoundError(
+                f"{str(path_or_repo_id)!r} has no {sub}/{CONFIG_NAME}: an LDM backbone folder needs `vqvae/` (a "
+                "diffusers VQModel) and `unet/` (a UNet2DModel), as in CompVis/ldm-celebahq-256."
+            )
+    vqvae = VQModel.from_pretrained(folder, subfolder="vqvae")
+    unet = UNet2DModel.from_pretrained(folder, subfolder="unet")
+    config = preset_config("paper", genes=genes, scale=scale, **overrides)
+    config["unet_config"] = config_kwargs(unet.config)
+    config["autoencoder_config"] = config_kwargs(vqvae.config)
+    config["image_size"] = int(unet.config.sample_size) * downsampling_factor(vqvae)
+    model = C3DiffModel(**config)
+    model.vqvae.load_state_dict(vqvae.state_dict(), strict=True)
+    model.unet.load_state_dict(unet.state_dict(), strict=True)
+    model.controlnet.copy_encoder_from(model.unet)
+    return model
+
+
+def _resolve_folder(
+    path_or_repo_id: str | Path,
+    *,
+    revision: str | None,
+    local_files_only: bool,
+    cache_dir: str | Path | None,
+    token: str | bool | None,
+    allow_patterns: list[str],
+    what: str,
+) -> Path:
+    """A local folder as is, or the snapshot folder of a Hub repo (one ``snapshot_download``)."""
+    path = Path(path_or_repo_id).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise NotADirectoryError(f"{str(path_or_repo_id)!r} is a file; pass the folder that holds the {what}.")
+    repo_id = str(path_or_repo_id)
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise FileNotFoundError(
+            f"{repo_id!r} is neither an existing folder nor a valid Hub repo id ('user/name'): {err}"
+        ) from err
+    if revision is None or not _COMMIT.match(revision):
+        where = "the default branch" if revision is None else repr(revision)
+        warnings.warn(
+            f"Loading {repo_id!r} from the Hugging Face Hub at {where}, which can change. Pin the commit for "
+            "reproducible results: `revision='<40-character commit sha>'`.",
+            UserWarning,
+            stacklevel=3,
+        )
+    try:
+        folder = snapshot_download(
+            repo_id,
+            revision=revision,
+            cache_dir=cache_dir,
+            token=token,
+            local_files_only=local_files_only,
+            allow_patterns=allow_patterns,
+            library_name="c3diff",
+            library_version=__version__,
+        )
+    except LocalEntryNotFoundError as err:
+        raise OSError(
+            f"The {what} {repo_id!r} (revision {revision or 'default'}) is not in the local Hugging Face cache and "
+            "the Hub cannot be reached (offline, HF_HUB_OFFLINE=1 or local_files_only=True). On a machine with "
+            f"internet, download it first: `huggingface-cli download {repo_id}"
+            f"{f' --revision {revision}' if revision else ''}` or `huggingface_hub.snapshot_download({repo_id!r})` "
+            "(with the same cache_dir / HF_HOME), or copy its files to a folder and pass that folder instead."
+        ) from err
+    except RevisionNotFoundError as err:
+        raise OSError(f"Revision {revision!r} does not exist in the Hub repository {repo_id!r}.") from err
+    except RepositoryNotFoundError as err:
+        raise OSError(
+            f"The Hub repository {repo_id!r} does not exist or is private/gated (pass `token=` with access)."
+        ) from err
+    return Path(folder)
+
+
+def _model_class(config: dict) -> type:
+    """The model class recorded in a config (only classes of c3diff itself are resolved)."""
+    name, module = config.get("_class_name", "C3DiffModel"), config.get("_module", _PUBLIC_MODULE)
+    if not (module == "c3diff" or module.startswith("c3diff.")):
+        raise ValueError(f"config.json names the class {module}.{name}, which is not part of c3diff.")
+    cls = getattr(importlib.import_module(module), name, None)
+    if cls is None:
+        raise ValueError(
+            f"config.json names the class {module}.{name}, which this c3diff version ({__version__}) does not have; "
+            f"it was written by c3diff {config.get('_c3diff_version', 'unknown')}."
+        )
+    return cls

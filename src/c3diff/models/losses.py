@@ -1,0 +1,237 @@
+"""C3-Diff's losses (METHOD.md section 4): three contrastive InfoNCE losses, the diffusion MSE and their sum.
+
+Every feature map is flattened and L2-normalised onto a unit hypersphere; similarities are ``<a, b> / tau`` with
+``tau = 0.07`` and negatives come from the batch. Each loss is a masked log-softmax InfoNCE: a row's candidates are
+all entries except excluded ones (the anchor itself), and the loss is the mean negative log-probability of the row's
+positives. Unlike the authors' code (METHOD.md section 10) the logits stay in the autograd graph, the pair masks
+follow the paper's definitions, and every component enters the total exactly once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "LossOutput",
+    "LossWeights",
+    "content_loss",
+    "diffusion_mse",
+    "info_nce",
+    "inter_sphere_loss",
+    "modal_loss",
+    "overall_loss",
+    "sphere_normalize",
+]
+
+#: Temperature of the contrastive losses (the paper's tau).
+TEMPERATURE = 0.07
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """Weights of ``L_overall`` (supplementary Table 1 defaults)."""
+
+    mse: float = 2.0
+    modal: float = 1.0
+    content: float = 1.0
+    inter_sphere: float = 1.0
+
+    def as_dict(self) -> dict[str, float]:
+        """The weights as a plain dict."""
+        return asdict(self)
+
+
+@dataclass
+class LossOutput:
+    """Every loss component of one training step (scalars with autograd history)."""
+
+    total: torch.Tensor
+    mse: torch.Tensor
+    content: torch.Tensor
+    modal: torch.Tensor
+    inter_sphere: torch.Tensor
+
+    def as_dict(self) -> dict[str, float]:
+        """Detached floats for logging, e.g. ``{"total": 1.9, "mse": 0.4, ...}``."""
+        return {f.name: float(getattr(self, f.name).detach()) for f in fields(self)}
+
+
+def sphere_normalize(features: torch.Tensor, *, eps: float = 1e-8) -> torch.Tensor:
+    """Flatten ``(B, ...)`` features to ``(B, D)`` and L2-normalise each row onto the unit sphere.
+
+    Examples
+    --------
+    >>> import torch
+    >>> sphere_normalize(torch.randn(3, 2, 4, 4)).norm(dim=1).round(decimals=4).tolist()
+    [1.0, 1.0, 1.0]
+    """
+    return F.normalize(features.flatten(1), dim=1, eps=eps)
+
+
+def info_nce(logits: torch.Tensor, positives: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """Masked log-softmax InfoNCE, averaged over each row's positives and then over rows that have positives.
+
+    Parameters
+    ----------
+    logits
+        ``(N, M)`` similarities divided by the temperature.
+    positives
+        ``(N, M)`` bool, the positive pairs (must be candidates).
+    candidates
+        ``(N, M)`` bool, the entries of each row's softmax (positives and negatives; excluded pairs False).
+
+    Returns
+    -------
+    A scalar; 0 when no row has a positive.
+
+    Examples
+    --------
+    >>> import torch
+    >>> eye = torch.eye(3, dtype=torch.bool)
+    >>> round(float(info_nce(torch.zeros(3, 3), eye, torch.ones(3, 3, dtype=torch.bool))), 4)  # log(3)
+    1.0986
+    """
+    if positives.shape != logits.shape or candidates.shape != logits.shape:
+        raise ValueError("`logits`, `positives` and `candidates` must have the same shape.")
+    if bool((positives & ~candidates).any()):
+        raise ValueError("Every positive pair must also be a candidate of its row's softmax.")
+    # a large finite negative (not -inf) keeps log_softmax and its backward finite in every row
+    masked = logits.masked_fill(~candidates, torch.finfo(logits.dtype).min)
+    log_prob = masked.log_softmax(dim=1)
+    n_pos = positives.sum(dim=1)
+    has_pos = n_pos > 0
+    if not bool(has_pos.any()):
+        return logits.sum() * 0.0
+    row_loss = -torch.where(positives, log_prob, torch.zeros_like(log_prob)).sum(dim=1) / n_pos.clamp_min(1)
+    return row_loss[has_pos].mean()
+
+
+def content_loss(c_h: torch.Tensor, c_y: torch.Tensor, *, temperature: float = TEMPERATURE) -> torch.Tensor:
+    """Cross-content loss ``L_content``: symmetric InfoNCE (NT-Xent) between histology and ST content features.
+
+    Anchors ``z = [C_h^1..C_h^B, C_y^1..C_y^B]``; the positive of ``C_h^j`` is ``C_y^j`` and vice versa; every other
+    entry except the anchor itself is a negative.
+
+    Parameters
+    ----------
+    c_h, c_y
+        ``(B, ...)`` content features of histology and of the (noise-augmented) LR ST maps of the same patches.
+    temperature
+        ``tau``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> g = torch.Generator().manual_seed(0)
+    >>> c_h = torch.randn(8, 32, generator=g)
+    >>> aligned = content_loss(c_h, c_h + 0.1 * torch.randn(8, 32, generator=g))
+    >>> shuffled = content_loss(c_h, c_h.roll(1, dims=0))
+    >>> bool(aligned < shuffled)
+    True
+    """
+    _check_pair(c_h, c_y, "c_h", "c_y")
+    z = sphere_normalize(torch.cat([c_h, c_y]))
+    n = len(c_h)
+    idx = torch.arange(2 * n, device=z.device)
+    not_self = idx[:, None] != idx[None, :]
+    positives = idx[None, :] == ((idx + n) % (2 * n))[:, None]
+    return info_nce(z @ z.T / temperature, positives, not_self)
+
+
+def modal_loss(m_h: torch.Tensor, m_y: torch.Tensor, *, temperature: float = TEMPERATURE) -> torch.Tensor:
+    """Cross-modal loss ``L_modal``: multi-positive (SupCon-style) InfoNCE over modalities.
+
+    Anchors ``[M_h; M_y]``; the positives of an anchor are all other samples of the same modality (other patches);
+    every histology/ST pair, the same patch included, is a negative; self-pairs are excluded. Needs ``B >= 2``
+    (0 otherwise).
+
+    Parameters
+    ----------
+    m_h, m_y
+        ``(B, ...)`` modality features of histology and of the (noise-augmented) LR ST maps.
+    temperature
+        ``tau``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> g = torch.Generator().manual_seed(0)
+    >>> h, y = torch.randn(1, 32, generator=g), torch.randn(1, 32, generator=g)
+    >>> m_h = h + 0.1 * torch.randn(6, 32, generator=g)
+    >>> m_y = y + 0.1 * torch.randn(6, 32, generator=g)
+    >>> mixed = torch.cat([m_h[:3], m_y[:3]]), torch.cat([m_y[3:], m_h[3:]])
+    >>> bool(modal_loss(m_h, m_y) < modal_loss(*mixed))
+    True
+    """
+    _check_pair(m_h, m_y, "m_h", "m_y")
+    z = sphere_normalize(torch.cat([m_h, m_y]))
+    n = len(m_h)
+    idx = torch.arange(2 * n, device=z.device)
+    modality = idx >= n
+    not_self = idx[:, None] != idx[None, :]
+    positives = (modality[:, None] == modality[None, :]) & not_self
+    return info_nce(z @ z.T / temperature, positives, not_self)
+
+
+def inter_sphere_loss(c_h: torch.Tensor, m_h: torch.Tensor, *, temperature: float = TEMPERATURE) -> torch.Tensor:
+    """Inter-sphere loss ``L_inter-sphere``: ``B x B`` similarities between ``C_h^j`` and ``M_h^k``.
+
+    Positives on the diagonal ``(C_h^j, M_h^j)``; InfoNCE over ``k``.
+
+    Parameters
+    ----------
+    c_h, m_h
+        ``(B, ...)`` content and modality features of the same histology tiles.
+    temperature
+        ``tau``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> g = torch.Generator().manual_seed(0)
+    >>> c_h = torch.randn(8, 32, generator=g)
+    >>> bool(inter_sphere_loss(c_h, c_h) < inter_sphere_loss(c_h, c_h.roll(1, dims=0)))
+    True
+    """
+    _check_pair(c_h, m_h, "c_h", "m_h")
+    a, b = sphere_normalize(c_h), sphere_normalize(m_h)
+    n = len(c_h)
+    eye = torch.eye(n, dtype=torch.bool, device=a.device)
+    return info_nce(a @ b.T / temperature, eye, torch.ones_like(eye))
+
+
+def diffusion_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``L_mse``: mean squared error of the epsilon prediction."""
+    if prediction.shape != target.shape:
+        raise ValueError(f"prediction {tuple(prediction.shape)} and target {tuple(target.shape)} differ in shape.")
+    return F.mse_loss(prediction.float(), target.float())
+
+
+def overall_loss(
+    *,
+    mse: torch.Tensor,
+    content: torch.Tensor,
+    modal: torch.Tensor,
+    inter_sphere: torch.Tensor,
+    weights: LossWeights = LossWeights(),
+) -> LossOutput:
+    """``L_overall = l_mse L_mse + l_modal L_modal + l_content L_content + l_inter L_inter-sphere``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> out = overall_loss(mse=torch.tensor(1.0), content=torch.tensor(2.0), modal=torch.tensor(3.0),
+    ...                    inter_sphere=torch.tensor(4.0))
+    >>> float(out.total)
+    11.0
+    """
+    total = weights.mse * mse + weights.modal * modal + weights.content * content + weights.inter_sphere * inter_sphere
+    return LossOutput(total=total, mse=mse, content=content, modal=modal, inter_sphere=inter_sphere)
+
+
+def _check_pair(a: torch.Tensor, b: torch.Tensor, name_a: str, name_b: str) -> None:
+    if a.shape != b.shape:
+        raise ValueError(f"`{name_a}` {tuple(a.shape)} and `{name_b}` {tuple(b.shape)} must have the same shape.")

@@ -1,0 +1,202 @@
+"""DDIM sampling of a C3-Diff model: T tiles x G genes x n samples, batched over genes.
+
+The loop follows diffusers' ``DDIMPipeline``/``LDMPipeline`` (a fresh :class:`~diffusers.DDIMScheduler` from the
+model's scheduler config; ``scale_model_input``, noise prediction, ``scheduler.step``; decode the latents), with
+C3-Diff's conditioning:
+
+- histology features depend only on the tile: they are encoded once per tile and expanded to every gene batch;
+- a tile without LR ST imputes its ST features once from the model's memory bank (they depend only on the tile);
+- genes of a tile are denoised ``gene_batch_size`` at a time, each with ``n_samples`` samples;
+- the initial noise (and, for ``eta > 0``, the DDIM noise) of every (tile, gene, sample) comes from its own
+  ``torch.Generator`` seeded by ``(tile seed, gene index, sample index)`` through :class:`numpy.random.SeedSequence`,
+  so a result is the same whatever the batching, the gene subset or the number of tiles.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler
+from diffusers.utils.torch_utils import randn_tensor
+from tqdm.auto import tqdm
+
+from c3diff.models.hint_encoders import ModalityFeatures
+
+if TYPE_CHECKING:  # pragma: no cover
+    from c3diff.models.c3diff import C3DiffModel
+
+__all__ = ["noise_generator", "sample"]
+
+
+def noise_generator(tile_seed: int, gene_index: int, sample_index: int) -> torch.Generator:
+    """The CPU generator of one (tile, gene, sample): seeded by mixing the three integers with ``SeedSequence``.
+
+    Examples
+    --------
+    >>> a = torch.randn(2, generator=noise_generator(0, 3, 0))
+    >>> b = torch.randn(2, generator=noise_generator(0, 3, 0))
+    >>> c = torch.randn(2, generator=noise_generator(0, 3, 1))
+    >>> bool(torch.equal(a, b)), bool(torch.equal(a, c))
+    (True, False)
+    """
+    state = np.random.SeedSequence([int(tile_seed), int(gene_index), int(sample_index)]).generate_state(2)
+    return torch.Generator(device="cpu").manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+@torch.no_grad()
+def sample(
+    model: C3DiffModel,
+    histology: torch.Tensor,
+    lr: torch.Tensor | None = None,
+    *,
+    gene_indices: Sequence[int] | None = None,
+    lr_available: Sequence[bool] | torch.Tensor | None = None,
+    num_inference_steps: int = 50,
+    eta: float = 0.0,
+    n_samples: int = 1,
+    seed: int | Sequence[int] = 0,
+    gene_batch_size: int = 16,
+    scale: int | None = None,
+    progress: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Super-resolve gene maps of ``T`` tiles; the implementation of :meth:`C3DiffModel.predict` (same arguments).
+
+    Returns
+    -------
+    ``(mean, std)``, each ``(T, G', H, H)`` float32 on the CPU in [0, 1]; ``std`` (sample standard deviation over
+    the ``n_samples`` samples, an uncertainty map) is ``None`` when ``n_samples == 1``.
+
+    Examples
+    --------
+    >>> import torch, c3diff
+    >>> model = c3diff.models.build_model("tiny", genes=["A", "B", "C"])
+    >>> mean, std = sample(model, torch.rand(2, 3, 64, 64), torch.rand(2, 2, 7, 7), gene_indices=[2, 0],
+    ...                    num_inference_steps=2, n_samples=2, scale=5)
+    >>> tuple(mean.shape), tuple(std.shape)
+    ((2, 2, 32, 32), (2, 2, 32, 32))
+    """
+    config = model.config
+    device, dtype = model.device, model.dtype
+    s, lr_size = config.image_size, config.lr_size
+
+    if histology.ndim != 4 or histology.shape[1:] != (3, s, s):
+        raise ValueError(f"`histology` must be (T, 3, {s}, {s}) in [0, 1], got {tuple(histology.shape)}.")
+    n_tiles = len(histology)
+    genes = _gene_indices(gene_indices, model.num_genes)
+    available = _lr_available(lr_available, lr, n_tiles)
+    if lr is not None and lr.shape != (n_tiles, len(genes), lr_size, lr_size):
+        raise ValueError(
+            f"`lr` must be (T, G', L, L) = ({n_tiles}, {len(genes)}, {lr_size}, {lr_size}) (one map per requested "
+            f"gene), got {tuple(lr.shape)}."
+        )
+    scale = config.scale if scale is None else scale
+    if scale not in (5, 10):
+        raise ValueError(f"`scale` must be 5 or 10, got {scale!r}.")
+    if scale == 10 and config.scale == 5:
+        raise ValueError("This model was trained for 5x; it cannot predict 10x maps. Use `scale=5` (or None).")
+    if n_samples < 1 or gene_batch_size < 1 or num_inference_steps < 1:
+        raise ValueError("`n_samples`, `gene_batch_size` and `num_inference_steps` must be positive integers.")
+    seeds = _tile_seeds(seed, n_tiles)
+
+    was_training = model.training
+    model.eval()
+    try:
+        encoders = model.hint_encoders
+        out_size = model.output_size(scale)
+        mean = torch.empty(n_tiles, len(genes), out_size, out_size, dtype=torch.float32)
+        std = torch.empty_like(mean) if n_samples > 1 else None
+        chunks = [list(range(i, min(i + gene_batch_size, len(genes)))) for i in range(0, len(genes), gene_batch_size)]
+        bar = tqdm(total=n_tiles * len(chunks), desc="DDIM", disable=not progress)
+        for t in range(n_tiles):
+            # histology features (and imputed ST features) depend only on the tile: once per tile, for all genes
+            h = encoders.encode_histology(histology[t : t + 1].to(device, dtype))
+            h_hint = encoders.histology_hint(h)
+            if not available[t]:
+                c_y, m_y = model.imputer.impute_from_bank(h.content, h.modal)
+                st_imputed = encoders.st_hint(ModalityFeatures(content=c_y, modal=m_y))
+            for chunk in chunks:
+                n = len(chunk)
+                to_gene_batch = torch.zeros(n, dtype=torch.long, device=device)
+                gene_ids = torch.tensor([genes[j] for j in chunk], device=device)
+                if available[t]:
+                    lr_maps = lr[t, chunk][:, None].to(device, dtype)
+                    st_hint = encoders.st_hint(encoders.encode_st(model.lr_image(lr_maps)))
+                else:
+                    st_hint = st_imputed.expand(to_gene_batch)
+                hint = encoders.assemble(h_hint.expand(to_gene_batch), st_hint, gene_ids, num_genes=model.num_genes)
+                hint = hint.repeat_interleave(n_samples, dim=0)  # order: gene-major, then sample
+                generators = [noise_generator(seeds[t], genes[j], k) for j in chunk for k in range(n_samples)]
+                images = _denoise_loop(model, hint, generators, num_inference_steps=num_inference_steps, eta=eta)
+                if scale == 5:
+                    images = F.avg_pool2d(images, 2)
+                images = images.float().cpu().view(n, n_samples, out_size, out_size)
+                mean[t, chunk] = images.mean(dim=1)
+                if std is not None:
+                    std[t, chunk] = images.std(dim=1, correction=1)
+                bar.update()
+        bar.close()
+    finally:
+        model.train(was_training)
+    return mean, std
+
+
+def _denoise_loop(
+    model: C3DiffModel,
+    hint: torch.Tensor,
+    generators: list[torch.Generator],
+    *,
+    num_inference_steps: int,
+    eta: float,
+) -> torch.Tensor:
+    """DDIM from per-item noise to decoded ``(N, 1, S, S)`` maps in [0, 1]."""
+    scheduler = DDIMScheduler.from_config(model.noise_scheduler.config)
+    scheduler.set_timesteps(num_inference_steps, device=model.device)
+    shape = (len(hint), model.unet.config.in_channels, model.latent_size, model.latent_size)
+    latents = randn_tensor(shape, generator=generators, device=model.device, dtype=model.dtype)
+    latents = latents * scheduler.init_noise_sigma
+    for timestep in scheduler.timesteps:
+        model_input = scheduler.scale_model_input(latents, timestep)
+        noise_pred = model.denoise(model_input, timestep, hint)
+        latents = scheduler.step(noise_pred, timestep, latents, eta=eta, generator=generators).prev_sample
+    return model.decode_latents(latents)
+
+
+def _gene_indices(gene_indices: Sequence[int] | None, num_genes: int) -> list[int]:
+    if gene_indices is None:
+        return list(range(num_genes))
+    genes = [int(g) for g in np.asarray(gene_indices).ravel()]
+    if not genes:
+        raise ValueError("`gene_indices` is empty; pass at least one gene index (or None for all genes).")
+    bad = [g for g in genes if not 0 <= g < num_genes]
+    if bad:
+        raise ValueError(f"`gene_indices` must lie in [0, {num_genes}) (the model's genes), got {bad[:5]}.")
+    if len(set(genes)) != len(genes):
+        raise ValueError("`gene_indices` lists a gene more than once.")
+    return genes
+
+
+def _lr_available(lr_available, lr: torch.Tensor | None, n_tiles: int) -> list[bool]:
+    if lr_available is None:
+        return [lr is not None] * n_tiles
+    available = [bool(a) for a in torch.as_tensor(lr_available).ravel().tolist()]
+    if len(available) != n_tiles:
+        raise ValueError(f"`lr_available` must hold one bool per tile ({n_tiles}), got {len(available)}.")
+    if lr is None and any(available):
+        raise ValueError("`lr_available` marks tiles as having LR ST but `lr` is None; pass `lr` or all False.")
+    return available
+
+
+def _tile_seeds(seed: int | Sequence[int], n_tiles: int) -> list[int]:
+    if isinstance(seed, int | np.integer):
+        seeds = [int(seed) + t for t in range(n_tiles)]
+    else:
+        seeds = [int(s) for s in seed]
+        if len(seeds) != n_tiles:
+            raise ValueError(f"`seed` must be an int or one int per tile ({n_tiles}), got {len(seeds)} seeds.")
+    if any(s < 0 for s in seeds):
+        raise ValueError("Seeds must be non-negative integers.")
+    return seeds

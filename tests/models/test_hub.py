@@ -1,0 +1,207 @@
+"""Persistence: save/load, Hub code path, offline errors, strict weights, model card, from_ldm, push_to_hub."""
+
+from __future__ import annotations
+
+import json
+
+import huggingface_hub
+import pytest
+import torch
+import yaml
+from diffusers import UNet2DModel, VQModel
+from huggingface_hub.errors import LocalEntryNotFoundError
+from safetensors.torch import load_file, save_file
+
+import c3diff
+from c3diff.models import C3DiffModel, hub
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.fixture
+def saved(tiny, make_batch, perturb_zero_convs, tmp_path):
+    perturb_zero_convs(tiny)
+    tiny.train()
+    tiny.compute_losses(make_batch(tiny, 4), generator=torch.Generator().manual_seed(0))  # fills the memory bank
+    tiny.eval()
+    folder = tmp_path / "model"
+    tiny.save_pretrained(folder, training_data="simulated sections, seeds 0-3")
+    return tiny, folder
+
+
+def _predict(model):
+    g = torch.Generator().manual_seed(1)
+    histology, lr = torch.rand(1, 3, 64, 64, generator=g), torch.rand(1, 2, 7, 7, generator=g)
+    return model.predict(histology, lr, gene_indices=[1, 3], num_inference_steps=2)[0]
+
+
+def test_round_trip_gives_identical_outputs(saved):
+    model, folder = saved
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    loaded = c3diff.models.from_pretrained(folder)
+    assert isinstance(loaded, C3DiffModel) and loaded.training is False
+    assert loaded.genes == model.genes and loaded.config.scale == 10
+    for (k, a), (k2, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert k == k2 and torch.equal(a, b), k
+    assert torch.equal(_predict(model), _predict(loaded))
+    # no-LR inference uses the saved memory bank
+    assert int(loaded.imputer.bank_count) == 4
+    assert all(not p.requires_grad for p in loaded.unet.down_blocks.parameters())
+    config = json.loads((folder / "config.json").read_text())
+    assert config["_class_name"] == "C3DiffModel" and config["_module"] == "c3diff.models"
+    assert config["training_data"] == "simulated sections, seeds 0-3"
+
+
+def test_model_card_records_what_users_need(saved):
+    model, folder = saved
+    text = (folder / "README.md").read_text()
+    meta = yaml.safe_load(text.split("---")[1])
+    assert meta["library_name"] == "c3diff"
+    block = meta["c3diff"]
+    assert block["genes"] == model.genes  # in gene-index order
+    assert block["scale"] == 10 and block["normalization"] == "minmax"
+    assert block["histology_pixel_size_um"] == 10.0 and block["lr_pixel_size_um"] == 100.0
+    assert block["training_data"] == "simulated sections, seeds 0-3"
+    assert block["c3diff_version"] == c3diff.__version__
+    card = huggingface_hub.ModelCard.load(folder / "README.md")
+    assert card.data.to_dict()["c3diff"]["genes"] == model.genes
+
+
+def test_repo_id_goes_through_snapshot_download(saved, monkeypatch):
+    _, folder = saved
+    calls = []
+
+    def fake_snapshot_download(repo_id, **kwargs):
+        calls.append((repo_id, kwargs))
+        return str(folder)
+
+    monkeypatch.setattr(hub, "snapshot_download", fake_snapshot_download)
+    model = c3diff.models.from_pretrained("someone/c3diff-tiny", revision=COMMIT, cache_dir="/nowhere", token="t")
+    assert model.genes == saved[0].genes
+    ((repo_id, kwargs),) = calls
+    assert repo_id == "someone/c3diff-tiny"
+    assert kwargs["revision"] == COMMIT and kwargs["cache_dir"] == "/nowhere" and kwargs["token"] == "t"
+    assert kwargs["local_files_only"] is False and "model.safetensors" in kwargs["allow_patterns"]
+    with pytest.warns(UserWarning, match="Pin the commit"):
+        C3DiffModel.from_pretrained("someone/c3diff-tiny")
+    with pytest.warns(UserWarning, match="'main'"):
+        c3diff.models.from_pretrained("someone/c3diff-tiny", revision="main")
+
+
+def test_offline_and_not_cached_gives_a_clear_error(tmp_path, monkeypatch):
+    with pytest.raises(OSError, match="huggingface-cli download someone/absent") as info:
+        c3diff.models.from_pretrained("someone/absent", revision=COMMIT, local_files_only=True, cache_dir=tmp_path)
+    assert "local folder" in str(info.value) or "pass that folder" in str(info.value)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(OSError, match="not in the local Hugging Face cache"):
+        c3diff.models.from_pretrained("someone/absent", revision=COMMIT, cache_dir=tmp_path)
+
+    def raise_not_cached(repo_id, **kwargs):
+        raise LocalEntryNotFoundError("not cached")
+
+    monkeypatch.setattr(hub, "snapshot_download", raise_not_cached)
+    with pytest.raises(OSError, match="snapshot_download"):
+        c3diff.models.from_pretrained("someone/absent", revision=COMMIT)
+
+
+def test_strict_loading(saved, tmp_path):
+    _, folder = saved
+    weights = folder / "model.safetensors"
+    state = load_file(str(weights))
+    # a missing tensor
+    del state["imputer.alpha"]
+    save_file(state, str(weights))
+    with pytest.raises(ValueError, match=r"missing \['imputer.alpha'\]"):
+        c3diff.models.from_pretrained(folder)
+    # an unexpected tensor
+    state["imputer.alpha"] = torch.ones(())
+    state["extra.weight"] = torch.ones(2)
+    save_file(state, str(weights))
+    with pytest.raises(ValueError, match=r"unexpected \['extra.weight'\]"):
+        c3diff.models.from_pretrained(folder)
+    # a mis-shaped tensor
+    del state["extra.weight"]
+    state["imputer.alpha"] = torch.ones(2)
+    save_file(state, str(weights))
+    with pytest.raises(ValueError, match="wrong shape"):
+        c3diff.models.from_pretrained(folder)
+    # a corrupted (truncated) file
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(OSError, match="corrupted or incomplete"):
+        c3diff.models.from_pretrained(folder)
+    # not a model folder / not a repo id
+    with pytest.raises(FileNotFoundError, match=r"config\.json"):
+        c3diff.models.from_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match="neither an existing folder nor a valid Hub repo id"):
+        c3diff.models.from_pretrained(str(tmp_path / "absent" / "deeper" / "model"))
+
+
+def test_from_ldm_builds_on_a_backbone(tmp_path):
+    torch.manual_seed(0)
+    vqvae = VQModel(
+        block_out_channels=(8, 8),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=4,
+        latent_channels=3,
+        num_vq_embeddings=16,
+        scaling_factor=1.0,
+    )
+    unet = UNet2DModel(
+        sample_size=32,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(32, 32),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        layers_per_block=1,
+        norm_num_groups=8,
+        attention_head_dim=8,
+    )
+    vqvae.save_pretrained(tmp_path / "ldm" / "vqvae")
+    unet.save_pretrained(tmp_path / "ldm" / "unet")
+    model = c3diff.models.from_ldm(
+        tmp_path / "ldm", genes=["A", "B", "C"], hint_channels=7, hint_encoder_channels=[8, 8, 8]
+    )
+    assert model.config.image_size == 64 and model.latent_size == 32
+    for name, p in unet.state_dict().items():
+        assert torch.equal(model.unet.state_dict()[name], p)
+    assert torch.equal(model.controlnet.conv_in.weight, unet.conv_in.weight)
+    assert torch.equal(model.vqvae.decoder.conv_out.weight, vqvae.decoder.conv_out.weight)
+    x, hint = torch.randn(2, 3, 32, 32), torch.randn(2, model.hint_encoders.hint_channels, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model.denoise(x, torch.tensor([3, 30]), hint), unet(x, torch.tensor([3, 30])).sample)
+    model.compute_losses(
+        {
+            "histology": torch.rand(2, 3, 64, 64),
+            "lr": torch.rand(2, 1, 7, 7),
+            "hr": torch.rand(2, 1, 64, 64) * 2 - 1,
+            "gene_index": torch.tensor([0, 2]),
+        }
+    ).total.backward()
+    with pytest.raises(FileNotFoundError, match="vqvae"):
+        c3diff.models.from_ldm(tmp_path / "ldm" / "unet", genes=["A"])
+
+
+def test_push_to_hub_uploads_the_saved_folder(tiny, monkeypatch):
+    uploaded = {}
+
+    class FakeApi:
+        def __init__(self, token=None):
+            uploaded["token"] = token
+
+        def create_repo(self, repo_id, **kwargs):
+            uploaded["created"] = repo_id
+
+        def upload_folder(self, *, repo_id, folder_path, **kwargs):
+            from pathlib import Path
+
+            uploaded["files"] = sorted(p.name for p in Path(folder_path).iterdir())
+            uploaded["card"] = (Path(folder_path) / "README.md").read_text()
+            return "commit-info"
+
+    monkeypatch.setattr(hub, "HfApi", FakeApi)
+    assert tiny.push_to_hub("someone/c3diff-tiny", token="w", training_data="demo") == "commit-info"
+    assert uploaded["created"] == "someone/c3diff-tiny" and uploaded["token"] == "w"
+    assert uploaded["files"] == ["README.md", "config.json", "model.safetensors"]
+    assert 'from_pretrained("someone/c3diff-tiny"' in uploaded["card"]
