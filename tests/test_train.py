@@ -10,7 +10,7 @@ import torch
 from conftest import make_toy_section
 
 import c3diff as c3
-from c3diff.tl._train import PAPER_RECIPE, make_optimizer, train
+from c3diff.tl._train import PAPER_RECIPE, PatchBatchSampler, make_optimizer, train
 
 GENES = ["GENE_A", "GENE_B", "GENE_C"]
 
@@ -107,3 +107,17 @@ def test_bad_inputs_fail_before_any_work(patchsets, tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         train(patchsets, model="tiny", genes=GENES, output_dir=tmp_path / "fresh", resume="latest")
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_batches_hold_distinct_patches_and_are_reproducible():
+    patch_of_item = np.repeat(np.arange(20), 5)  # 20 patches x 5 genes
+    sampler = PatchBatchSampler(patch_of_item, batch_size=8, seed=1)
+    batches = list(sampler)
+    assert len(batches) >= 10 and all(len(b) == 8 for b in batches)
+    assert all(len(set(patch_of_item[b])) == 8 for b in batches)
+    assert len({i for b in batches for i in b}) == sum(len(b) for b in batches)  # no item twice in an epoch
+    assert batches == list(PatchBatchSampler(patch_of_item, batch_size=8, seed=1))
+    sampler.set_epoch(1)
+    assert list(sampler) != batches
+    few = PatchBatchSampler(np.repeat(np.arange(3), 10), batch_size=8, seed=0)  # fewer patches than a batch
+    assert len(few) == 3 and all(len(b) == 8 for b in few)

@@ -62,6 +62,7 @@ def test_a_fitted_first_stage_survives_save_and_load(tmp_path):
         "tiny",
         genes=["A", "B"],
         autoencoder_config={**CONFIG, "sample_size": 64},
+        space_to_depth=1,
         hint_encoder_channels=[8, 8],
         unet_config={"sample_size": 32, "in_channels": 3, "out_channels": 3},
     )

@@ -27,8 +27,9 @@ def _grad_norms(model, loss) -> dict[str, float]:
 
 
 def test_geometry_of_the_presets(tiny, tiny5):
-    assert (tiny.config.image_size, tiny.config.lr_size, tiny.latent_size) == (64, 7, 64)
+    assert (tiny.config.image_size, tiny.config.lr_size, tiny.latent_size) == (64, 7, 16)
     assert tiny.vqvae is None and tiny.output_size() == 64 and tiny5.output_size() == 32
+    assert tiny.config.space_to_depth == 4 and tiny.unet.config.in_channels == 16
     assert tiny.hint_encoders.hint_channels == 4 * 7 + 4
     paper = c3diff.models.preset_config("paper")
     assert paper["image_size"] == 256 and len(paper["genes"]) == 200
@@ -38,6 +39,17 @@ def test_geometry_of_the_presets(tiny, tiny5):
     assert paper["unet_config"]["block_out_channels"] == [224, 448, 672, 896]
     assert paper["autoencoder_config"]["latent_channels"] == 3
     assert paper["scheduler_config"]["beta_start"] == 0.00085 and paper["scheduler_config"]["beta_end"] == 0.012
+
+
+def test_space_to_depth_first_stage_is_lossless(tiny):
+    maps = torch.rand(3, 1, 64, 64) * 2 - 1
+    latents = tiny.encode_images(maps)
+    assert latents.shape == (3, 16, 16, 16)
+    torch.testing.assert_close(tiny.decode_latents(latents), (maps + 1) / 2)
+    with pytest.raises(ValueError, match="power of two"):
+        c3diff.models.build_model("tiny", genes=["A"], space_to_depth=3)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        c3diff.models.build_model("tiny", genes=["A"], unet_config={"in_channels": 1, "out_channels": 1})
 
 
 def test_config_errors():
@@ -69,7 +81,8 @@ def test_losses_at_5x_and_10x(fixture, make_batch, request):
 
 
 def test_denoiser_equals_plain_unet_at_initialisation(tiny):
-    x, hint = torch.randn(3, 1, 64, 64), torch.randn(3, tiny.hint_encoders.hint_channels, 64, 64)
+    size, channels = tiny.latent_size, tiny.unet.config.in_channels
+    x, hint = torch.randn(3, channels, size, size), torch.randn(3, tiny.hint_encoders.hint_channels, size, size)
     t = torch.tensor([5, 400, 999])
     with torch.no_grad():
         assert torch.equal(tiny.denoise(x, t, hint), tiny.unet(x, t).sample)
@@ -196,6 +209,7 @@ def test_pixel_space_and_latent_space_share_the_code_path(make_batch):
         "tiny",
         genes=["A", "B"],
         autoencoder_config=vq,
+        space_to_depth=1,
         hint_encoder_channels=[8, 8],
         unet_config={"sample_size": 32, "in_channels": 3, "out_channels": 3},
     )

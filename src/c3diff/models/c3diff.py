@@ -74,6 +74,10 @@ class C3DiffModel(ModelMixin, ConfigMixin):
         Arguments of :class:`~diffusers.UNet2DModel` (the denoiser); ``sample_size`` defaults to the latent size.
     autoencoder_config
         Arguments of :class:`~diffusers.VQModel`, or ``None`` for pixel-space diffusion.
+    space_to_depth
+        Pixel space only: fold each ``p x p`` block of the map into ``p**2`` channels (``pixel_unshuffle``), so the
+        denoiser works on a ``S/p`` grid - a lossless, parameter-free first stage that makes small models fast
+        (the ``tiny`` preset uses 4). 1 = plain pixel space.
     hint_channels
         Channels of each hint encoder (55 in the paper).
     hint_encoder_channels
@@ -126,6 +130,7 @@ class C3DiffModel(ModelMixin, ConfigMixin):
         normalization: str = "minmax",
         unet_config: Mapping[str, Any] | None = None,
         autoencoder_config: Mapping[str, Any] | None = None,
+        space_to_depth: int = 1,
         hint_channels: int = 55,
         hint_encoder_channels: Sequence[int] = (32, 64, 128),
         gene_code_channels: int = 4,
@@ -161,11 +166,15 @@ class C3DiffModel(ModelMixin, ConfigMixin):
         if scale == 5 and image_size % 2:
             raise ValueError(f"A 5x model needs an even `image_size`, got {image_size}.")
 
-        # first stage (frozen) or pixel space
+        # first stage (frozen), or pixel space with an optional lossless space-to-depth fold
+        if space_to_depth < 1 or space_to_depth & (space_to_depth - 1):
+            raise ValueError(f"`space_to_depth` must be a power of two >= 1, got {space_to_depth!r}.")
+        if autoencoder_config is not None and space_to_depth != 1:
+            raise ValueError("`space_to_depth` applies to pixel space only; set it to 1 with an `autoencoder_config`.")
         self.vqvae = None if autoencoder_config is None else build_autoencoder(autoencoder_config)
-        factor = 1 if self.vqvae is None else downsampling_factor(self.vqvae)
+        factor = space_to_depth if self.vqvae is None else downsampling_factor(self.vqvae)
         if image_size % factor:
-            raise ValueError(f"`image_size={image_size}` is not divisible by the autoencoder's factor {factor}.")
+            raise ValueError(f"`image_size={image_size}` is not divisible by the first stage's factor {factor}.")
         latent_size = image_size // factor
         image_channels = self.vqvae.config.in_channels if self.vqvae is not None else None
         latent_channels = self.vqvae.config.latent_channels if self.vqvae is not None else None
@@ -221,7 +230,12 @@ class C3DiffModel(ModelMixin, ConfigMixin):
             scheduler_config=config_kwargs(self.noise_scheduler.config),
             hint_encoder_channels=list(hint_encoder_channels),
         )
-        self._image_channels = image_channels or unet_in
+        if self.vqvae is None and unet_in % space_to_depth**2:
+            raise ValueError(
+                f"With `space_to_depth={space_to_depth}` the UNet's in_channels must be a multiple of "
+                f"{space_to_depth**2} (image channels x {space_to_depth}^2), got {unet_in}."
+            )
+        self._image_channels = image_channels or unet_in // space_to_depth**2
         self._freeze()
 
     # ------------------------------------------------------------------ geometry
@@ -308,9 +322,10 @@ class C3DiffModel(ModelMixin, ConfigMixin):
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """Images in [-1, 1] -> (scaled) latents; identity in pixel space."""
+        """Images in [-1, 1] -> (scaled) latents; identity (or the space-to-depth fold) in pixel space."""
         if self.vqvae is None:
-            return images.to(self.dtype)
+            fold = self.config.space_to_depth
+            return F.pixel_unshuffle(images.to(self.dtype), fold) if fold > 1 else images.to(self.dtype)
         latents = self.vqvae.encode(images.to(self.dtype)).latents
         return latents * self.vqvae.config.scaling_factor
 
@@ -318,6 +333,8 @@ class C3DiffModel(ModelMixin, ConfigMixin):
         """Latents -> ``(B, 1, S, S)`` maps in [0, 1] (channel mean of the decoded image)."""
         if self.vqvae is not None:
             latents = self.vqvae.decode(latents / self.vqvae.config.scaling_factor).sample
+        elif self.config.space_to_depth > 1:
+            latents = F.pixel_shuffle(latents, self.config.space_to_depth)
         return ((latents.mean(dim=1, keepdim=True) + 1.0) / 2.0).clamp(0.0, 1.0)
 
     # ------------------------------------------------------------------ denoiser

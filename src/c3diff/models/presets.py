@@ -6,9 +6,10 @@
     self-attention at the three lower resolutions (downsampling 2, 4, 8) with head dim 32; four hint encoders of 55
     channels, so the hint has 4 x 55 + 4 = 224 channels; the paper's 200 genes.
 ``tiny``
-    For CPU tests, demos and a few minutes of training: 64 px tiles in pixel space (no autoencoder), a
-    three-level UNet (16, 32, 64 channels, one res block per level, attention only at 16 x 16 and in the mid block),
-    7-channel hint encoders without downsampling (hint 4 x 7 + 4 = 32 channels, projected to the UNet's 16).
+    For CPU tests, demos and minutes of training: 64 px tiles in pixel space with a lossless space-to-depth fold
+    (each 4 x 4 block of the map becomes 16 channels, so the denoiser works on a 16 x 16 grid), a two-level UNet
+    (32, 64 channels, one res block per level, attention at 8 x 8 and in the mid block), 7-channel hint encoders
+    that downsample 64 -> 16 like the paper's 256 -> 64 (hint 4 x 7 + 4 = 32 channels, the UNet's first width).
 
 Both use the DDIM scheduler of METHOD.md: epsilon prediction, 1000 steps, betas 0.00085 -> 0.012 spaced linearly in
 ``sqrt(beta)`` (LDM's "linear" schedule, which diffusers calls ``"scaled_linear"``).
@@ -83,19 +84,20 @@ _TINY = {
     **_GEOMETRY,
     "image_size": 64,
     "autoencoder_config": None,
+    "space_to_depth": 4,
     "unet_config": {
-        "sample_size": 64,
-        "in_channels": 1,
-        "out_channels": 1,
-        "down_block_types": ["DownBlock2D", "DownBlock2D", "AttnDownBlock2D"],
-        "up_block_types": ["AttnUpBlock2D", "UpBlock2D", "UpBlock2D"],
-        "block_out_channels": [16, 32, 64],
+        "sample_size": 16,
+        "in_channels": 16,
+        "out_channels": 16,
+        "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
+        "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
+        "block_out_channels": [32, 64],
         "layers_per_block": 1,
         "attention_head_dim": 32,
         "norm_num_groups": 8,
     },
     "hint_channels": 7,
-    "hint_encoder_channels": [16, 16],
+    "hint_encoder_channels": [16, 32, 32],
     "gene_code_channels": 4,
     "scheduler_config": _SCHEDULER,
     "memory_bank_size": 128,

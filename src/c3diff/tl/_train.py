@@ -61,20 +61,46 @@ class TrainingResult:
     best_checkpoint: Path | None
 
 
-class EpochSampler:
-    """A permutation of the dataset per epoch, drawn from ``(seed, epoch)``: reproducible and resumable."""
+class PatchBatchSampler:
+    """Batches of items from distinct patches, drawn anew for each ``(seed, epoch)``: reproducible and resumable.
 
-    def __init__(self, n: int, *, seed: int) -> None:
-        self.n, self.seed, self.epoch = n, seed, 0
+    An item is one gene of one patch; two genes of the same patch share their histology, so in the contrastive
+    losses they would be negatives of each other that no encoder can tell apart. The paper's negatives are the other
+    *patches* of the batch, so each batch takes one item from each of ``batch_size`` different patches (chosen in
+    proportion to the items they have left). Items left when fewer than ``batch_size`` patches still have some are
+    dropped for that epoch (they come back in the next). With fewer patches than ``batch_size``, batches fall back to
+    a plain shuffle.
+    """
+
+    def __init__(self, patch_of_item: np.ndarray, *, batch_size: int, seed: int) -> None:
+        self.patch_of_item = np.asarray(patch_of_item)
+        self.batch_size, self.seed = int(batch_size), int(seed)
+        self.distinct = len(np.unique(self.patch_of_item)) >= self.batch_size
+        self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
+        rng = np.random.default_rng((self.seed, self.epoch))
+        order = rng.permutation(len(self.patch_of_item))
+        if not self.distinct:
+            n = len(order) // self.batch_size * self.batch_size
+            self._batches = order[:n].reshape(-1, self.batch_size).tolist()
+            return
+        patches, inverse = np.unique(self.patch_of_item[order], return_inverse=True)
+        queues = [list(order[inverse == k]) for k in range(len(patches))]
+        remaining = np.array([len(q) for q in queues], dtype=float)
+        batches = []
+        while (remaining > 0).sum() >= self.batch_size:
+            chosen = rng.choice(len(queues), size=self.batch_size, replace=False, p=remaining / remaining.sum())
+            batches.append([int(queues[k].pop()) for k in chosen])
+            remaining[chosen] -= 1
+        self._batches = batches
 
     def __len__(self) -> int:
-        return self.n
+        return len(self._batches)
 
     def __iter__(self):
-        return iter(np.random.default_rng((self.seed, self.epoch)).permutation(self.n).tolist())
+        return iter([list(b) for b in self._batches])
 
 
 # -------------------------------------------------------------------------------------------------- inputs
@@ -462,12 +488,13 @@ def train(
                         image_size=patch_size, seed=seed, progress=progress and accelerator.is_main_process)
         net.register_to_config(autoencoder_trained=True, autoencoder_config=dict(net.vqvae.config))
 
-    sampler = EpochSampler(len(dataset), seed=seed)
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, num_workers=num_workers)
+    sampler = PatchBatchSampler(dataset.pairs[:, 0], batch_size=batch_size, seed=seed)
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers)
     val_loader = None
     if val_patches is not None:
         val_set = val_patches.dataset(genes=genes_model, skip_constant=skip_constant, seed=seed)
-        val_loader = DataLoader(val_set, batch_size=batch_size, shuffle=False)
+        val_loader = DataLoader(val_set, batch_sampler=PatchBatchSampler(val_set.pairs[:, 0], batch_size=batch_size,
+                                                                         seed=seed))
     optimizer = make_optimizer(net, learning_rate=learning_rate, betas=betas, eps=eps, weight_decay=weight_decay)
     loss_module = _LossModule(net)
     loss_module, optimizer, loader = accelerator.prepare(loss_module, optimizer, loader)
@@ -482,7 +509,6 @@ def train(
 
     log_path = output_dir / "log.jsonl"
     best_dir = output_dir / "best"
-    steps_per_epoch = len(loader)
     start_time = time.perf_counter() - float(state["elapsed"])
     stop = False
 
@@ -517,7 +543,7 @@ def train(
         sampler.set_epoch(epoch)
         dataset.set_epoch(epoch)
         epoch_loader = accelerator.skip_first_batches(loader, state["step_in_epoch"]) if state["step_in_epoch"] else loader
-        bar = tqdm(epoch_loader, total=steps_per_epoch - state["step_in_epoch"], desc=f"epoch {epoch + 1}/{epochs}",
+        bar = tqdm(epoch_loader, total=len(sampler) - state["step_in_epoch"], desc=f"epoch {epoch + 1}/{epochs}",
                    disable=not (progress and accelerator.is_main_process), leave=False)
         for batch in bar:
             with accelerator.accumulate(loss_module):
