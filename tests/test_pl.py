@@ -185,3 +185,16 @@ def test_celltype_map_figure_errors(sdata):
         c3.pl.celltype_map(sdata, "nope")
     fig = c3.pl.celltype_map(sdata, "plain", categories=["a", "b", "c"], image_key=None, palette={"c": "red"})
     np.testing.assert_allclose(_panels(fig)[0].get_images()[0].get_array()[0, 0], [1, 0, 0, 1])
+
+
+def test_super_resolved_compares_methods_side_by_side(sdata):
+    sdata.images["sr_other"] = sdata.images["sr"]
+    fig = c3.pl.super_resolved(sdata, "sr", ["CD3E"], image_key=None, compare_keys={"bicubic": "sr_other"},
+                               label="C3-Diff")
+    panels = _panels(fig)
+    assert [ax.get_title() for ax in panels] == ["CD3E: bicubic", "CD3E: C3-Diff"]
+    np.testing.assert_allclose(panels[0].get_images()[0].get_array(), panels[1].get_images()[0].get_array())
+    with pytest.raises(KeyError, match="compare_keys\\['bicubic'\\]"):
+        c3.pl.super_resolved(sdata, "sr", ["CD3E"], compare_keys={"bicubic": "nope"})
+    with pytest.raises(ValueError, match="clashes"):
+        c3.pl.super_resolved(sdata, "sr", ["CD3E"], compare_keys={"x": "sr_other"}, label="x")

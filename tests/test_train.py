@@ -51,6 +51,7 @@ def test_optimiser_defaults_are_table_1(patchsets, tmp_path):
     assert PAPER_RECIPE["batch_size"] == 16 and PAPER_RECIPE["epochs"] == 50
     # train() uses them unless overridden, and the overrides reach the optimiser
     train(patchsets, model="tiny", genes=GENES, output_dir=tmp_path, max_steps=1, batch_size=4, weight_decay=0.5,
+          backbone_steps=2,
           val_fraction=0, progress=False)
     state = torch.load(next((tmp_path / "checkpoints").glob("step-*")) / "optimizer.pt", weights_only=True)
     group = state["param_groups"][0]
@@ -58,7 +59,7 @@ def test_optimiser_defaults_are_table_1(patchsets, tmp_path):
 
 
 def test_resume_reproduces_the_uninterrupted_run(patchsets, tmp_path):
-    common = dict(model="tiny", genes=GENES, batch_size=4, val_fraction=0, progress=False, seed=3,
+    common = dict(model="tiny", genes=GENES, batch_size=4, val_fraction=0, progress=False, seed=3, backbone_steps=2,
                   lr_missing_fraction=0.25, learning_rate=1e-3)
     full = train(patchsets, output_dir=tmp_path / "full", max_steps=3, **common)
     train(patchsets, output_dir=tmp_path / "split", max_steps=2, **common)
@@ -73,17 +74,18 @@ def test_resume_reproduces_the_uninterrupted_run(patchsets, tmp_path):
 
 def test_modality_incomplete_samples_train_the_imputation(patchsets, tmp_path):
     result = train(patchsets, model="tiny", genes=GENES, output_dir=tmp_path, max_steps=3, batch_size=8,
-                   lr_missing_fraction=0.5, learning_rate=1e-2, val_fraction=0, progress=False)
+                   lr_missing_fraction=0.5, learning_rate=1e-2, val_fraction=0, progress=False, backbone_steps=2)
     imputer = result.model.imputer
     assert float(imputer.alpha) != 1.0 or float(imputer.beta) != 1.0  # only imputed samples give them gradients
     untouched = train(patchsets, model="tiny", genes=GENES, output_dir=tmp_path / "none", max_steps=3, batch_size=8,
-                      lr_missing_fraction=0.0, learning_rate=1e-2, val_fraction=0, progress=False)
+                      lr_missing_fraction=0.0, learning_rate=1e-2, val_fraction=0, progress=False, backbone_steps=2)
     assert float(untouched.model.imputer.alpha) == 1.0 and float(untouched.model.imputer.beta) == 1.0
 
 
 def test_validation_keeps_the_best_model_and_logs(patchsets, tmp_path):
     result = train(patchsets, model="tiny", genes=GENES, output_dir=tmp_path, epochs=1, batch_size=8,
-                   val_fraction=0.34, val_steps=2, val_max_patches=2, progress=False, log_every=1)
+                   val_fraction=0.34, val_steps=2, val_max_patches=2, progress=False, log_every=1, backbone_steps=2)
+    assert result.model.config.first_stage_fitted and result.model.config.backbone_fitted
     assert result.best_checkpoint == tmp_path / "best"
     assert {"val_mse", "val_content", "val_pcc", "val_rmse"} <= set(result.history.columns)
     assert 0 <= result.history["val_pcc"].iloc[0] <= 1

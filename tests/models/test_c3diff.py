@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import numpy as np
 import torch
 
 import c3diff
@@ -219,3 +220,32 @@ def test_pixel_space_and_latent_space_share_the_code_path(make_batch):
     assert torch.isfinite(out.total)
     mean, _ = model.predict(torch.rand(1, 3, 64, 64), torch.rand(1, 2, 7, 7), num_inference_steps=2)
     assert mean.shape == (1, 2, 64, 64) and float(mean.min()) >= 0 and float(mean.max()) <= 1
+
+
+def test_fit_first_stage_in_pixel_space_standardises_the_latents():
+    model = c3diff.models.build_model("tiny", genes=["A", "B"])
+    maps = -torch.ones(20, 1, 64, 64)
+    maps[:, :, ::9, ::7] = 1.0  # sparse maps: mostly at -1
+    assert not model.config.first_stage_fitted
+    model.fit_first_stage(maps, progress=False)
+    latents = model.encode_images(model.target_image(maps))
+    assert model.config.first_stage_fitted
+    assert abs(float(latents.mean())) < 1e-4 and float(latents.std()) == pytest.approx(1.0, rel=1e-3)
+    torch.testing.assert_close(model.decode_latents(latents), (maps + 1) / 2)  # still lossless
+    with pytest.raises(ValueError, match="non-empty"):
+        model.fit_first_stage(torch.zeros(0, 1, 64, 64))
+
+
+def test_fit_backbone_pretrains_the_unet_and_copies_it_into_the_controlnet():
+    model = c3diff.models.build_model("tiny", genes=["A", "B"])
+    maps = -torch.ones(16, 1, 64, 64)
+    maps[:, :, 10:20, 30:50] = 1.0
+    model.fit_first_stage(maps, progress=False)
+    before = {k: v.clone() for k, v in model.unet.conv_in.state_dict().items()}
+    history = model.fit_backbone(maps, steps=30, batch_size=8, learning_rate=2e-3, progress=False)
+    assert len(history) == 30 and np.mean(history[-5:]) < np.mean(history[:5])
+    assert model.config.backbone_fitted
+    assert not torch.equal(model.unet.conv_in.weight, before["weight"])
+    torch.testing.assert_close(model.controlnet.conv_in.weight, model.unet.conv_in.weight)
+    # the UNet encoder is frozen again, its decoder trains
+    assert not model.unet.conv_in.weight.requires_grad and model.unet.conv_out.weight.requires_grad

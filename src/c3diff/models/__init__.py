@@ -26,6 +26,7 @@ Examples
 """
 
 from c3diff.models.autoencoder import autoencoder_loss, build_autoencoder, fit_autoencoder
+from c3diff.models.bundled import demo_model_path, load_demo_model
 from c3diff.models.c3diff import C3DiffModel
 from c3diff.models.controlnet import UNet2DControlNetModel, unet_forward_with_residuals
 from c3diff.models.hint_encoders import (
@@ -62,6 +63,7 @@ __all__ = [
     "build_autoencoder",
     "build_model",
     "content_loss",
+    "demo_model_path",
     "diffusion_mse",
     "fit_autoencoder",
     "from_ldm",
@@ -69,6 +71,7 @@ __all__ = [
     "gene_code_map",
     "impute_features",
     "inter_sphere_loss",
+    "load_demo_model",
     "lr_condition_image",
     "make_model_card",
     "modal_loss",

@@ -96,6 +96,17 @@ class C3DiffModel(ModelMixin, ConfigMixin):
         Inference-time imputation memory bank: entries and pooled size (see :mod:`c3diff.models.imputation`).
     train_unet_encoder
         Also train the UNet encoder (the paper freezes it; only for experiments from scratch).
+    latent_shift, latent_scale
+        Pixel space only: the diffusion space is ``(fold(x) - latent_shift) * latent_scale`` (zero mean, unit
+        variance over training maps, as the LDM's ``scaling_factor`` does for VQ latents). Sparse single-gene maps
+        sit almost entirely at -1; without this, the UNet's group norms discard that offset and sampling drifts.
+        Set by :meth:`fit_first_stage`.
+    first_stage_fitted
+        Whether the first stage was fitted to data (VQ autoencoder trained, or the pixel-space shift/scale
+        estimated); :func:`c3diff.tl.train` fits it first when not.
+    backbone_fitted
+        Whether the denoiser is a trained unconditional backbone (the paper starts from a pretrained LDM, see
+        :func:`~c3diff.models.from_ldm`); :func:`c3diff.tl.train` pretrains it (:meth:`fit_backbone`) when not.
     training_data
         Free text recorded in the model card (what the model was trained on).
 
@@ -144,6 +155,10 @@ class C3DiffModel(ModelMixin, ConfigMixin):
         memory_bank_size: int = 128,
         memory_bank_pool: int = 8,
         train_unet_encoder: bool = False,
+        latent_shift: float = 0.0,
+        latent_scale: float = 1.0,
+        first_stage_fitted: bool = False,
+        backbone_fitted: bool = False,
         training_data: str | None = None,
     ):
         super().__init__()
@@ -325,7 +340,8 @@ class C3DiffModel(ModelMixin, ConfigMixin):
         """Images in [-1, 1] -> (scaled) latents; identity (or the space-to-depth fold) in pixel space."""
         if self.vqvae is None:
             fold = self.config.space_to_depth
-            return F.pixel_unshuffle(images.to(self.dtype), fold) if fold > 1 else images.to(self.dtype)
+            images = F.pixel_unshuffle(images.to(self.dtype), fold) if fold > 1 else images.to(self.dtype)
+            return (images - self.config.latent_shift) * self.config.latent_scale
         latents = self.vqvae.encode(images.to(self.dtype)).latents
         return latents * self.vqvae.config.scaling_factor
 
@@ -333,9 +349,114 @@ class C3DiffModel(ModelMixin, ConfigMixin):
         """Latents -> ``(B, 1, S, S)`` maps in [0, 1] (channel mean of the decoded image)."""
         if self.vqvae is not None:
             latents = self.vqvae.decode(latents / self.vqvae.config.scaling_factor).sample
-        elif self.config.space_to_depth > 1:
-            latents = F.pixel_shuffle(latents, self.config.space_to_depth)
+        else:
+            latents = latents / self.config.latent_scale + self.config.latent_shift
+            if self.config.space_to_depth > 1:
+                latents = F.pixel_shuffle(latents, self.config.space_to_depth)
         return ((latents.mean(dim=1, keepdim=True) + 1.0) / 2.0).clamp(0.0, 1.0)
+
+    def fit_first_stage(
+        self,
+        maps: torch.Tensor,
+        *,
+        steps: int = 2000,
+        batch_size: int = 16,
+        seed: int = 0,
+        progress: bool = True,
+    ) -> None:
+        """Fit the first stage to training maps, then freeze it; marks ``config.first_stage_fitted``.
+
+        With a VQ autoencoder: :func:`~c3diff.models.fit_autoencoder` (reconstruction of single-gene maps, then the
+        latent scaling factor). In pixel space: ``latent_shift`` / ``latent_scale`` from the mean and standard
+        deviation of the (folded) maps.
+
+        Parameters
+        ----------
+        maps
+            ``(N, 1, H, H)`` HR maps in [-1, 1] (5x maps are upsampled to the tile size like training targets).
+        steps, batch_size, seed, progress
+            Autoencoder training (VQ only).
+        """
+        if maps.ndim != 4 or maps.shape[1] != 1 or len(maps) == 0:
+            raise ValueError(f"`maps` must be a non-empty (N, 1, H, H) tensor in [-1, 1], got {tuple(maps.shape)}.")
+        images = self.target_image(maps)
+        if self.vqvae is not None:
+            from c3diff.models.autoencoder import fit_autoencoder
+
+            fit_autoencoder(self.vqvae, images, steps=steps, batch_size=batch_size, seed=seed, progress=progress)
+            self.register_to_config(autoencoder_config=config_kwargs(self.vqvae.config))
+        else:
+            self.register_to_config(latent_shift=0.0, latent_scale=1.0)
+            folded = self.encode_images(images)
+            std = float(folded.std())
+            self.register_to_config(latent_shift=float(folded.mean()), latent_scale=1.0 / std if std > 0 else 1.0)
+        self.register_to_config(first_stage_fitted=True)
+
+    def fit_backbone(
+        self,
+        maps: torch.Tensor,
+        *,
+        steps: int = 1000,
+        batch_size: int = 16,
+        learning_rate: float = 1e-3,
+        max_time: float | None = None,
+        seed: int = 0,
+        progress: bool = True,
+    ) -> list[float]:
+        """Pretrain the denoiser as an unconditional diffusion model of gene maps, then copy its encoder into the
+        ControlNet; marks ``config.backbone_fitted``.
+
+        C3-Diff builds on a pretrained unconditional LDM whose UNet encoder is frozen (METHOD.md section 3). Without
+        one (no network, or a preset trained from scratch), this stage provides it: the whole UNet learns
+        epsilon-prediction on HR maps (no hint), AdamW, uniform timesteps.
+
+        Parameters
+        ----------
+        maps
+            ``(N, 1, H, H)`` HR maps in [-1, 1]; the first stage must be fitted (:meth:`fit_first_stage`).
+        steps, batch_size, learning_rate, seed
+            Optimisation (random minibatches of ``maps``).
+        max_time
+            Stop earlier after this many seconds.
+        progress
+            Show a progress bar.
+
+        Returns
+        -------
+        The loss of every step.
+        """
+        import time
+
+        from tqdm.auto import tqdm
+
+        if maps.ndim != 4 or maps.shape[1] != 1 or len(maps) == 0:
+            raise ValueError(f"`maps` must be a non-empty (N, 1, H, H) tensor in [-1, 1], got {tuple(maps.shape)}.")
+        generator = torch.Generator().manual_seed(seed)
+        self.unet.requires_grad_(True)
+        self.unet.train()
+        optimizer = torch.optim.AdamW(self.unet.parameters(), lr=learning_rate)
+        n_steps = self.noise_scheduler.config.num_train_timesteps
+        history: list[float] = []
+        start = time.perf_counter()
+        try:
+            for _ in tqdm(range(steps), desc="backbone", disable=not progress):
+                batch = maps[torch.randint(len(maps), (batch_size,), generator=generator)].to(self.device)
+                x0 = self.encode_images(self.target_image(batch))
+                noise = torch.randn(x0.shape, generator=generator).to(self.device, x0.dtype)
+                timesteps = torch.randint(0, n_steps, (len(x0),), generator=generator).to(self.device)
+                loss = diffusion_mse(self.unet(self.noise_scheduler.add_noise(x0, noise, timesteps), timesteps).sample,
+                                     noise)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                history.append(float(loss.detach()))
+                if max_time is not None and time.perf_counter() - start >= max_time:
+                    break
+        finally:
+            self.controlnet.copy_encoder_from(self.unet)
+            self._freeze()
+        self.register_to_config(backbone_fitted=True)
+        return history
 
     # ------------------------------------------------------------------ denoiser
     def denoise(self, sample: torch.Tensor, timestep: torch.Tensor | int, hint: torch.Tensor) -> torch.Tensor:

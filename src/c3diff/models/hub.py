@@ -318,6 +318,8 @@ def from_ldm(
     config["unet_config"] = config_kwargs(unet.config)
     config["autoencoder_config"] = config_kwargs(vqvae.config)
     config["image_size"] = int(unet.config.sample_size) * downsampling_factor(vqvae)
+    config["first_stage_fitted"] = True  # a pretrained autoencoder ...
+    config["backbone_fitted"] = True  # ... and a pretrained unconditional UNet
     model = C3DiffModel(**config)
     model.vqvae.load_state_dict(vqvae.state_dict(), strict=True)
     model.unet.load_state_dict(unet.state_dict(), strict=True)

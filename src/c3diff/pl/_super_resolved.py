@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -73,6 +73,8 @@ def super_resolved(
     lr_key: str | None = None,
     truth_key: str | None = None,
     std_key: str | None = None,
+    compare_keys: Mapping[str, str] | None = None,
+    label: str = "prediction",
     overlay: bool = False,
     cmap: str = "magma",
     std_cmap: str = "viridis",
@@ -83,9 +85,10 @@ def super_resolved(
 ) -> Figure:
     """Super-resolved gene maps next to their inputs and references, one row per gene.
 
-    Panels, left to right: the H&E (``image_key``), the low-resolution input (``lr_key``), the prediction
-    (``key``), the truth (``truth_key``) and the prediction's standard deviation (``std_key``); those not given are
-    left out. Every panel shows the prediction's extent in micrometres (placed through each element's transform),
+    Panels, left to right: the H&E (``image_key``), the low-resolution input (``lr_key``), other predictions to
+    compare with (``compare_keys``), the prediction (``key``), the truth (``truth_key``) and the prediction's
+    standard deviation (``std_key``); those not given are left out. Every panel shows the prediction's extent in
+    micrometres (placed through each element's transform),
     with a colourbar per map.
 
     Parameters
@@ -107,6 +110,11 @@ def super_resolved(
         Ground-truth gene raster.
     std_key
         Raster of the prediction's standard deviation (e.g. ``f"{key}_std"``).
+    compare_keys
+        Other gene rasters to show before the prediction, as ``{title: key}`` (e.g.
+        ``{"bicubic": "hne_bicubic_x10"}``).
+    label
+        Title of the prediction's panel (e.g. ``"C3-Diff"``).
     overlay
         Draw the prediction semi-transparently (``alpha``) over the H&E in its panel (needs ``image_key``).
     cmap, std_cmap
@@ -156,6 +164,10 @@ def super_resolved(
                 f"`lr_key={lr_key!r}` is neither a gene raster in `sdata.images` ({sorted(sdata.images)}) nor a "
                 f"spot table in `sdata.tables` ({sorted(sdata.tables)})."
             )
+    compare = {title: _gene_raster(sdata, other, genes, f"compare_keys[{title!r}]")
+               for title, other in (compare_keys or {}).items()}
+    if label in compare or label in ("H&E", "LR input", "truth", "std"):
+        raise ValueError(f"`label={label!r}` clashes with another panel's title; choose another.")
     truth = _gene_raster(sdata, truth_key, genes, "truth_key") if truth_key is not None else None
     std = _gene_raster(sdata, std_key, genes, "std_key") if std_key is not None else None
 
@@ -165,7 +177,7 @@ def super_resolved(
         if hne_part is None:
             raise ValueError(f"`image_key={image_key!r}` does not overlap the extent of `key={key!r}` "
                              f"(y {extent[0]:g}..{extent[2]:g}, x {extent[1]:g}..{extent[3]:g} um).")
-    panels = (["H&E"] if hne is not None else []) + (["LR input"] if lr_key is not None else []) + ["prediction"]
+    panels = (["H&E"] if hne is not None else []) + (["LR input"] if lr_key is not None else []) + [*compare, label]
     panels += (["truth"] if truth is not None else []) + (["std"] if std is not None else [])
 
     fig, axes = plt.subplots(
@@ -183,7 +195,10 @@ def super_resolved(
                                           arg="lr_key")
                 else:
                     artist = _draw_spots(ax, lr_spots[gene], extent, cmap=cmap, robust=robust)
-            elif panel == "prediction":
+            elif panel in compare:
+                artist = _draw_raster(ax, compare[panel], gene, extent, cmap=cmap, robust=robust,
+                                      max_pixels=max_pixels, arg=f"compare_keys[{panel!r}]")
+            elif panel == label:
                 if overlay:
                     ax.imshow(rgb(hne_part[0]), extent=imshow_extent(hne_part[1]), origin="upper")
                 artist = _draw_raster(ax, pred, gene, extent, cmap=cmap, robust=robust, max_pixels=max_pixels,

@@ -238,10 +238,15 @@ def validation_scores(
     steps: int = 10,
     max_patches: int = 8,
     max_genes: int = 16,
+    n_samples: int = 4,
     seed: int = 0,
 ) -> dict[str, float]:
-    """RMSE / PCC (METHOD.md section 7) of maps sampled with ``steps`` DDIM steps on up to ``max_patches`` patches and
-    ``max_genes`` genes (the most variable in the validation truth), in the model's scale."""
+    """RMSE / PCC (METHOD.md section 7) of the mean of ``n_samples`` maps sampled with ``steps`` DDIM steps, on up to
+    ``max_patches`` patches and ``max_genes`` genes (the most variable in the validation truth), in the model's scale.
+
+    One sample of sparse counts correlates little with the truth even for a perfect model (two Poisson draws of the
+    same intensity); the mean of a few samples tracks the intensity, which is what the score should select on.
+    """
     from c3diff.metrics import score_maps, summarize_scores
 
     index = np.arange(min(len(patches), max_patches))
@@ -259,6 +264,7 @@ def validation_scores(
         torch.from_numpy(patches.lr[index][:, picked]),
         gene_indices=[int(i) for i in order],
         num_inference_steps=steps,
+        n_samples=n_samples,
         seed=seed,
     )
     model.train(was_training)
@@ -335,7 +341,10 @@ def train(
     val_max_patches: int = 8,
     val_max_genes: int = 16,
     val_max_batches: int = 8,
+    val_samples: int = 4,
     autoencoder_steps: int = 2000,
+    backbone_steps: int = 1000,
+    backbone_learning_rate: float = 1e-3,
     checkpoint_every: int = 1,
     resume: str | Path | None = None,
     num_workers: int = 0,
@@ -385,10 +394,17 @@ def train(
         Seeds model initialisation, data order, noise and timesteps.
     max_steps, max_time
         Stop after this many optimisation steps / seconds (a checkpoint is written when stopping).
-    val_steps, val_max_patches, val_max_genes, val_max_batches
-        Validation cost: DDIM steps, patches and genes sampled; batches for the validation losses.
+    val_steps, val_max_patches, val_max_genes, val_max_batches, val_samples
+        Validation cost: DDIM steps, patches and genes sampled; batches for the validation losses; samples
+        averaged per map for the scores.
     autoencoder_steps
-        Steps of first-stage training when the model's autoencoder has not been trained yet (then frozen).
+        Steps of first-stage training when the model's first stage is not fitted yet (VQ autoencoder: trained,
+        then frozen; pixel space: only its latent shift/scale are estimated from the training maps).
+    backbone_steps, backbone_learning_rate
+        Unconditional pretraining of the denoiser when the model has no pretrained backbone
+        (``config.backbone_fitted`` is False, e.g. a preset built offline; see
+        :meth:`~c3diff.models.C3DiffModel.fit_backbone`), before its encoder is frozen. With ``max_time`` the
+        stage takes at most a quarter of the budget.
     checkpoint_every
         Write a checkpoint every this many epochs.
     resume
@@ -477,16 +493,23 @@ def train(
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
 
-    # ---- first stage --------------------------------------------------------------------------------------------
-    if net.vqvae is not None and not bool(net.config.get("autoencoder_trained", False)) and resume_state is None:
-        from c3diff.models import fit_autoencoder
-
-        maps = torch.from_numpy(train_patches.hr[:, [train_patches.genes.index(g) for g in genes_model]])
-        maps = maps.reshape(-1, 1, *maps.shape[-2:]) * 2.0 - 1.0
-        net.vqvae.to(accelerator.device)
-        fit_autoencoder(net.vqvae, maps, steps=autoencoder_steps, batch_size=batch_size,
-                        image_size=patch_size, seed=seed, progress=progress and accelerator.is_main_process)
-        net.register_to_config(autoencoder_trained=True, autoencoder_config=dict(net.vqvae.config))
+    # ---- first stage and backbone: fitted to (up to 4096 of) the training maps once, then frozen ----------------
+    stage_start = time.perf_counter()
+    if resume_state is None and not (net.config.get("first_stage_fitted", False)
+                                     and net.config.get("backbone_fitted", False)):
+        channels = [train_patches.genes.index(g) for g in genes_model]
+        pairs = np.argwhere((train_patches.hr_high - train_patches.hr_low)[:, channels] > 0)
+        pairs = pairs[np.random.default_rng(seed).permutation(len(pairs))[:4096]]
+        maps = torch.from_numpy(np.stack([train_patches.hr[p, channels[g]] for p, g in pairs])[:, None]) * 2.0 - 1.0
+        net.to(accelerator.device)
+        show = progress and accelerator.is_main_process
+        if not net.config.get("first_stage_fitted", False):
+            net.fit_first_stage(maps.to(accelerator.device), steps=autoencoder_steps, batch_size=batch_size,
+                                seed=seed, progress=show)
+        if not net.config.get("backbone_fitted", False) and backbone_steps > 0:
+            net.fit_backbone(maps, steps=backbone_steps, batch_size=batch_size, learning_rate=backbone_learning_rate,
+                             max_time=None if max_time is None else max_time / 4, seed=seed, progress=show)
+    stage_seconds = time.perf_counter() - stage_start
 
     sampler = PatchBatchSampler(dataset.pairs[:, 0], batch_size=batch_size, seed=seed)
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers)
@@ -509,7 +532,7 @@ def train(
 
     log_path = output_dir / "log.jsonl"
     best_dir = output_dir / "best"
-    start_time = time.perf_counter() - float(state["elapsed"])
+    start_time = time.perf_counter() - float(state["elapsed"]) - stage_seconds
     stop = False
 
     def log(row: dict[str, Any]) -> None:
@@ -529,7 +552,7 @@ def train(
         if val_patches is not None and accelerator.is_main_process:
             row.update(_validation_losses(net, val_loader, seed=seed, max_batches=val_max_batches))
             row.update(validation_scores(net, val_patches, steps=val_steps, max_patches=val_max_patches,
-                                         max_genes=val_max_genes, seed=seed))
+                                         max_genes=val_max_genes, n_samples=val_samples, seed=seed))
             if row["val_pcc"] > state["best_pcc"]:
                 state["best_pcc"] = row["val_pcc"]
                 net.save_pretrained(str(best_dir), training_data=_describe(train_patches))
