@@ -20,9 +20,7 @@ Prints a markdown table and writes docs/benchmarks/histology_signal.md and bench
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
+import sys
 import time
 from pathlib import Path
 
@@ -30,6 +28,9 @@ import numpy as np
 
 import c3diff as c3
 from c3diff._validation import raster_geometry, scale0
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import machine, write_report  # noqa: E402
 
 BIN = 10.0  # um: the paper's 10x pixel
 N_CLUSTERS = 96
@@ -97,7 +98,7 @@ def main() -> None:
     parser.add_argument("--size", type=float, default=2560.0, help="section edge in um")
     parser.add_argument("--train-seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--test-seeds", type=int, nargs="+", default=[2, 3])
-    parser.add_argument("--out", default="docs/benchmarks/histology_signal.md")
+    parser.add_argument("--out", default=None, help="markdown output (default docs/benchmarks/histology_signal.md)")
     args = parser.parse_args()
 
     start = time.perf_counter()
@@ -146,18 +147,11 @@ def main() -> None:
         "",
         "Genes whose composition histology predicts best: " + ", ".join(f"{g} ({v:.2f})" for g, v in top) + ".",
         "",
-        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, CPU only; {elapsed:.0f} s.",
+        f"Machine: {machine()}; {elapsed:.0f} s.",
     ]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    results = Path("benchmarks/results")
-    results.mkdir(parents=True, exist_ok=True)
-    (results / "histology_signal.json").write_text(json.dumps(
-        {"summary": rows, "per_gene": {g: {"kind": kind_of[g], **{f"{t}_pcc": float(p[i]) for t, p in scores.items()}}
-                                       for i, g in enumerate(genes)}}, indent=1))
+    per_gene = {g: {"kind": kind_of[g], **{f"{t}_pcc": float(p[i]) for t, p in scores.items()}}
+                for i, g in enumerate(genes)}
+    write_report("histology_signal", "\n".join(lines) + "\n", {"summary": rows, "per_gene": per_gene}, out=args.out)
 
 
 if __name__ == "__main__":

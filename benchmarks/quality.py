@@ -22,9 +22,6 @@ Prints a markdown table and writes docs/benchmarks/quality.md and benchmarks/res
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -37,6 +34,7 @@ import torch
 import c3diff as c3
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import machine, write_report  # noqa: E402
 
 
 def _bicubic(patches: c3.pp.PatchSet) -> np.ndarray:
@@ -83,7 +81,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=8, help="samples averaged per (patch, gene)")
     parser.add_argument("--max-test-patches", type=int, default=16, help="test patches per section")
     parser.add_argument("--no-tesla", action="store_true")
-    parser.add_argument("--out", default="docs/benchmarks/quality.md")
+    parser.add_argument("--out", default=None, help="markdown output (default docs/benchmarks/quality.md)")
     args = parser.parse_args()
 
     start = time.perf_counter()
@@ -168,15 +166,9 @@ def main() -> None:
         *[f"| {r['method']} | {r['rmse_10x']:.3f} | {r['pcc_10x']:.3f} | {r['ssim_10x']:.3f} | {r['rmse_5x']:.3f} | "
           f"{r['pcc_5x']:.3f} | {r['ssim_5x']:.3f} | {r['note']} |" for r in rows],
         "",
-        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, CPU only; {elapsed / 60:.0f} min in all "
-        f"({time.strftime('%Y-%m-%d')}).",
+        f"Machine: {machine()}; torch threads: {torch.get_num_threads()}; {elapsed / 60:.0f} min in all.",
     ]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
-    Path("benchmarks/results").mkdir(parents=True, exist_ok=True)
-    Path("benchmarks/results/quality.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+    write_report("quality", "\n".join(lines) + "\n", {"args": vars(args), "rows": rows}, out=args.out)
 
 
 if __name__ == "__main__":

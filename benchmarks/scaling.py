@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import machine, write_report  # noqa: E402
 
 _WORKER = r"""
 import json, sys, threading, time
@@ -55,7 +55,7 @@ def main() -> None:
     parser.add_argument("--base", type=float, default=1280.0, help="edge of the 1x section in um")
     parser.add_argument("--steps", type=int, default=10, help="DDIM steps per tile")
     parser.add_argument("--genes", type=int, default=32, help="genes predicted")
-    parser.add_argument("--out", default="docs/benchmarks/scaling.md")
+    parser.add_argument("--out", default=None, help="markdown output (default docs/benchmarks/scaling.md)")
     args = parser.parse_args()
 
     import c3diff as c3
@@ -105,15 +105,9 @@ def main() -> None:
             for r, t in zip(rows, per_tile, strict=True)
         ],
         "",
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, CPU only "
-        f"({time.strftime('%Y-%m-%d')}).",
+        f"Machine: {machine()}.",
     ]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
-    Path("benchmarks/results").mkdir(parents=True, exist_ok=True)
-    Path("benchmarks/results/scaling.json").write_text(json.dumps(rows, indent=1))
+    write_report("scaling", "\n".join(lines) + "\n", rows, out=args.out)
 
 
 if __name__ == "__main__":

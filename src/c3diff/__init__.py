@@ -19,7 +19,7 @@ from c3diff._version import __version__
 _SUBPACKAGES = ("datasets", "io", "pp", "tl", "pl", "models", "metrics")
 
 if TYPE_CHECKING:  # pragma: no cover
-    from c3diff import datasets, io, metrics, models, pl, pp, tl
+    from c3diff import datasets, io, metrics, models, pl, pp, tl  # noqa: F401
 
 
 def __getattr__(name: str):

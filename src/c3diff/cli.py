@@ -94,7 +94,8 @@ def _parser() -> argparse.ArgumentParser:
         "`data` (a list of entries: {zarr: PATH} for a SpatialData store, {patches: FILE.npz} for a saved PatchSet, "
         "{simulate: {seed: 1, width: 2560, ...}} for a simulated section), optional `val_data` in the same form, "
         "and any keyword of c3.tl.train (model, genes, scale, epochs, batch_size, learning_rate, points_key, "
-        "table_key, loss_weights, lr_missing_fraction, max_time, ...). Command-line options override the file.",
+        "table_key, loss_weights, lr_missing_fraction, max_time, ...). Paths in the file are relative to the file. "
+        "Command-line options override the file.",
     )
     train.add_argument("config", help="path of the YAML/JSON config file")
     train.add_argument("--output-dir", default=None, help="override `output_dir`")
@@ -160,6 +161,8 @@ def _run_train(args: argparse.Namespace) -> int:
             config[key] = getattr(args, option)
     if "output_dir" not in config:
         raise SystemExit("c3diff train: the config needs `output_dir` (or pass --output-dir).")
+    if args.output_dir is None:  # paths in the file are relative to the file
+        config["output_dir"] = base / config["output_dir"]
     config["progress"] = not args.quiet
     result = train(data, val_data=val_data, **config)
     print(f"Trained {len(result.history)} epoch(s); model in {result.best_checkpoint or result.output_dir}")

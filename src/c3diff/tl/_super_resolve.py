@@ -262,7 +262,7 @@ def super_resolve(
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"`eta` must be in [0, 1], got {eta!r}.")
     image = get_element(sdata, image_key, "images", arg="image_key")
-    image_geometry = raster_geometry(image, coordinate_system=coordinate_system, arg="image_key")
+    raster_geometry(image, coordinate_system=coordinate_system, arg="image_key")  # fail early: axis-aligned, in um
     source_kind, source_key = _choose_lr_source(sdata, table_key, points_key)
 
     # --- what to predict, and with what ------------------------------------------------------------------------
