@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import make_toy_section
+from toy_sections import make_toy_section
 
 from c3diff.cli import main
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import make_toy_section
+from toy_sections import make_toy_section
 
 import c3diff as c3
 from c3diff._validation import raster_geometry, scale0

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import make_toy_section
+from toy_sections import make_toy_section
 
 import c3diff as c3
 from c3diff.tl._train import PAPER_RECIPE, PatchBatchSampler, make_optimizer, train
