@@ -31,6 +31,8 @@ def main() -> None:
                         help="AdamW learning rate (from scratch; the paper's 1e-5 fine-tunes a pretrained backbone)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--run-dir", type=Path, default=None,
+                        help="keep the training run (checkpoints, best/, log.jsonl) here; default: a temporary folder")
     args = parser.parse_args()
 
     start = time.perf_counter()
@@ -45,7 +47,8 @@ def main() -> None:
     print(f"{len(genes)} genes; {sum(len(p) for p in patches)} patches from {len(sections)} sections "
           f"({time.perf_counter() - start:.0f} s)", flush=True)
 
-    with tempfile.TemporaryDirectory() as run:
+    with tempfile.TemporaryDirectory() as tmp:
+        run = args.run_dir or tmp
         result = c3.tl.train(
             patches[:-1], val_data=patches[-1], model="tiny", genes=genes, output_dir=run,
             learning_rate=args.learning_rate, epochs=10**6, max_time=args.minutes * 60, seed=args.seed,

@@ -169,3 +169,59 @@ def test_super_resolve_errors_leave_sdata_untouched():
     with pytest.raises(ValueError, match="n_samples"):
         super_resolve(sdata, "hne", table_key="table", method="bicubic", n_samples=0)
     assert set(sdata.images) == before and "hne_bicubic_x10" not in sdata.attrs.get("c3diff", {})
+
+
+def _blocks(a: np.ndarray, k: int) -> np.ndarray:
+    g, h, w = a.shape
+    return a[:, : h // k * k, : w // k * k].reshape(g, h // k, k, w // k, k).sum(axis=(2, 4))
+
+
+def test_lr_pixel_calibration_honours_every_lr_pixel():
+    from c3diff.pp._spots import MASK_FILLED, MASK_MEASURED, MASK_OUTSIDE
+    from c3diff.tl._super_resolve import _to_counts
+
+    rng = np.random.default_rng(0)
+    pred = rng.uniform(0, 1, (2, 64, 64)).astype(np.float32)
+    pred[1, 10:20, 20:30] = 0.0  # a zero prediction under a non-zero count: spread evenly
+    std = np.full_like(pred, 0.1)
+    lr = rng.uniform(5, 50, (2, 7, 7)).astype(np.float32)
+    mask = np.full((7, 7), MASK_MEASURED, dtype=np.uint8)
+    mask[3, 3] = MASK_FILLED
+    mask[0, 6] = MASK_OUTSIDE
+    counts, spread = _to_counts(pred, std, lr, mask, 10, "lr_pixel")
+    sums = _blocks(counts, 10)  # the 6 x 6 whole LR pixels inside the 64 px tile
+    covered = mask[:6, :6] != MASK_OUTSIDE
+    np.testing.assert_allclose(sums[:, covered], lr[:, :6, :6][:, covered], rtol=1e-4)
+    # the LR pixels cut by the tile's edge (4 of 10 columns inside) get 40% of their count
+    assert np.isfinite(counts[:, :10, 60:]).all()  # LR pixel (0, 6) is outside: tile calibration there
+    np.testing.assert_allclose(counts[:, 10:20, 60:].sum(axis=(1, 2)), 0.4 * lr[:, 1, 6], rtol=1e-4)
+    # inside an LR pixel the model's pattern is kept: one factor per LR pixel
+    ratio = counts[0, 20:30, 20:30] / pred[0, 20:30, 20:30]
+    np.testing.assert_allclose(ratio, ratio[0, 0], rtol=1e-4)
+    np.testing.assert_allclose(spread[0, 20:30, 20:30], 0.1 * ratio, rtol=1e-4)
+    # a zero prediction with a count: the count spread evenly
+    np.testing.assert_allclose(counts[1, 10:20, 20:30], lr[1, 1, 2] / 100, rtol=1e-4)
+    # tile calibration keeps one factor for the whole tile and gene
+    tile_counts, _ = _to_counts(pred, None, lr, mask, 10, "tile")
+    tile_ratio = tile_counts[0] / pred[0]
+    np.testing.assert_allclose(tile_ratio, tile_ratio[0, 0], rtol=1e-4)
+
+
+def test_lr_pixel_calibration_through_super_resolve_matches_lr_counts():
+    sdata = make_toy_section()
+    c3.pp.bin_transcripts(sdata, bin_size=100, image_key="hne", key_added="lr")
+    lr = np.asarray(scale0(sdata.images["lr"]).values, dtype=np.float64)
+    out = {}
+    for calibration in ("lr_pixel", "tile"):
+        key = f"bicubic_{calibration}"
+        super_resolve(sdata, "hne", points_key="transcripts", method="bicubic", tile_size=32, progress=False,
+                      calibration=calibration, key_added=key)
+        assert sdata.attrs["c3diff"][key]["params"]["calibration"] == calibration
+        out[calibration] = _blocks(np.asarray(scale0(sdata.images[key]).values, dtype=np.float64), 10)
+    n_y, n_x = out["lr_pixel"].shape[-2:]
+    lr = lr[:, :n_y, :n_x]
+    error = {k: np.abs(v - lr).sum() / lr.sum() for k, v in out.items()}
+    assert error["lr_pixel"] < 0.05  # cross-faded tiles each honour the LR pixels (blending within cut LR pixels)
+    assert error["lr_pixel"] < error["tile"] / 3
+    with pytest.raises(ValueError, match="calibration"):
+        super_resolve(sdata, "hne", points_key="transcripts", method="bicubic", calibration="spot", progress=False)

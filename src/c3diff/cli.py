@@ -76,6 +76,9 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default: %(default)s)")
     predict.add_argument("--samples", type=_positive_int, default=1,
                          help="samples per tile; >1 adds a _std uncertainty layer (default: %(default)s)")
+    predict.add_argument("--calibration", choices=("lr_pixel", "tile"), default=None,
+                         help="how predictions become counts: lr_pixel (each 100 um LR pixel sums to its count; "
+                         "default for c3diff) or tile (one factor per tile and gene; default for bicubic)")
     predict.add_argument("--batch-size", type=_positive_int, default=4, help="tiles per model call (default: %(default)s)")
     predict.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default: %(default)s)")
     predict.add_argument("--seed", type=int, default=0, help="base seed (default: %(default)s)")
@@ -186,7 +189,7 @@ def _run_predict(args: argparse.Namespace) -> int:
         scale=args.scale, model=args.model, method=args.method, steps=args.steps, eta=args.eta,
         n_samples=args.samples, batch_size=args.batch_size, device=args.device, seed=args.seed,
         drop_missing_genes=args.drop_missing_genes, revision=args.revision, key_added=args.key_added,
-        progress=not args.quiet,
+        calibration=args.calibration, progress=not args.quiet,
     )
     key = args.key_added or f"{args.image_key}_{args.method}_x{args.scale}"
     if args.celltypes:

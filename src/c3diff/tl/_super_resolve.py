@@ -25,9 +25,13 @@ if TYPE_CHECKING:  # pragma: no cover
 
 #: What the values of a super-resolved layer mean (also recorded with each layer).
 UNITS = (
-    "expected transcript counts per output pixel, calibrated per tile and gene so that the prediction summed over "
-    "the tile's measured 100 um LR pixels equals their LR counts"
+    "expected transcript counts per output pixel, calibrated to the LR counts: with calibration='lr_pixel' the "
+    "prediction summed over each measured (or gap-filled) 100 um LR pixel equals its count; with calibration='tile' "
+    "one factor per tile and gene makes the sum over the tile's measured LR pixels equal theirs"
 )
+
+#: Calibrations of a [0, 1] prediction to counts (see :func:`super_resolve`).
+CALIBRATIONS = ("lr_pixel", "tile")
 
 
 def _spot_tables(sdata: SpatialData) -> list[str]:
@@ -106,14 +110,32 @@ def _transformations_like(image: Any, grid: RasterGeometry, coordinate_system: s
 
 
 def _to_counts(
-    pred: np.ndarray, std: np.ndarray | None, lr_counts: np.ndarray, lr_mask: np.ndarray, per_lr: int
+    pred: np.ndarray, std: np.ndarray | None, lr_counts: np.ndarray, lr_mask: np.ndarray, per_lr: int,
+    calibration: str = "lr_pixel",
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Map a [0, 1] tile prediction ``(G, h, w)`` to counts per output pixel (see :data:`UNITS`).
 
-    Each gene is scaled so that the prediction summed over the tile's measured LR pixels equals their LR counts.
-    A gene predicted flat zero where the LR has counts (e.g. a constant LR map, which min-max maps to 0) gets the
-    LR density spread evenly instead.
+    ``"tile"``: each gene is scaled so that the prediction summed over the tile's measured LR pixels equals their LR
+    counts; a gene predicted flat zero where the LR has counts (e.g. a constant LR map, which min-max maps to 0) gets
+    the LR density spread evenly instead.
+
+    ``"lr_pixel"``: the prediction keeps its pattern inside each LR pixel but is scaled so that its sum over the LR
+    pixel equals the LR count (for an LR pixel cut by the tile's edge, the count times the fraction inside): the
+    output honours every measurement at the resolution it was made, as a data-consistency projection. LR pixels
+    where the prediction is zero but the count is not get the count spread evenly; LR pixels outside the measured
+    area (no spot coverage) keep the tile calibration.
     """
+    counts, factors = _tile_calibration(pred, lr_counts, lr_mask, per_lr)
+    if calibration == "lr_pixel":
+        counts, factors = _lr_pixel_calibration(pred, counts, factors, lr_counts, lr_mask, per_lr)
+    if std is None:
+        return counts, None
+    return counts, std * factors
+
+
+def _tile_calibration(
+    pred: np.ndarray, lr_counts: np.ndarray, lr_mask: np.ndarray, per_lr: int
+) -> tuple[np.ndarray, np.ndarray]:
     n = pred.shape[-1] // per_lr
     pooled = pred[:, : n * per_lr, : n * per_lr].reshape(pred.shape[0], n, per_lr, n, per_lr).sum(axis=(2, 4))
     measured = lr_mask[:n, :n] == MASK_MEASURED
@@ -122,13 +144,41 @@ def _to_counts(
     numerator = lr_counts[:, :n, :n][:, measured].sum(axis=1)
     denominator = pooled[:, measured].sum(axis=1)
     factors = np.where(denominator > 0, numerator / np.where(denominator > 0, denominator, 1.0), 0.0)
-    counts = pred * factors[:, None, None].astype(np.float32)
+    factors = np.broadcast_to(factors[:, None, None], pred.shape).astype(np.float32)
+    counts = pred * factors
     flat = (denominator <= 0) & (numerator > 0)
     if flat.any():
         counts[flat] = (numerator[flat] / (max(int(measured.sum()), 1) * per_lr**2))[:, None, None]
-    if std is None:
-        return counts, None
-    return counts, std * factors[:, None, None].astype(np.float32)
+    return counts, factors
+
+
+def _lr_pixel_calibration(
+    pred: np.ndarray, counts: np.ndarray, factors: np.ndarray, lr_counts: np.ndarray, lr_mask: np.ndarray,
+    per_lr: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    n_genes, height, width = pred.shape
+    ny, nx = -(-height // per_lr), -(-width // per_lr)  # LR pixels touched by the tile, the last ones maybe cut
+    ny, nx = min(ny, lr_counts.shape[-2]), min(nx, lr_counts.shape[-1])
+    h, w = min(height, ny * per_lr), min(width, nx * per_lr)
+    padded = np.zeros((n_genes, ny * per_lr, nx * per_lr), dtype=np.float64)
+    padded[:, :h, :w] = pred[:, :h, :w]
+    pooled = padded.reshape(n_genes, ny, per_lr, nx, per_lr).sum(axis=(2, 4))
+    inside = np.zeros((ny * per_lr, nx * per_lr))
+    inside[:h, :w] = 1.0
+    n_inside = inside.reshape(ny, per_lr, nx, per_lr).sum(axis=(1, 3))  # output pixels of each LR pixel in the tile
+    expected = lr_counts[:, :ny, :nx].astype(np.float64) * (n_inside / per_lr**2)
+    covered = (lr_mask[:ny, :nx] != MASK_OUTSIDE) & (n_inside > 0)
+    block = np.where(pooled > 0, expected / np.where(pooled > 0, pooled, 1.0), 0.0)
+    even = np.where((pooled <= 0) & (expected > 0), expected / np.maximum(n_inside, 1), 0.0)
+
+    def up(a: np.ndarray) -> np.ndarray:  # LR grid -> output pixels of the tile
+        return np.repeat(np.repeat(a, per_lr, axis=-2), per_lr, axis=-1)[..., :h, :w]
+
+    use = up(np.broadcast_to(covered, block.shape))
+    counts, factors = counts.copy(), factors.copy()
+    counts[:, :h, :w] = np.where(use, pred[:, :h, :w] * up(block) + up(even), counts[:, :h, :w])
+    factors[:, :h, :w] = np.where(use, up(block), factors[:, :h, :w])
+    return counts.astype(np.float32), factors.astype(np.float32)
 
 
 def _parse_layer(values: Any, genes: list[str], transformations: dict[str, Any]):
@@ -165,6 +215,7 @@ def super_resolve(
     seed: int = 0,
     overlap: int | None = None,
     tile_size: int | None = None,
+    calibration: Literal["lr_pixel", "tile"] | None = None,
     drop_missing_genes: bool = False,
     revision: str | None = None,
     store: str | Path | None = None,
@@ -220,6 +271,12 @@ def super_resolve(
         rounded down to whole LR pixels.
     tile_size
         Tile size in histology pixels for ``method="bicubic"`` (default 256); c3diff uses the model's.
+    calibration
+        How a tile's [0, 1] prediction becomes counts (:data:`UNITS`). ``"lr_pixel"`` (the default for c3diff):
+        scaled inside every measured or gap-filled 100 um LR pixel so that it sums to that pixel's count - the output
+        honours each measurement, and the model decides where inside the LR pixel the counts go. ``"tile"`` (the
+        default for bicubic, whose smooth interpolation already follows the LR map and would turn blocky): one factor
+        per tile and gene, the pattern across LR pixels kept as predicted.
     drop_missing_genes
         Predict only the requested genes present in the data (warning which are dropped) instead of raising.
     revision
@@ -256,6 +313,10 @@ def super_resolve(
         raise ValueError(f"`method` must be 'c3diff' or 'bicubic', got {method!r}.")
     if scale not in (5, 10):
         raise ValueError(f"`scale` must be 5 or 10, got {scale!r}.")
+    if calibration is None:
+        calibration = "lr_pixel" if method == "c3diff" else "tile"
+    if calibration not in CALIBRATIONS:
+        raise ValueError(f"`calibration` must be one of {CALIBRATIONS}, got {calibration!r}.")
     for name, value, low in (("steps", steps, 1), ("n_samples", n_samples, 1), ("batch_size", batch_size, 1)):
         if not isinstance(value, int | np.integer) or value < low:
             raise ValueError(f"`{name}` must be an integer >= {low}, got {value!r}.")
@@ -390,7 +451,8 @@ def super_resolve(
         group = groups[b]
         for k, tile in enumerate(group):
             lr_counts, mask = lr_window(tile)
-            counts, spread = _to_counts(mean[k], None if std is None else std[k], lr_counts, mask, per_lr)
+            counts, spread = _to_counts(mean[k], None if std is None else std[k], lr_counts, mask, per_lr,
+                                        calibration)
             row, col = tile.row // out_factor, tile.col // out_factor
             mean_acc.add(row, col, counts, weight)
             if std_acc is not None and spread is not None:
@@ -413,7 +475,7 @@ def super_resolve(
         sdata, key, "super_resolve", image_key=image_key, source=f"{source_kind}:{source_key}", method=method,
         model=model_id if model_id is not None else (type(model_obj).__name__ if model_obj is not None else None),
         revision=revision, scale=scale, steps=steps, eta=eta, n_samples=n_samples, seed=seed, tile_size=size,
-        overlap=size - stride, n_tiles=len(plan), genes=genes, units=UNITS,
+        overlap=size - stride, n_tiles=len(plan), genes=genes, units=UNITS, calibration=calibration,
         pixel_size_um=out_grid.sy, std_key=f"{key}_std" if layers["std"] is not None else None,
     )
     return None
