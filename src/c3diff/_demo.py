@@ -138,7 +138,9 @@ def run_demo(
     plt.close(fig)
 
     zarr_path = output / "section.zarr"
-    sdata.write(zarr_path, overwrite=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="zarr v3 autosharding")  # zarr's notice of a future default
+        sdata.write(zarr_path, overwrite=True)
     elapsed = time.perf_counter() - start
     metrics = {"maps": rows, "celltypes": celltypes, "seconds": elapsed, "model": model_source,
                "genes": genes, "seed": seed, "size_um": size, "steps": steps, "n_samples": n_samples}
