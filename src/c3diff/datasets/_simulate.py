@@ -351,8 +351,9 @@ def _simulate(*, width, height, pixel_size, label_pixel_size, params, transcript
     cell_table = ad.AnnData(X=counts.astype(np.float32), obs=obs, var=var)
     cell_table.obsm["spatial"] = np.column_stack([cells.x, cells.y])
     cell_table = TableModel.parse(cell_table, region=Key.CELLS.value, region_key="region", instance_key="cell_id")
+    # partitions of ~1M transcripts: readers and binning then stream a whole slide in bounded memory
     points = PointsModel.parse(frame, coordinates={"x": "x", "y": "y"}, feature_key="gene", instance_key="cell_id",
-                               transformations=ident)
+                               transformations=ident, npartitions=max(1, -(-len(frame) // 1_000_000)))
 
     shapes = {Key.CELLS.value: cell_shapes}
     tables = {Key.CELL_TABLE.value: cell_table}

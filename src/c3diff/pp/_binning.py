@@ -7,6 +7,7 @@ import warnings
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pandas as pd
 
 from c3diff._constants import COORDINATE_SYSTEM
 from c3diff._validation import RasterGeometry, check_genes, get_element, raster_geometry, transform_matrix
@@ -62,6 +63,15 @@ def grid_for(
     height = max(1, math.ceil((ymax - y0) / bin_size - 1e-9))
     width = max(1, math.ceil((xmax - x0) / bin_size - 1e-9))
     return RasterGeometry(y0=float(y0), x0=float(x0), sy=bin_size, sx=bin_size, height=height, width=width)
+
+
+def _gene_codes(column, gene_index: dict[str, int]) -> np.ndarray:
+    """Index of each transcript's gene in ``gene_index`` (-1 for other genes), without per-row strings when the
+    column is categorical (millions of transcripts per partition)."""
+    if isinstance(column.dtype, pd.CategoricalDtype):
+        lut = np.array([gene_index.get(str(c), -1) for c in column.cat.categories] + [-1], dtype=np.int64)
+        return lut[column.cat.codes.to_numpy()]  # code -1 (missing) picks the trailing -1
+    return column.astype(str).map(gene_index).fillna(-1).to_numpy(dtype=np.int64)
 
 
 def bin_transcripts(
@@ -156,8 +166,8 @@ def bin_transcripts(
         frame = part.compute()
         if len(frame) == 0:
             continue
-        codes = frame[feature_key].astype(str).map(gene_index).to_numpy(dtype=float, na_value=np.nan)
-        keep = ~np.isnan(codes)
+        codes = _gene_codes(frame[feature_key], gene_index)
+        keep = codes >= 0
         y, x = to_cs(frame)
         row = np.floor((y - grid.y0) / bin_size)
         col = np.floor((x - grid.x0) / bin_size)
