@@ -7,6 +7,7 @@ hold); its stored outputs are not rewritten.
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
@@ -41,7 +42,13 @@ def executed():
             cell.outputs = []  # run what the code does, not what was stored
     client = NotebookClient(notebook, timeout=600, kernel_name="python3",
                             resources={"metadata": {"path": str(NOTEBOOK.parent)}})
-    client.execute()
+    # the kernel inherits the environment: without conftest's MPLBACKEND=Agg it draws inline, as in Jupyter
+    backend = os.environ.pop("MPLBACKEND", None)
+    try:
+        client.execute()
+    finally:
+        if backend is not None:
+            os.environ["MPLBACKEND"] = backend
     return notebook
 
 
