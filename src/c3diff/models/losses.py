@@ -109,6 +109,15 @@ def info_nce(logits: torch.Tensor, positives: torch.Tensor, candidates: torch.Te
     return row_loss[has_pos].mean()
 
 
+def _stacked_similarities(
+    a: torch.Tensor, b: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cosine similarities / tau of the anchors ``[a; b]`` with each other, their indices and the not-self mask."""
+    z = sphere_normalize(torch.cat([a, b]))
+    idx = torch.arange(len(z), device=z.device)
+    return z @ z.T / temperature, idx, idx[:, None] != idx[None, :]
+
+
 def content_loss(c_h: torch.Tensor, c_y: torch.Tensor, *, temperature: float = TEMPERATURE) -> torch.Tensor:
     """Cross-content loss ``L_content``: symmetric InfoNCE (NT-Xent) between histology and ST content features.
 
@@ -133,12 +142,10 @@ def content_loss(c_h: torch.Tensor, c_y: torch.Tensor, *, temperature: float = T
     True
     """
     _check_pair(c_h, c_y, "c_h", "c_y")
-    z = sphere_normalize(torch.cat([c_h, c_y]))
+    logits, idx, not_self = _stacked_similarities(c_h, c_y, temperature)
     n = len(c_h)
-    idx = torch.arange(2 * n, device=z.device)
-    not_self = idx[:, None] != idx[None, :]
     positives = idx[None, :] == ((idx + n) % (2 * n))[:, None]
-    return info_nce(z @ z.T / temperature, positives, not_self)
+    return info_nce(logits, positives, not_self)
 
 
 def modal_loss(m_h: torch.Tensor, m_y: torch.Tensor, *, temperature: float = TEMPERATURE) -> torch.Tensor:
@@ -167,13 +174,10 @@ def modal_loss(m_h: torch.Tensor, m_y: torch.Tensor, *, temperature: float = TEM
     True
     """
     _check_pair(m_h, m_y, "m_h", "m_y")
-    z = sphere_normalize(torch.cat([m_h, m_y]))
-    n = len(m_h)
-    idx = torch.arange(2 * n, device=z.device)
-    modality = idx >= n
-    not_self = idx[:, None] != idx[None, :]
+    logits, idx, not_self = _stacked_similarities(m_h, m_y, temperature)
+    modality = idx >= len(m_h)
     positives = (modality[:, None] == modality[None, :]) & not_self
-    return info_nce(z @ z.T / temperature, positives, not_self)
+    return info_nce(logits, positives, not_self)
 
 
 def inter_sphere_loss(c_h: torch.Tensor, m_h: torch.Tensor, *, temperature: float = TEMPERATURE) -> torch.Tensor:
