@@ -101,7 +101,7 @@ TUTORIAL_COPY = HERE / "tutorials" / "c3diff_tutorial.ipynb"
 BENCHMARK_SCRIPTS = ROOT / "benchmarks"
 BENCHMARK_RESULTS = HERE / "benchmarks"
 # Main scripts first, in this order; any other benchmarks/*.py follows alphabetically.
-BENCHMARK_ORDER = ("quality", "histology_signal", "scaling", "model_cost")
+BENCHMARK_ORDER = ("quality", "histology_uptake", "histology_signal", "scaling", "model_cost")
 _BENCHMARKS_MARKER = "<!-- benchmark-scripts -->"
 _TUTORIAL_MARKER = "<!-- tutorial-notebook -->"
 
