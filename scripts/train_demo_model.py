@@ -29,6 +29,10 @@ def main() -> None:
     parser.add_argument("--genes", type=int, default=48, help="genes the model predicts (markers included)")
     parser.add_argument("--learning-rate", type=float, default=1e-3,
                         help="AdamW learning rate (from scratch; the paper's 1e-5 fine-tunes a pretrained backbone)")
+    parser.add_argument("--hint-channels", type=int, default=None,
+                        help="channels of each hint encoder (default: the tiny preset's)")
+    parser.add_argument("--hint-encoder-channels", type=int, nargs="+", default=None,
+                        help="widths of each hint encoder's conv stack (default: the tiny preset's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--run-dir", type=Path, default=None,
@@ -47,10 +51,15 @@ def main() -> None:
     print(f"{len(genes)} genes; {sum(len(p) for p in patches)} patches from {len(sections)} sections "
           f"({time.perf_counter() - start:.0f} s)", flush=True)
 
+    overrides = {}
+    if args.hint_channels is not None:
+        overrides["hint_channels"] = args.hint_channels
+    if args.hint_encoder_channels is not None:
+        overrides["hint_encoder_channels"] = list(args.hint_encoder_channels)
     with tempfile.TemporaryDirectory() as tmp:
         run = args.run_dir or tmp
         result = c3.tl.train(
-            patches[:-1], val_data=patches[-1], model="tiny", genes=genes, output_dir=run,
+            patches[:-1], val_data=patches[-1], model="tiny", genes=genes, output_dir=run, model_overrides=overrides,
             learning_rate=args.learning_rate, epochs=10**6, max_time=args.minutes * 60, seed=args.seed,
             val_steps=10, val_max_patches=16,
         )
@@ -60,7 +69,8 @@ def main() -> None:
             f"{c3.__version__}) for {args.minutes:g} min on a CPU: {len(sections) - 1} simulated breast sections "
             f"(c3diff.datasets.simulate_section, seeds 0-{len(sections) - 2}, {args.size / 1000:g} mm; seed "
             f"{len(sections) - 1} for validation), 64 px patches at 10 um/px, Xenium-like LR (100 um transcript bins), "
-            f"{len(genes)} genes (immune markers + HVGs), AdamW lr {args.learning_rate:g}."
+            f"{len(genes)} genes (immune markers + HVGs), AdamW lr {args.learning_rate:g}"
+            + (f", tiny preset with {overrides}." if overrides else ", tiny preset.")
         )
         if args.out.exists():
             shutil.rmtree(args.out)
