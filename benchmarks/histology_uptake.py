@@ -13,8 +13,8 @@ simulated section (never seen in training):
 
 References in the same table: bicubic upsampling; the LR count spread evenly over each LR pixel; the LR count spread
 in proportion to a one-line histology heuristic, the squared darkness of the H&E (``(1 - mean RGB)^2``, nuclei are
-dark), an upper bound of nothing but a floor for what a model that reads the H&E should reach; and the truth's own
-pattern (the ceiling). Run:  python benchmarks/histology_uptake.py [--model DIR] [--size 1800] [--steps 20]
+dark): not a model, but a floor for what a model that reads the H&E should reach; and the truth's own pattern
+(the ceiling). Run:  python benchmarks/histology_uptake.py [--model DIR] [--size 1800] [--steps 20]
 Prints a markdown table and writes docs/benchmarks/histology_uptake.md and benchmarks/results/histology_uptake.json.
 """
 
