@@ -259,7 +259,9 @@ def super_resolve(
         DDIM sampling steps and eta.
     n_samples
         Samples per tile; with more than one the layer holds their mean and a ``f"{key_added}_std"`` layer their
-        standard deviation (an uncertainty map).
+        standard deviation (an uncertainty map). One sample is one plausible map, with cell-level detail that may
+        sit in the wrong place; the mean of several is closer to the expected map and scores higher on
+        pixel-wise metrics such as PCC (demo model, 1.28 mm section: PCC 0.164 with 2 samples, 0.226 with 8).
     batch_size
         Tiles per dask task (and model call).
     device
