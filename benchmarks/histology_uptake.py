@@ -28,20 +28,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import xarray as xr
 from spatialdata.models import Image2DModel
 from spatialdata.transformations import get_transformation
 
 import c3diff as c3
+from c3diff._validation import scale0
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import machine, write_report  # noqa: E402
 
 LR_PIXELS = 10  # output pixels (10 um) per LR pixel (100 um)
-
-
-def _level0(element) -> xr.DataArray:
-    return element if isinstance(element, xr.DataArray) else element["scale0"]["image"]
 
 
 def _pool(maps: np.ndarray) -> np.ndarray:
@@ -88,11 +84,11 @@ def main() -> None:
     c3.tl.super_resolve(sdata, "hne", points_key="transcripts", genes=genes, method="bicubic", progress=False)
     c3.tl.super_resolve(sdata, "hne", points_key="transcripts", model=model, steps=args.steps,
                         n_samples=args.samples, progress=False)
-    truth = _level0(sdata["truth_x10"]).values.astype(np.float64)
+    truth = scale0(sdata["truth_x10"]).values.astype(np.float64)
     n_genes, height, width = truth.shape
     if height % LR_PIXELS or width % LR_PIXELS:
         raise ValueError(f"`--size` must be a multiple of 100 um, got {args.size}.")
-    lr = _level0(sdata["lr_x1"]).values.astype(np.float64)[:, : height // LR_PIXELS, : width // LR_PIXELS]
+    lr = scale0(sdata["lr_x1"]).values.astype(np.float64)[:, : height // LR_PIXELS, : width // LR_PIXELS]
 
     # the H&E at 10 um, as the model sees it, and the darkness heuristic
     rgb, _ = c3.pp.histology_raster(sdata, "hne", pixel_size=10.0)
@@ -100,13 +96,13 @@ def main() -> None:
     darkness = np.broadcast_to((1.0 - rgb.mean(axis=0)) ** 2 + 1e-9, truth.shape)
 
     maps = {
-        "C3-Diff": _level0(sdata["hne_c3diff_x10"]).values.astype(np.float64),
-        "bicubic": _level0(sdata["hne_bicubic_x10"]).values.astype(np.float64),
+        "C3-Diff": scale0(sdata["hne_c3diff_x10"]).values.astype(np.float64),
+        "bicubic": scale0(sdata["hne_bicubic_x10"]).values.astype(np.float64),
         "LR count spread evenly": _spread(lr) / LR_PIXELS**2,
         "LR count spread by H&E darkness^2": _spread(lr) * darkness / _spread(_pool(darkness)),
         "LR count spread by the truth's pattern": _spread(lr) * np.nan_to_num(_pattern(truth)) / LR_PIXELS**2,
     }
-    transformations = get_transformation(_level0(sdata["hne_bicubic_x10"]), get_all=True)
+    transformations = get_transformation(scale0(sdata["hne_bicubic_x10"]), get_all=True)
     rows = []
     for name, values in maps.items():
         sdata["benchmark_map"] = Image2DModel.parse(values.astype(np.float32), dims=("c", "y", "x"), c_coords=genes,
