@@ -33,6 +33,14 @@ def main() -> None:
                         help="channels of each hint encoder (default: the tiny preset's)")
     parser.add_argument("--hint-encoder-channels", type=int, nargs="+", default=None,
                         help="widths of each hint encoder's conv stack (default: the tiny preset's)")
+    parser.add_argument("--hint-space-to-depth", action="store_true",
+                        help="hint encoders fold their inputs like the map instead of stride-2 convs")
+    parser.add_argument("--min-snr-gamma", type=float, default=None,
+                        help="weight the diffusion loss by min(SNR, gamma) / SNR (default: the paper's plain mean)")
+    parser.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default=None,
+                        help="what the denoiser predicts (default: the tiny preset's)")
+    parser.add_argument("--latent-scaling", choices=["std", "range"], default=None,
+                        help="scale of the pixel-space diffusion space (default: the tiny preset's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--run-dir", type=Path, default=None,
@@ -56,6 +64,14 @@ def main() -> None:
         overrides["hint_channels"] = args.hint_channels
     if args.hint_encoder_channels is not None:
         overrides["hint_encoder_channels"] = list(args.hint_encoder_channels)
+    if args.hint_space_to_depth:
+        overrides["hint_space_to_depth"] = True
+    if args.min_snr_gamma is not None:
+        overrides["min_snr_gamma"] = args.min_snr_gamma
+    if args.prediction_type is not None:
+        overrides["scheduler_config"] = {"prediction_type": args.prediction_type}
+    if args.latent_scaling is not None:
+        overrides["latent_scaling"] = args.latent_scaling
     with tempfile.TemporaryDirectory() as tmp:
         run = args.run_dir or tmp
         result = c3.tl.train(

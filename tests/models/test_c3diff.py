@@ -32,6 +32,9 @@ def test_geometry_of_the_presets(tiny, tiny5):
     assert tiny.vqvae is None and tiny.output_size() == 64 and tiny5.output_size() == 32
     assert tiny.config.space_to_depth == 4 and tiny.unet.config.in_channels == 16
     assert tiny.hint_encoders.hint_channels == 4 * 7 + 4
+    folded = c3diff.models.build_model("tiny", genes=["A"], hint_space_to_depth=True, hint_channels=16)
+    assert folded.hint_encoders.histology_content.fold == 4  # histology folded like the map, no stride-2 steps
+    assert folded.hint_encoders.hint_channels == 4 * 16 + 4 and folded.latent_size == 16
     paper = c3diff.models.preset_config("paper")
     assert paper["image_size"] == 256 and len(paper["genes"]) == 200
     assert (
@@ -79,6 +82,39 @@ def test_losses_at_5x_and_10x(fixture, make_batch, request):
     with pytest.raises(ValueError, match="hr"):
         bad = dict(batch, hr=make_batch(model, 4, scale=10 if model.config.scale == 5 else 5)["hr"])
         model.compute_losses(bad)
+
+
+def test_min_snr_gamma_reweights_only_the_diffusion_loss(tiny, make_batch):
+    # gamma below every step's SNR (>= 0.0047 on this schedule): every sample's weight is gamma / SNR < 1
+    weighted = c3diff.models.C3DiffModel(**{**dict(tiny.config), "min_snr_gamma": 1e-3})
+    weighted.load_state_dict(tiny.state_dict())
+    batch = make_batch(tiny, 6)
+    plain = tiny.compute_losses(batch, generator=torch.Generator().manual_seed(3)).as_dict()
+    snr = weighted.compute_losses(batch, generator=torch.Generator().manual_seed(3)).as_dict()
+    assert snr["content"] == pytest.approx(plain["content"]) and snr["modal"] == pytest.approx(plain["modal"])
+    assert 0 < snr["mse"] < 0.25 * plain["mse"]
+    with pytest.raises(ValueError, match="min_snr_gamma"):
+        c3diff.models.build_model("tiny", genes=tiny.genes, min_snr_gamma=-1.0)
+    with pytest.raises(ValueError, match="latent_scaling"):
+        c3diff.models.build_model("tiny", genes=tiny.genes, latent_scaling="max")
+    with pytest.raises(ValueError, match="hint_space_to_depth"):
+        c3diff.models.build_model("tiny", genes=tiny.genes, space_to_depth=1, hint_space_to_depth=True,
+                                  unet_config={"in_channels": 1, "out_channels": 1, "sample_size": 64})
+
+
+def test_v_prediction_trains_on_the_velocity_and_samples(make_batch):
+    model = c3diff.models.build_model("tiny", genes=["A", "B"], scheduler_config={"prediction_type": "v_prediction"})
+    x0, noise, t = torch.randn(3, 16, 16, 16), torch.randn(3, 16, 16, 16), torch.tensor([0, 500, 999])
+    ab = model.noise_scheduler.alphas_cumprod[t][:, None, None, None]
+    torch.testing.assert_close(model.diffusion_target(x0, noise, t), ab.sqrt() * noise - (1 - ab).sqrt() * x0)
+    out = model.compute_losses(make_batch(model, 4), generator=torch.Generator().manual_seed(0)).as_dict()
+    assert all(np.isfinite(v) for v in out.values())
+    mean, _ = model.predict(torch.rand(1, 3, 64, 64), torch.rand(1, 2, 7, 7), num_inference_steps=2)
+    assert mean.shape == (1, 2, 64, 64) and 0 <= float(mean.min()) <= float(mean.max()) <= 1
+    eps_model = c3diff.models.build_model("tiny", genes=["A", "B"], scheduler_config={"prediction_type": "epsilon"})
+    assert torch.equal(eps_model.diffusion_target(x0, noise, t), noise)
+    with pytest.raises(ValueError, match="prediction_type"):
+        c3diff.models.build_model("tiny", genes=["A"], scheduler_config={"prediction_type": "sample"})
 
 
 def test_denoiser_equals_plain_unet_at_initialisation(tiny):
@@ -222,15 +258,22 @@ def test_pixel_space_and_latent_space_share_the_code_path(make_batch):
     assert mean.shape == (1, 2, 64, 64) and float(mean.min()) >= 0 and float(mean.max()) <= 1
 
 
-def test_fit_first_stage_in_pixel_space_standardises_the_latents():
-    model = c3diff.models.build_model("tiny", genes=["A", "B"])
+@pytest.mark.parametrize("scaling", ["std", "range"])
+def test_fit_first_stage_in_pixel_space_centres_and_scales_the_latents(scaling):
+    model = c3diff.models.build_model("tiny", genes=["A", "B"], latent_scaling=scaling)
     maps = -torch.ones(20, 1, 64, 64)
     maps[:, :, ::9, ::7] = 1.0  # sparse maps: mostly at -1
     assert not model.config.first_stage_fitted
     model.fit_first_stage(maps, progress=False)
     latents = model.encode_images(model.target_image(maps))
     assert model.config.first_stage_fitted
-    assert abs(float(latents.mean())) < 1e-4 and float(latents.std()) == pytest.approx(1.0, rel=1e-3)
+    assert abs(float(latents.mean())) < 1e-4
+    if scaling == "std":
+        assert float(latents.std()) == pytest.approx(1.0, rel=1e-3)  # peaks then stand ~8 sd high
+        assert float(latents.max()) > 7
+    else:  # the maps keep their range: a peak is 2 above the background, as in [-1, 1]
+        assert model.config.latent_scale == 1.0
+        assert float(latents.max() - latents.min()) == pytest.approx(2.0)
     torch.testing.assert_close(model.decode_latents(latents), (maps + 1) / 2)  # still lossless
     with pytest.raises(ValueError, match="non-empty"):
         model.fit_first_stage(torch.zeros(0, 1, 64, 64))

@@ -20,6 +20,27 @@ def test_encoder_reaches_the_latent_size_with_a_zero_hint_and_a_live_embedding()
         HintEncoder(block_out_channels=(8, 8), num_downsamples=2)
 
 
+def test_folding_encoder_keeps_each_sub_pixel_apart():
+    enc = HintEncoder(out_channels=6, block_out_channels=(8, 8), num_downsamples=0, fold=4)
+    x = torch.zeros(2, 3, 64, 64)
+    with torch.no_grad():
+        embedding, hint = enc(x)
+    assert embedding.shape == hint.shape == (2, 6, 16, 16) and float(hint.abs().max()) == 0.0
+    # the same total darkness in a 4 x 4 block, at two different sub-pixels: a strided encoder may blur these, the
+    # fold gives them different input channels, so the embeddings differ
+    a, b = x.clone(), x.clone()
+    a[:, :, 20, 20] = 1.0
+    b[:, :, 23, 23] = 1.0
+    with torch.no_grad():
+        ea, eb, e0 = enc.embed(a), enc.embed(b), enc.embed(x)
+    assert float((ea - eb).abs().max()) > 1e-4
+    # the change stays within the receptive field of latent pixel (5, 5): two 3x3 convs and conv_in/conv_embed
+    diff = (ea - e0).abs().sum(dim=(0, 1))
+    assert float(diff[5, 5]) > 0 and float(diff[:1].sum() + diff[10:].sum()) == 0.0
+    with pytest.raises(ValueError, match="no stride-2"):
+        HintEncoder(block_out_channels=(8, 8), num_downsamples=1, fold=2)
+
+
 def test_lr_image_is_geometrically_exact():
     lr = torch.zeros(1, 1, 7, 7)
     lr[0, 0, 0, 1] = 1.0  # LR pixel (0, 1) covers image pixels [0, 10) x [10, 20)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from c3diff.models import LossWeights, content_loss, inter_sphere_loss, modal_loss, overall_loss
-from c3diff.models.losses import info_nce
+from c3diff.models.losses import diffusion_mse, info_nce, min_snr_weights
 
 
 def _features(n=8, d=64, seed=0):
@@ -97,3 +97,31 @@ def test_overall_loss_uses_table1_weights_once_each():
     custom = overall_loss(**parts, weights=LossWeights(mse=1.0, modal=0.0, content=0.5, inter_sphere=0.1))
     assert float(custom.total) == pytest.approx(1 + 5 + 100)
     assert out.as_dict() == {"total": 1112.0, "mse": 1.0, "content": 10.0, "modal": 100.0, "inter_sphere": 1000.0}
+
+
+def test_min_snr_weights_cap_low_noise_steps_only():
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    t = torch.arange(0, 1000, 37)
+    w = min_snr_weights(scheduler, t, gamma=5.0)
+    ab = scheduler.alphas_cumprod[t]
+    snr = ab / (1 - ab)
+    assert torch.allclose(w, torch.where(snr > 5, 5 / snr, torch.ones_like(snr)))
+    assert float(w[-1]) == 1.0 and float(w[0]) < 0.01 and bool((w[1:] >= w[:-1]).all())  # rises with the noise
+    with pytest.raises(ValueError, match="gamma"):
+        min_snr_weights(scheduler, t, gamma=0.0)
+    v = min_snr_weights(scheduler, t, gamma=5.0, prediction_type="v_prediction")
+    assert torch.allclose(v, snr.clamp(max=5) / (snr + 1))
+    with pytest.raises(ValueError, match="prediction_type"):
+        min_snr_weights(scheduler, t, gamma=5.0, prediction_type="sample")
+
+
+def test_weighted_diffusion_mse():
+    pred = torch.zeros(3, 2, 4, 4)
+    target = torch.arange(1.0, 4.0)[:, None, None, None].expand(3, 2, 4, 4)
+    assert float(diffusion_mse(pred, target)) == pytest.approx((1 + 4 + 9) / 3)
+    assert float(diffusion_mse(pred, target, weights=torch.tensor([1.0, 0.0, 1.0]))) == pytest.approx(10 / 3)
+    assert float(diffusion_mse(pred, target, weights=torch.ones(3))) == pytest.approx(float(diffusion_mse(pred, target)))
+    with pytest.raises(ValueError, match="one per sample"):
+        diffusion_mse(pred, target, weights=torch.ones(2))

@@ -36,6 +36,7 @@ from c3diff.models.losses import (
     content_loss,
     diffusion_mse,
     inter_sphere_loss,
+    min_snr_weights,
     modal_loss,
     overall_loss,
 )
@@ -82,6 +83,11 @@ class C3DiffModel(ModelMixin, ConfigMixin):
         Channels of each hint encoder (55 in the paper).
     hint_encoder_channels
         Widths of each hint encoder's conv stack (one stride-2 stage per factor 2 of the autoencoder).
+    hint_space_to_depth
+        Pixel space with ``space_to_depth > 1`` only: the hint encoders fold their inputs the way the map is folded
+        (each ``p x p`` block of histology into channels) and run at the latent size without stride-2 steps, so
+        every 10 um histology pixel reaches the hint of the latent pixel whose sub-pixels it lies on (strided
+        encoders must learn to keep that position). ``False`` (default): the paper's strided encoders.
     gene_code_channels
         Channels of the gene code in the hint (4).
     scheduler_config
@@ -92,6 +98,10 @@ class C3DiffModel(ModelMixin, ConfigMixin):
         On-sphere noise augmentation of ST features during training (0.03).
     lambda_mse, lambda_modal, lambda_content, lambda_inter_sphere
         Loss weights (2, 1, 1, 1).
+    min_snr_gamma
+        Weight ``L_mse`` per sample by ``min(SNR, gamma) / SNR`` (min-SNR-gamma, see
+        :func:`c3diff.models.losses.min_snr_weights`), which moves the effort from low-noise steps to the high-noise
+        steps where the conditioning decides the map. ``None`` (default): the paper's plain mean.
     memory_bank_size, memory_bank_pool
         Inference-time imputation memory bank: entries and pooled size (see :mod:`c3diff.models.imputation`).
     train_unet_encoder
@@ -101,6 +111,13 @@ class C3DiffModel(ModelMixin, ConfigMixin):
         variance over training maps, as the LDM's ``scaling_factor`` does for VQ latents). Sparse single-gene maps
         sit almost entirely at -1; without this, the UNet's group norms discard that offset and sampling drifts.
         Set by :meth:`fit_first_stage`.
+    latent_scaling
+        Pixel space only: how :meth:`fit_first_stage` sets ``latent_scale``. ``"std"`` (default): unit variance.
+        ``"range"``: 1, so the maps keep their [-1, 1] range as in a pixel-space DDPM. Single-gene maps are sparse,
+        so at unit variance their peaks stand ~20 noise sd high and stay visible through the noise at every
+        training step (``sqrt(alphas_cumprod)`` ends at 0.068): the denoiser can read count positions off its input
+        instead of the histology, which is all it has at inference. At their own range the peaks are hidden below
+        one noise sd on the noisier 44 % of steps.
     first_stage_fitted
         Whether the first stage was fitted to data (VQ autoencoder trained, or the pixel-space shift/scale
         estimated); :func:`c3diff.tl.train` fits it first when not.
@@ -144,6 +161,7 @@ class C3DiffModel(ModelMixin, ConfigMixin):
         space_to_depth: int = 1,
         hint_channels: int = 55,
         hint_encoder_channels: Sequence[int] = (32, 64, 128),
+        hint_space_to_depth: bool = False,
         gene_code_channels: int = 4,
         scheduler_config: Mapping[str, Any] | None = None,
         temperature: float = 0.07,
@@ -152,11 +170,13 @@ class C3DiffModel(ModelMixin, ConfigMixin):
         lambda_modal: float = 1.0,
         lambda_content: float = 1.0,
         lambda_inter_sphere: float = 1.0,
+        min_snr_gamma: float | None = None,
         memory_bank_size: int = 128,
         memory_bank_pool: int = 8,
         train_unet_encoder: bool = False,
         latent_shift: float = 0.0,
         latent_scale: float = 1.0,
+        latent_scaling: str = "std",
         first_stage_fitted: bool = False,
         backbone_fitted: bool = False,
         training_data: str | None = None,
@@ -218,10 +238,15 @@ class C3DiffModel(ModelMixin, ConfigMixin):
             )
 
         # conditioning
+        if hint_space_to_depth and (self.vqvae is not None or space_to_depth == 1):
+            raise ValueError("`hint_space_to_depth=True` folds the hint inputs like the map and needs pixel space with "
+                             f"`space_to_depth > 1`; got space_to_depth={space_to_depth} and "
+                             f"{'an' if self.vqvae is not None else 'no'} autoencoder. Set it to False.")
         self.hint_encoders = HintEncoders(
             feature_channels=hint_channels,
             block_out_channels=tuple(hint_encoder_channels),
-            num_downsamples=int(math.log2(factor)),
+            num_downsamples=0 if hint_space_to_depth else int(math.log2(factor)),
+            fold=factor if hint_space_to_depth else 1,
             gene_code_channels=gene_code_channels,
         )
         self.controlnet = UNet2DControlNetModel.from_unet(self.unet, hint_channels=self.hint_encoders.hint_channels)
@@ -234,8 +259,15 @@ class C3DiffModel(ModelMixin, ConfigMixin):
 
         scheduler_config = dict(scheduler_config or {})
         self.noise_scheduler = DDIMScheduler(**scheduler_config)
-        if self.noise_scheduler.config.prediction_type != "epsilon":
-            raise ValueError("C3-Diff predicts the noise: `scheduler_config['prediction_type']` must be 'epsilon'.")
+        if latent_scaling not in ("std", "range"):
+            raise ValueError(f"`latent_scaling` must be 'std' or 'range', got {latent_scaling!r}.")
+        if min_snr_gamma is not None and not min_snr_gamma > 0:
+            raise ValueError(f"`min_snr_gamma` must be a positive number or None, got {min_snr_gamma!r}.")
+        if self.noise_scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(
+                "C3-Diff's denoiser predicts the noise ('epsilon', the paper) or the velocity ('v_prediction'): "
+                f"`scheduler_config['prediction_type']` is {self.noise_scheduler.config.prediction_type!r}."
+            )
 
         self.register_to_config(
             genes=list(genes),
@@ -367,8 +399,8 @@ class C3DiffModel(ModelMixin, ConfigMixin):
         """Fit the first stage to training maps, then freeze it; marks ``config.first_stage_fitted``.
 
         With a VQ autoencoder: :func:`~c3diff.models.fit_autoencoder` (reconstruction of single-gene maps, then the
-        latent scaling factor). In pixel space: ``latent_shift`` / ``latent_scale`` from the mean and standard
-        deviation of the (folded) maps.
+        latent scaling factor). In pixel space: ``latent_shift`` is the mean of the (folded) maps and
+        ``latent_scale`` one over their standard deviation (``latent_scaling="std"``) or 1 (``"range"``).
 
         Parameters
         ----------
@@ -389,7 +421,8 @@ class C3DiffModel(ModelMixin, ConfigMixin):
             self.register_to_config(latent_shift=0.0, latent_scale=1.0)
             folded = self.encode_images(images)
             std = float(folded.std())
-            self.register_to_config(latent_shift=float(folded.mean()), latent_scale=1.0 / std if std > 0 else 1.0)
+            scale = 1.0 / std if std > 0 and self.config.get("latent_scaling", "std") == "std" else 1.0
+            self.register_to_config(latent_shift=float(folded.mean()), latent_scale=scale)
         self.register_to_config(first_stage_fitted=True)
 
     def fit_backbone(
@@ -445,7 +478,7 @@ class C3DiffModel(ModelMixin, ConfigMixin):
                 noise = torch.randn(x0.shape, generator=generator).to(self.device, x0.dtype)
                 timesteps = torch.randint(0, n_steps, (len(x0),), generator=generator).to(self.device)
                 loss = diffusion_mse(self.unet(self.noise_scheduler.add_noise(x0, noise, timesteps), timesteps).sample,
-                                     noise)
+                                     self.diffusion_target(x0, noise, timesteps))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -459,6 +492,13 @@ class C3DiffModel(ModelMixin, ConfigMixin):
         return history
 
     # ------------------------------------------------------------------ denoiser
+    def diffusion_target(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """What the denoiser learns to output: the noise (``"epsilon"``, the paper) or the velocity
+        ``sqrt(a) noise - sqrt(1 - a) x0`` (``"v_prediction"``), as the scheduler's ``prediction_type`` says."""
+        if self.noise_scheduler.config.prediction_type == "v_prediction":
+            return self.noise_scheduler.get_velocity(x0, noise, timesteps)
+        return noise
+
     def denoise(self, sample: torch.Tensor, timestep: torch.Tensor | int, hint: torch.Tensor) -> torch.Tensor:
         """Noise prediction of the UNet with the ControlNet residuals of ``hint`` added.
 
@@ -534,7 +574,12 @@ class C3DiffModel(ModelMixin, ConfigMixin):
             gene_index,
             num_genes=self.num_genes,
         )
-        l_mse = diffusion_mse(self.denoise(noisy, timesteps, hint), noise)
+        gamma = self.config.get("min_snr_gamma")
+        snr_weights = None if gamma is None else min_snr_weights(
+            self.noise_scheduler, timesteps, gamma=gamma, prediction_type=self.noise_scheduler.config.prediction_type
+        )
+        l_mse = diffusion_mse(self.denoise(noisy, timesteps, hint), self.diffusion_target(x0, noise, timesteps),
+                              weights=snr_weights)
 
         if self.training:
             self.imputer.update_bank(h.content[complete], h.modal[complete], y.content[complete], y.modal[complete])

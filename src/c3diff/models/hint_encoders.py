@@ -50,6 +50,11 @@ class HintEncoder(nn.Module):
         and has stride 2 for the first ``num_downsamples`` stages.
     num_downsamples
         Number of stride-2 steps, ``log2(S / latent size)`` (2 for a factor-4 autoencoder, 0 in pixel space).
+    fold
+        Fold each ``fold x fold`` block of the input into channels (``pixel_unshuffle``) before the conv stack, which
+        then runs at ``S / fold`` without stride-2 steps (``num_downsamples`` must be 0). Every input pixel keeps
+        its own channels, so detail finer than a latent pixel reaches the hint exactly, the way a space-to-depth
+        denoiser sees the map. 1 (default): no fold.
 
     Examples
     --------
@@ -67,8 +72,13 @@ class HintEncoder(nn.Module):
         out_channels: int = 55,
         block_out_channels: tuple[int, ...] = (32, 64, 128),
         num_downsamples: int = 2,
+        fold: int = 1,
     ):
         super().__init__()
+        if fold < 1 or (fold > 1 and num_downsamples):
+            raise ValueError(f"`fold={fold}` must be >= 1, and a folding encoder has no stride-2 steps "
+                             f"(`num_downsamples` must be 0, got {num_downsamples}).")
+        self.fold = fold
         stages = len(block_out_channels) - 1
         if num_downsamples > stages:
             raise ValueError(
@@ -76,7 +86,7 @@ class HintEncoder(nn.Module):
                 f"downsample at most {stages} time(s), but {num_downsamples} stride-2 steps are needed to reach the "
                 "latent size. Give `hint_encoder_channels` more entries."
             )
-        self.conv_in = nn.Conv2d(in_channels, block_out_channels[0], kernel_size=3, padding=1)
+        self.conv_in = nn.Conv2d(in_channels * fold**2, block_out_channels[0], kernel_size=3, padding=1)
         self.blocks = nn.ModuleList([])
         for i in range(stages):
             c_in, c_out = block_out_channels[i], block_out_channels[i + 1]
@@ -87,6 +97,8 @@ class HintEncoder(nn.Module):
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """The embedding (pre-zero-conv features) that the contrastive losses compare."""
+        if self.fold > 1:
+            x = F.pixel_unshuffle(x, self.fold)
         h = F.silu(self.conv_in(x))
         for block in self.blocks:
             h = F.silu(block(h))
@@ -128,6 +140,9 @@ class HintEncoders(nn.Module):
         Widths of each encoder's conv stack.
     num_downsamples
         Stride-2 steps from the image size to the latent size.
+    fold
+        Fold the inputs by this factor instead of downsampling (see :class:`HintEncoder`); then ``num_downsamples``
+        must be 0.
     gene_code_channels
         Channels of the constant gene code map.
 
@@ -147,6 +162,7 @@ class HintEncoders(nn.Module):
         feature_channels: int = 55,
         block_out_channels: tuple[int, ...] = (32, 64, 128),
         num_downsamples: int = 2,
+        fold: int = 1,
         gene_code_channels: int = 4,
     ):
         super().__init__()
@@ -154,6 +170,7 @@ class HintEncoders(nn.Module):
             "out_channels": feature_channels,
             "block_out_channels": tuple(block_out_channels),
             "num_downsamples": num_downsamples,
+            "fold": fold,
         }
         self.histology_content = HintEncoder(**kwargs)  # E_h^c
         self.st_content = HintEncoder(**kwargs)  # E_y^c

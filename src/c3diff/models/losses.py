@@ -10,6 +10,7 @@ follow the paper's definitions, and every component enters the total exactly onc
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,7 @@ __all__ = [
     "diffusion_mse",
     "info_nce",
     "inter_sphere_loss",
+    "min_snr_weights",
     "modal_loss",
     "overall_loss",
     "sphere_normalize",
@@ -207,11 +209,61 @@ def inter_sphere_loss(c_h: torch.Tensor, m_h: torch.Tensor, *, temperature: floa
     return info_nce(a @ b.T / temperature, eye, torch.ones_like(eye))
 
 
-def diffusion_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """``L_mse``: mean squared error of the epsilon prediction."""
+def diffusion_mse(
+    prediction: torch.Tensor, target: torch.Tensor, *, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``L_mse``: mean squared error of the epsilon prediction, optionally weighted per sample.
+
+    Parameters
+    ----------
+    prediction, target
+        ``(B, ...)`` predicted and true noise.
+    weights
+        ``(B,)`` per-sample weights (e.g. :func:`min_snr_weights`); ``None``: the plain mean (METHOD.md).
+
+    Examples
+    --------
+    >>> import torch
+    >>> p, t = torch.zeros(2, 1, 2, 2), torch.stack([torch.ones(1, 2, 2), 2 * torch.ones(1, 2, 2)])
+    >>> float(diffusion_mse(p, t)), float(diffusion_mse(p, t, weights=torch.tensor([1.0, 0.5])))
+    (2.5, 1.5)
+    """
     if prediction.shape != target.shape:
         raise ValueError(f"prediction {tuple(prediction.shape)} and target {tuple(target.shape)} differ in shape.")
-    return F.mse_loss(prediction.float(), target.float())
+    if weights is None:
+        return F.mse_loss(prediction.float(), target.float())
+    if weights.shape != prediction.shape[:1]:
+        raise ValueError(f"`weights` must be ({prediction.shape[0]},), one per sample, got {tuple(weights.shape)}.")
+    per_sample = (prediction.float() - target.float()).pow(2).flatten(1).mean(dim=1)
+    return (weights.float() * per_sample).mean()
+
+
+def min_snr_weights(
+    scheduler: Any, timesteps: torch.Tensor, *, gamma: float, prediction_type: str = "epsilon"
+) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023): ``min(SNR(t), gamma) / SNR(t)`` for epsilon prediction,
+    ``min(SNR(t), gamma) / (SNR(t) + 1)`` for v-prediction.
+
+    The plain epsilon MSE spends most of its effort on low-noise steps, where the noisy map already shows where the
+    counts are; the conditioning (histology, LR map) matters at high noise. These weights cap the low-noise steps
+    (``SNR > gamma``) and leave the rest at 1. The SNR comes from :func:`diffusers.training_utils.compute_snr`.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from diffusers import DDIMScheduler
+    >>> w = min_snr_weights(DDIMScheduler(), torch.tensor([0, 999]), gamma=5.0)
+    >>> bool(w[0] < 0.01), float(w[1])
+    (True, 1.0)
+    """
+    from diffusers.training_utils import compute_snr
+
+    if not gamma > 0:
+        raise ValueError(f"`gamma` (min-SNR) must be a positive number, got {gamma!r}.")
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(f"`prediction_type` must be 'epsilon' or 'v_prediction', got {prediction_type!r}.")
+    snr = compute_snr(scheduler, timesteps)
+    return snr.clamp(max=gamma) / (snr if prediction_type == "epsilon" else snr + 1)
 
 
 def overall_loss(

@@ -160,8 +160,8 @@ def _denoise_loop(
     latents = latents * scheduler.init_noise_sigma
     for timestep in scheduler.timesteps:
         model_input = scheduler.scale_model_input(latents, timestep)
-        noise_pred = model.denoise(model_input, timestep, hint)
-        latents = scheduler.step(noise_pred, timestep, latents, eta=eta, generator=generators).prev_sample
+        model_output = model.denoise(model_input, timestep, hint)  # noise or velocity, as the scheduler expects
+        latents = scheduler.step(model_output, timestep, latents, eta=eta, generator=generators).prev_sample
     return model.decode_latents(latents)
 
 
