@@ -91,7 +91,9 @@ class C3DiffModel(ModelMixin, ConfigMixin):
     gene_code_channels
         Channels of the gene code in the hint (4).
     scheduler_config
-        Arguments of :class:`~diffusers.DDIMScheduler` (used for training noise and for sampling).
+        Arguments of :class:`~diffusers.DDIMScheduler` (used for training noise and for sampling). Its
+        ``prediction_type`` is ``"epsilon"`` (the paper) or ``"v_prediction"`` (for models trained from scratch; see
+        :meth:`diffusion_target`).
     temperature
         ``tau`` of the contrastive losses and the imputation.
     st_noise_sigma
@@ -99,7 +101,7 @@ class C3DiffModel(ModelMixin, ConfigMixin):
     lambda_mse, lambda_modal, lambda_content, lambda_inter_sphere
         Loss weights (2, 1, 1, 1).
     min_snr_gamma
-        Weight ``L_mse`` per sample by ``min(SNR, gamma) / SNR`` (min-SNR-gamma, see
+        Weight ``L_mse`` per sample by ``min(SNR, gamma) / SNR`` (``/ (SNR + 1)`` for v-prediction; min-SNR-gamma, see
         :func:`c3diff.models.losses.min_snr_weights`), which moves the effort from low-noise steps to the high-noise
         steps where the conditioning decides the map. ``None`` (default): the paper's plain mean.
     memory_bank_size, memory_bank_pool
@@ -500,7 +502,8 @@ class C3DiffModel(ModelMixin, ConfigMixin):
         return noise
 
     def denoise(self, sample: torch.Tensor, timestep: torch.Tensor | int, hint: torch.Tensor) -> torch.Tensor:
-        """Noise prediction of the UNet with the ControlNet residuals of ``hint`` added.
+        """Noise (or velocity, see :meth:`diffusion_target`) prediction of the UNet with the ControlNet residuals of
+        ``hint`` added.
 
         The frozen UNet encoder runs without autograd (its features need no gradient; the ControlNet residuals
         added to them do).
