@@ -41,6 +41,10 @@ def main() -> None:
                         help="what the denoiser predicts (default: the tiny preset's)")
     parser.add_argument("--latent-scaling", choices=["std", "range"], default=None,
                         help="scale of the pixel-space diffusion space (default: the tiny preset's)")
+    parser.add_argument("--timestep-spacing", choices=["leading", "trailing"], default=None,
+                        help="DDIM timestep spacing used when sampling (default: the tiny preset's)")
+    parser.add_argument("--init-from", type=Path, default=None,
+                        help="continue training this saved model instead of starting from the tiny preset")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--run-dir", type=Path, default=None,
@@ -72,21 +76,30 @@ def main() -> None:
         overrides["scheduler_config"] = {"prediction_type": args.prediction_type}
     if args.latent_scaling is not None:
         overrides["latent_scaling"] = args.latent_scaling
+    if args.init_from is not None and overrides:
+        parser.error(f"--init-from continues a saved model with its own architecture; drop {sorted(overrides)}.")
     with tempfile.TemporaryDirectory() as tmp:
         run = args.run_dir or tmp
         result = c3.tl.train(
-            patches[:-1], val_data=patches[-1], model="tiny", genes=genes, output_dir=run, model_overrides=overrides,
+            patches[:-1], val_data=patches[-1], model=str(args.init_from) if args.init_from else "tiny",
+            genes=genes, output_dir=run, model_overrides=overrides,
             learning_rate=args.learning_rate, epochs=10**6, max_time=args.minutes * 60, seed=args.seed,
             val_steps=10, val_max_patches=16,
         )
         model = result.model
+        if args.timestep_spacing is not None:  # sampling only: training noise does not depend on it
+            scheduler = {**model.config.scheduler_config, "timestep_spacing": args.timestep_spacing}
+            model.register_to_config(scheduler_config=scheduler)
+            model.noise_scheduler = type(model.noise_scheduler).from_config(scheduler)
+        start_from = f"continued from {args.init_from.name}" if args.init_from else "tiny preset"
+        options = {**overrides, **({"timestep_spacing": args.timestep_spacing} if args.timestep_spacing else {})}
         description = (
             f"DEMO MODEL FOR SIMULATED TISSUE, NOT FOR REAL DATA. Trained by scripts/train_demo_model.py (c3diff "
             f"{c3.__version__}) for {args.minutes:g} min on a CPU: {len(sections) - 1} simulated breast sections "
             f"(c3diff.datasets.simulate_section, seeds 0-{len(sections) - 2}, {args.size / 1000:g} mm; seed "
             f"{len(sections) - 1} for validation), 64 px patches at 10 um/px, Xenium-like LR (100 um transcript bins), "
             f"{len(genes)} genes (immune markers + HVGs), AdamW lr {args.learning_rate:g}"
-            + (f", tiny preset with {overrides}." if overrides else ", tiny preset.")
+            + f", {start_from}" + (f" with {options}." if options else ".")
         )
         if args.out.exists():
             shutil.rmtree(args.out)
