@@ -212,12 +212,13 @@ def inter_sphere_loss(c_h: torch.Tensor, m_h: torch.Tensor, *, temperature: floa
 def diffusion_mse(
     prediction: torch.Tensor, target: torch.Tensor, *, weights: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """``L_mse``: mean squared error of the epsilon prediction, optionally weighted per sample.
+    """``L_mse``: mean squared error of the denoiser's prediction, optionally weighted per sample.
 
     Parameters
     ----------
     prediction, target
-        ``(B, ...)`` predicted and true noise.
+        ``(B, ...)`` predicted and true target: the noise (the paper), or the velocity for a v-prediction model
+        (see :meth:`c3diff.models.C3DiffModel.diffusion_target`).
     weights
         ``(B,)`` per-sample weights (e.g. :func:`min_snr_weights`); ``None``: the plain mean (METHOD.md).
 
