@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -54,6 +55,142 @@ def raster_levels(element: Any) -> list[xr.DataArray]:
     for name in sorted(element.children, key=lambda n: int(n.removeprefix("scale"))):
         levels.append(next(iter(element[name].ds.data_vars.values())))
     return levels
+
+
+def _row_ids(ids: Any, rows: np.ndarray, *, shown: int = 5) -> str:
+    """The ids of ``rows`` (positions) for a message: the first few, and how many in all."""
+    picked = [str(ids[i]) if ids is not None else f"row {i}" for i in rows[:shown]]
+    return f"{picked}{f' ... ({len(rows)} in all)' if len(rows) > shown else ''}"
+
+
+def check_counts(counts: Any, *, ids: Sequence[Any] | None = None, arg: str = "counts", what: str = "spot") -> None:
+    """Raise unless ``counts`` (rows x genes; numpy, scipy sparse or a DataFrame) are finite and non-negative.
+
+    The message names the rows (``ids``: spot barcodes, cell ids) that hold NaN, inf or negative values. Counts that
+    are not whole numbers (normalised or log-transformed data) pass with a single one-line ``UserWarning``: c3diff's
+    maps are in counts, so such values give maps in other units. Nothing is modified.
+    """
+    from scipy import sparse
+
+    if hasattr(counts, "to_numpy") and not sparse.issparse(counts):
+        counts = counts.to_numpy()
+    if sparse.issparse(counts):
+        matrix = counts.tocsr()
+        values = matrix.data
+        value_rows = np.repeat(np.arange(matrix.shape[0]), np.diff(matrix.indptr))
+    else:
+        values = np.asarray(counts)
+        if values.ndim == 1:
+            values = values[:, None]
+        value_rows = None
+    if values.dtype == object or not (np.issubdtype(values.dtype, np.number) or values.dtype == bool):
+        raise TypeError(
+            f"`{arg}` must hold numbers (raw counts), got values of type {values.dtype}. Convert the table to "
+            "numbers first (e.g. `pd.to_numeric`), or check that the file is a counts matrix."
+        )
+
+    def offending(flags: np.ndarray) -> np.ndarray:
+        if value_rows is not None:
+            return np.unique(value_rows[flags.ravel()])
+        return np.flatnonzero(flags.reshape(len(flags), -1).any(axis=1))
+
+    problems = []
+    if np.issubdtype(values.dtype, np.floating) or np.issubdtype(values.dtype, np.complexfloating):
+        bad = offending(~np.isfinite(values))
+        if bad.size:
+            problems.append(f"{bad.size} {what}(s) with NaN or infinite counts: {_row_ids(ids, bad)}")
+    if not (np.issubdtype(values.dtype, np.unsignedinteger) or values.dtype == bool):
+        with np.errstate(invalid="ignore"):
+            bad = offending(values < 0)
+        if bad.size:
+            problems.append(f"{bad.size} {what}(s) with negative counts: {_row_ids(ids, bad)}")
+    if problems:
+        raise ValueError(
+            f"`{arg}`: counts must be finite, non-negative numbers of molecules; found {'; '.join(problems)}. Fix or "
+            f"drop these {what}s (a NaN is often a row cut short in the file; negative values come from centred or "
+            "batch-corrected data: pass the raw counts)."
+        )
+    if np.issubdtype(values.dtype, np.floating):
+        with np.errstate(invalid="ignore"):
+            fractional = offending(values != np.round(values))
+        if fractional.size:
+            warnings.warn(
+                f"`{arg}`: counts of {fractional.size} {what}(s) are not whole numbers (e.g. "
+                f"{_row_ids(ids, fractional, shown=3)}); c3diff expects raw integer counts and normalised or "
+                "log-transformed values give maps in other units.",
+                UserWarning,
+                stacklevel=3,
+            )
+
+
+def check_table_counts(
+    sdata: SpatialData, table_key: str, *, genes: Iterable[str] | None = None, arg: str = "table_key"
+) -> None:
+    """:func:`check_counts` on the rows of a spot table that computations use (``obs["in_tissue"]`` when present)
+    and on ``genes`` when they all exist (otherwise on every gene; unknown genes are reported by ``check_genes``)."""
+    table = get_element(sdata, table_key, "tables", arg=arg)
+    rows = np.ones(table.n_obs, dtype=bool)
+    if "in_tissue" in table.obs:
+        rows = table.obs["in_tissue"].to_numpy(dtype=bool)
+    columns = slice(None)
+    if genes is not None:
+        wanted = [genes] if isinstance(genes, str) else list(genes)
+        index = {str(g): i for i, g in enumerate(table.var_names)}
+        if wanted and all(str(g) in index for g in wanted):
+            columns = [index[str(g)] for g in wanted]
+    matrix = table.X[rows][:, columns]
+    check_counts(matrix, ids=table.obs_names[rows].to_numpy(), arg=f"{arg}={table_key!r}", what="spot")
+
+
+#: The H&E pixel types c3diff reads, and how each becomes uint8 (``docs/reliability.md``).
+HNE_DTYPE_RULE = (
+    "uint8 as is; uint16 divided by 257 (the full 16-bit range, as skimage's img_as_ubyte) unless every value is at "
+    "most 255 (8-bit values stored as uint16: taken as they are); floats in [0, 1] times 255 and floats in [0, 255] "
+    "as they are (a float image whose maximum is at most 1 is read as [0, 1]); other integer types only when every "
+    "value lies in 0..255; anything else is refused"
+)
+
+
+def _value_range(values: Any) -> tuple[float, float]:
+    if hasattr(values, "dask"):
+        import dask
+
+        lo, hi = dask.compute(values.min(), values.max())
+        return float(lo), float(hi)
+    values = np.asarray(values)
+    return (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+
+
+def hne_to_uint8(values: Any, *, dtype: Any = None, arg: str = "image") -> Any:
+    """An H&E (numpy or dask, any shape) as uint8 by :data:`HNE_DTYPE_RULE`; other pixel types are refused by name.
+
+    ``dtype`` is the pixel type of the stored image when ``values`` were computed from it (e.g. float averages of
+    a uint16 image); it defaults to ``values.dtype``.
+    """
+    dtype = np.dtype(values.dtype if dtype is None else dtype)
+    fix = "Convert it to uint8 (0..255 per channel) first; docs/reliability.md lists the pixel types c3diff reads."
+    if dtype == np.uint8:
+        return values if values.dtype == np.uint8 else np.clip(np.rint(values), 0, 255).astype(np.uint8)
+    if dtype == bool or not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)):
+        raise TypeError(f"`{arg}`: the H&E has pixel type {dtype}; c3diff reads uint8, uint16 and float H&E images. "
+                        f"{fix}")
+    lo, hi = _value_range(values)
+    if dtype == np.uint16:
+        divisor = 1.0 if hi <= 255 else 257.0
+        return np.clip(np.rint(values.astype(np.float32) / divisor), 0, 255).astype(np.uint8)
+    if np.issubdtype(dtype, np.floating):
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            raise ValueError(f"`{arg}`: the {dtype} H&E holds NaN or infinite pixels; replace them (e.g. by 255, "
+                             "white glass) first.")
+        if lo < 0 or hi > 255:
+            raise ValueError(f"`{arg}`: the {dtype} H&E has values in {lo:g}..{hi:g}; c3diff reads float H&E images in "
+                             f"[0, 1] or [0, 255]. {fix}")
+        top = 1.0 if hi <= 1.0 else 255.0
+        return np.clip(np.rint(values.astype(np.float32) * (255.0 / top)), 0, 255).astype(np.uint8)
+    if lo < 0 or hi > 255:
+        raise TypeError(f"`{arg}`: the H&E has pixel type {dtype} with values in {lo:g}..{hi:g}; c3diff reads uint8, "
+                        f"uint16 and float H&E images (other integer types only with values in 0..255). {fix}")
+    return np.clip(np.rint(values), 0, 255).astype(np.uint8) if values.dtype.kind == "f" else values.astype(np.uint8)
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import numpy as np
 
 from c3diff._constants import ATTRS_KEY, COORDINATE_SYSTEM, RGB_CHANNELS, Key
 from c3diff._provenance import _plain
-from c3diff._validation import RasterGeometry
+from c3diff._validation import RasterGeometry, hne_to_uint8
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -27,6 +27,11 @@ MAX_IMAGE_PIXELS = 2_000_000_000
 #: Fraction of spot centres that may fall outside the image before the pairing is called wrong.
 MAX_OUTSIDE_FRACTION = 0.5
 _TIFF_SUFFIXES = (".tif", ".tiff", ".btf")
+#: Images get 2x-downsampled pyramid levels (as spatialdata-io's readers) until the coarsest level has at most this
+#: many pixels along its longer side, so that plots and tiling read the level they need; smaller images stay single.
+PYRAMID_TOP_SIZE = 2048
+#: Bytes read from the end of a text table to check that its last row is complete.
+_TAIL_BYTES = 1 << 20
 
 
 def require_file(path: Path, *, what: str, arg: str, hint: str = "") -> Path:
@@ -70,19 +75,7 @@ def _large_images():
         Image.MAX_IMAGE_PIXELS = previous
 
 
-def _to_uint8(array: Any) -> Any:
-    """Rescale an integer/float image (numpy or dask) to uint8: 16-bit by /257, floats by their range."""
-    if array.dtype == np.uint8:
-        return array
-    if array.dtype == np.uint16:
-        return (array // 257).astype(np.uint8)
-    if array.dtype == bool:
-        return array.astype(np.uint8) * 255
-    top = 1.0 if float(np.nanmax(array)) <= 1.0 else 255.0
-    return np.clip(np.rint(array.astype(np.float32) / top * 255.0), 0, 255).astype(np.uint8)
-
-
-def _rgb_from_pil(image: Any) -> np.ndarray:
+def _rgb_from_pil(image: Any, *, arg: str) -> np.ndarray:
     from PIL import Image
 
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
@@ -93,7 +86,7 @@ def _rgb_from_pil(image: Any) -> np.ndarray:
     if image.mode in ("RGB", "L", "P", "CMYK", "YCbCr"):
         return np.asarray(image.convert("RGB"))
     array = np.asarray(image)  # 16-bit or float single-channel
-    return np.repeat(_to_uint8(array)[..., None], 3, axis=2)
+    return np.repeat(hne_to_uint8(array, arg=arg)[..., None], 3, axis=2)
 
 
 def load_rgb(path: Path, *, arg: str) -> Any:
@@ -111,12 +104,22 @@ def load_rgb(path: Path, *, arg: str) -> Any:
             array = array.transpose(1, 2, 0)
         if array.ndim != 3 or array.shape[-1] not in (3, 4):
             raise ValueError(f"`{arg}`: {str(path)!r} is not an RGB image (axes {axes}, shape {array.shape}).")
-        return _to_uint8(array[..., :3])
+        return hne_to_uint8(array[..., :3], arg=arg)
+    import zlib
+
     from PIL import Image
 
-    with _large_images(), Image.open(path) as image:
-        image.load()
-        return _rgb_from_pil(image)
+    try:
+        with _large_images(), Image.open(path) as image:
+            image.load()
+            return _rgb_from_pil(image, arg=arg)
+    except (FileNotFoundError, PermissionError):
+        raise
+    except (OSError, SyntaxError, EOFError, zlib.error) as err:  # PIL: "image file is truncated", unidentified
+        raise ValueError(
+            f"`{arg}`: {str(path)!r} is truncated or not a readable image ({err}). Copy or download it again, or "
+            "export it anew (JPEG, PNG or TIFF)."
+        ) from err
 
 
 def as_rgb(image: Any, *, arg: str) -> Any:
@@ -126,7 +129,7 @@ def as_rgb(image: Any, *, arg: str) -> Any:
         array = array[..., None].repeat(3, axis=2)
     if array.ndim != 3 or array.shape[-1] not in (3, 4):
         raise ValueError(f"`{arg}` must be an (y, x, 3) RGB array, got shape {array.shape}.")
-    return _to_uint8(array[..., :3])
+    return hne_to_uint8(array[..., :3], arg=arg)
 
 
 def read_tiff_level0(path: Path, *, arg: str) -> tuple[Any, str, str]:
@@ -163,19 +166,118 @@ def index_transform(*, sy: float, sx: float, y0: float = 0.0, x0: float = 0.0):
     return raster_transform(sy=sy, sx=sx, y0=y0 - 0.5 * sy, x0=x0 - 0.5 * sx)
 
 
-def parse_rgb(image: np.ndarray, transform: Any) -> xr.DataArray:
-    """An ``Image2DModel`` element (uint8, ``c = r, g, b``) from a ``(y, x, 3)`` array and its transform to global."""
+def pyramid_scale_factors(height: int, width: int) -> list[int]:
+    """Scale factors (each 2) of the pyramid of a ``height x width`` image: levels are added until the coarsest has at
+    most :data:`PYRAMID_TOP_SIZE` pixels along its longer side (none for smaller images)."""
+    factors, size = [], max(int(height), int(width))
+    while size > PYRAMID_TOP_SIZE:
+        factors.append(2)
+        size = -(-size // 2)
+    return factors
+
+
+def parse_rgb(image: np.ndarray, transform: Any) -> xr.DataArray | xr.DataTree:
+    """An ``Image2DModel`` element (uint8, ``c = r, g, b``) from a ``(y, x, 3)`` array and its transform to global:
+    multiscale (a ``DataTree`` with the levels of :func:`pyramid_scale_factors`) when the image is large."""
     from spatialdata.models import Image2DModel
 
     data = image.transpose(2, 0, 1)
     data = data if hasattr(data, "dask") else np.ascontiguousarray(data)
+    factors = pyramid_scale_factors(*data.shape[1:])
     return Image2DModel.parse(
         data,
         dims=("c", "y", "x"),
         c_coords=list(RGB_CHANNELS),
         transformations={COORDINATE_SYSTEM: transform},
+        scale_factors=factors or None,
         chunks=(3, IMAGE_CHUNK, IMAGE_CHUNK),
     )
+
+
+def _is_gzip(path: Path) -> bool:
+    with path.open("rb") as fh:
+        return fh.read(2) == b"\x1f\x8b"
+
+
+def check_last_row(path: Path, *, sep: str, arg: str) -> None:
+    """Raise when an uncompressed text table ends in the middle of a row (fewer fields than the row before it and
+    no final newline): a file cut short by an interrupted copy or download."""
+    if _is_gzip(path):
+        return  # a cut gzip stream fails to decompress (see read_table)
+    size = path.stat().st_size
+    with path.open("rb") as fh:
+        fh.seek(max(0, size - _TAIL_BYTES))
+        tail = fh.read()
+    if not tail or tail.endswith((b"\n", b"\r")):
+        return
+    lines = tail.replace(b"\r\n", b"\n").split(b"\n")
+    if len(lines) < 2:
+        return
+    last, previous = lines[-1], lines[-2]
+    field = sep.encode()
+    if last.count(field) < previous.count(field):
+        raise ValueError(
+            f"`{arg}`: {str(path)!r} is truncated: its last line has {last.count(field) + 1} fields where the line "
+            f"before has {previous.count(field) + 1}, and the file does not end with a newline (it was cut mid-row). "
+            "Copy or download it again."
+        )
+
+
+def read_table(path: Path, *, arg: str, **kwargs: Any) -> pd.DataFrame:
+    """``pandas.read_csv`` that names the file when it is truncated (gzip stream cut, last row cut) or unreadable."""
+    import gzip
+    import zlib
+
+    import pandas as pd
+
+    sep = kwargs.get("sep", ",")
+    try:
+        frame = pd.read_csv(path, **kwargs)
+    except (EOFError, zlib.error, gzip.BadGzipFile) as err:
+        raise ValueError(
+            f"`{arg}`: {str(path)!r} is truncated or corrupt ({err}): the compressed file ends early or is damaged. "
+            "Copy or download it again."
+        ) from err
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise ValueError(
+            f"`{arg}`: {str(path)!r} cannot be read as a {'tab' if sep == chr(9) else 'comma'}-separated table "
+            f"({err}). Check that it is the right file and that it is complete."
+        ) from err
+    if isinstance(sep, str) and len(sep) == 1:
+        check_last_row(path, sep=sep, arg=arg)
+    return frame
+
+
+def read_parquet(path: Path, *, arg: str, **kwargs: Any) -> pd.DataFrame:
+    """``pandas.read_parquet`` that names the file when it is truncated or not Parquet."""
+    import pandas as pd
+    import pyarrow as pa
+
+    try:
+        return pd.read_parquet(path, **kwargs)
+    except (pa.ArrowException, OSError) as err:
+        raise ValueError(
+            f"`{arg}`: {str(path)!r} is truncated or not a Parquet file ({err}). Copy or download it again."
+        ) from err
+
+
+def read_10x_h5(path: Path, *, arg: str, **kwargs: Any) -> AnnData:
+    """``scanpy.read_10x_h5`` that names the file when it is truncated, not HDF5 or not a 10x counts matrix."""
+    import scanpy as sc
+
+    try:
+        return sc.read_10x_h5(path, **kwargs)
+    except (FileNotFoundError, PermissionError):
+        raise
+    except OSError as err:  # h5py: "Unable to open file (truncated file: eof = ...)", "file signature not found"
+        raise ValueError(
+            f"`{arg}`: {str(path)!r} is truncated or not an HDF5 file ({err}). Copy or download it again."
+        ) from err
+    except KeyError as err:
+        raise ValueError(
+            f"`{arg}`: {str(path)!r} is HDF5 but not a 10x counts matrix (no {err} in it); pass the "
+            "filtered_feature_bc_matrix.h5 that Space Ranger / Xenium wrote."
+        ) from err
 
 
 def check_on_image(

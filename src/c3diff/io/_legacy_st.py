@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from c3diff._constants import LEGACY_ST_PITCH, LEGACY_ST_SPOT_DIAMETER, Key
-from c3diff._validation import raster_geometry
+from c3diff._validation import check_counts, raster_geometry
 from c3diff.io._common import (
     build_sdata,
     check_on_image,
@@ -20,6 +20,7 @@ from c3diff.io._common import (
     load_rgb,
     neighbour_distances,
     parse_rgb,
+    read_table,
     require_file,
     spot_elements,
 )
@@ -113,10 +114,12 @@ def read_legacy_st(
             raise ValueError(f"`{name}` must be a positive number of micrometres, got {value!r}.")
 
     frame = _read_counts(counts_path)
+    check_counts(frame, ids=frame.index.to_numpy(), arg=f"counts ({str(counts_path)!r})", what="spot")
     spot_table = _read_spot_file(spots_path)
     calibration = _fit_calibration(spot_table, pitch=pitch, arg="spots")
 
     ids = frame.index.to_series().str.extract(_SPOT_ID).astype(int).to_numpy()
+    _check_array_step(calibration, ids, spot_table, pitch=pitch, counts_path=counts_path, spots_path=spots_path)
     keyed = spot_table.set_index([SpotColumn.X.value, SpotColumn.Y.value])
     wanted = list(map(tuple, ids))
     found = np.array([key in keyed.index for key in wanted])
@@ -196,7 +199,7 @@ def _read_counts(path: Path) -> pd.DataFrame:
     import pandas as pd
 
     sep = "," if ".csv" in path.suffixes else "\t"
-    frame = pd.read_csv(path, sep=sep, index_col=0)
+    frame = read_table(path, arg="counts", sep=sep, index_col=0)
     rows = frame.index.astype(str).str.strip().str.fullmatch(_SPOT_ID.pattern)
     cols = frame.columns.astype(str).str.strip().str.fullmatch(_SPOT_ID.pattern)
     if cols.mean() > 0.9 and rows.mean() < 0.5:
@@ -228,14 +231,14 @@ def _read_spot_file(path: Path) -> pd.DataFrame:
     with path.open("rb") as fh:
         is_gzip = fh.read(2) == b"\x1f\x8b"
     sep = "," if ".csv" in path.suffixes else "\t"
-    frame = pd.read_csv(path, sep=sep, compression="gzip" if is_gzip else None)
+    frame = read_table(path, arg="spots", sep=sep, compression="gzip" if is_gzip else None)
     try:
         [float(c) for c in frame.columns]
         headerless = True
     except ValueError:
         headerless = False
     if headerless:  # the spot detector's plain output: x y new_x new_y pixel_x pixel_y [selected]
-        frame = pd.read_csv(path, sep=sep, header=None, compression="gzip" if is_gzip else None)
+        frame = read_table(path, arg="spots", sep=sep, header=None, compression="gzip" if is_gzip else None)
         if frame.shape[1] not in (6, 7):
             raise ValueError(
                 f"`spots`: {str(path)!r} has no header and {frame.shape[1]} columns; a headerless spot file must list "
@@ -283,6 +286,38 @@ def _array_step(values: np.ndarray, groups: np.ndarray) -> int:
         return 1
     counts = np.bincount(steps.astype(int))
     return int(np.argmax(counts))
+
+
+def _check_array_step(
+    calibration: dict, ids: np.ndarray, spots: pd.DataFrame, *, pitch: float, counts_path: Path, spots_path: Path
+) -> None:
+    """Refuse a spot file whose array spacing disagrees with the counts' spot ids or with any ST array.
+
+    The array step (1 on the 1k array, 2 on the staggered 2k array) sets the pixel size: a spot file that lost every
+    second row looks like a 2k array and would halve the um/px silently.
+    """
+    step_y, step_x = calibration["array_step"]
+    sy, sx = calibration["um_per_px"]
+    staggered = ((spots["x"] + spots["y"]) % 2).nunique() == 1
+    if step_x != step_y or (max(step_x, step_y) > 1 and not staggered):
+        raise ValueError(
+            f"`spots`: the array positions in {str(spots_path)!r} step by {step_x} along x and {step_y} along y"
+            f"{'' if staggered else ' without the checkerboard of the staggered 2k array'}, which gives "
+            f"{sx:.3f} x {sy:.3f} um/px from the {pitch:g} um pitch; neither ST array is laid out like that. Rows are "
+            "missing from the spot file (e.g. every second one): use the complete spot file of this section."
+        )
+    count_step_x = _array_step(ids[:, 0], ids[:, 1])
+    count_step_y = _array_step(ids[:, 1], ids[:, 0])
+    if len(ids) >= 3 and (count_step_x < step_x or count_step_y < step_y):
+        known = set(zip(spots["x"].tolist(), spots["y"].tolist()))
+        absent = [f"{x}x{y}" for x, y in ids.tolist() if (x, y) not in known]
+        raise ValueError(
+            f"`spots`: the spot file {str(spots_path)!r} spaces its positions {step_x} array units apart (read as the "
+            f"staggered 2k array: {sx:.3f} um/px), but the spot ids of `counts` ({str(counts_path)!r}) are "
+            f"{count_step_x} unit(s) apart, which gives {sx * step_x / count_step_x:.3f} um/px from the {pitch:g} um "
+            f"pitch. {len(absent)} of the {len(ids)} counted spots have no row in the spot file (e.g. {absent[:5]}): "
+            "rows are missing from it. Use the complete spot file of this section."
+        )
 
 
 def _fit_calibration(spots: pd.DataFrame, *, pitch: float, arg: str) -> dict:

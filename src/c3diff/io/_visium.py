@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 from c3diff._constants import HISTOLOGY_PIXEL_SIZE, VISIUM_PITCH, VISIUM_SPOT_DIAMETER, Key
-from c3diff._validation import raster_geometry
+from c3diff._validation import check_counts, raster_geometry
 from c3diff.io._common import (
     as_rgb,
     build_sdata,
@@ -23,6 +23,8 @@ from c3diff.io._common import (
     neighbour_distances,
     parse_rgb,
     raster_transform,
+    read_10x_h5,
+    read_table,
     require_dir,
     require_file,
     spot_elements,
@@ -109,8 +111,6 @@ def read_visium(
     >>> sdata.attrs["c3diff"]["reader"]["image_um_per_px"]  # doctest: +SKIP
     4.84
     """
-    import scanpy as sc
-
     root = require_dir(path, what="a Space Ranger `outs` folder", arg="path")
     if image not in ("auto", "hires", "lowres", None):
         raise ValueError(f"`image` must be 'auto', 'hires', 'lowres' or None, got {image!r}.")
@@ -122,8 +122,9 @@ def read_visium(
     counts_path = _counts_path(root, counts_file)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*not unique.*")  # 10x panels repeat symbols: made unique here
-        adata = sc.read_10x_h5(counts_path)
+        adata = read_10x_h5(counts_path, arg="counts_file")
         adata.var_names_make_unique()
+    check_counts(adata.X, ids=adata.obs_names.to_numpy(), arg=f"counts_file ({str(counts_path)!r})", what="spot")
 
     chosen, pixels, scalef = _choose_image(root, image, fullres_image, scalefactors)
     shared = adata.obs_names.intersection(positions.index)
@@ -224,6 +225,7 @@ def visium_from_arrays(
     ... )
     """
     n = adata.n_obs
+    check_counts(adata.X, ids=adata.obs_names.to_numpy(), arg="adata.X", what="spot")
     spatial = np.asarray(spatial, dtype=float)
     if spatial.shape != (n, 2):
         raise ValueError(f"`spatial` must have shape (n_spots, 2) = ({n}, 2) as (x, y), got {spatial.shape}.")
@@ -326,7 +328,13 @@ def visium_from_arrays(
 
 def _read_scalefactors(root: Path) -> dict:
     path = require_file(root / VisiumFile.SCALEFACTORS.value, what="Space Ranger scale factors", arg="path")
-    scalefactors = json.loads(path.read_text())
+    try:
+        scalefactors = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"`path`: {str(path)!r} is truncated or not JSON ({err}); copy it again from the Space "
+                         "Ranger output.") from err
+    if not isinstance(scalefactors, dict):
+        raise ValueError(f"`path`: {str(path)!r} must hold a JSON object of scale factors, got {scalefactors!r}.")
     if ScaleFactor.SPOT_DIAMETER.value not in scalefactors:
         raise ValueError(
             f"{str(path)!r} has no {ScaleFactor.SPOT_DIAMETER.value!r}: without it the images and spots have no "
@@ -336,8 +344,6 @@ def _read_scalefactors(root: Path) -> dict:
 
 
 def _read_positions(root: Path):
-    import pandas as pd
-
     path = first_existing(root, [VisiumFile.POSITIONS.value, VisiumFile.POSITIONS_LIST.value])
     if path is None:
         require_file(
@@ -348,7 +354,7 @@ def _read_positions(root: Path):
     with path.open() as fh:
         first = fh.readline().split(",")[0].strip()
     # Space Ranger 2 writes a header; 1.x does not. The column order is the same.
-    frame = pd.read_csv(path, header=0 if first == "barcode" else None)
+    frame = read_table(path, arg="path", sep=",", header=0 if first == "barcode" else None)
     if frame.shape[1] != len(_POSITION_COLUMNS):
         raise ValueError(f"{str(path)!r} has {frame.shape[1]} columns; Space Ranger writes {_POSITION_COLUMNS}.")
     frame.columns = _POSITION_COLUMNS

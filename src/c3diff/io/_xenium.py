@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from c3diff._constants import COORDINATE_SYSTEM, Key
-from c3diff._validation import raster_geometry
+from c3diff._validation import check_counts, raster_geometry
 from c3diff.io._common import (
     as_rgb,
     IMAGE_CHUNK,
@@ -24,6 +24,10 @@ from c3diff.io._common import (
     is_blank,
     load_rgb,
     parse_rgb,
+    pyramid_scale_factors,
+    read_10x_h5,
+    read_parquet,
+    read_table,
     read_tiff_level0,
     require_dir,
     require_file,
@@ -269,6 +273,7 @@ def cells_from_arrays(
     ... )
     """
     n = adata.n_obs
+    check_counts(adata.X, ids=adata.obs_names.to_numpy(), arg="adata.X", what="cell")
     spatial = np.asarray(spatial, dtype=float)
     if spatial.shape != (n, 2) or not np.isfinite(spatial).all():
         raise ValueError(f"`spatial` must be a finite (n_cells, 2) = ({n}, 2) array of (x, y) um, got {spatial.shape}.")
@@ -305,16 +310,20 @@ def cells_from_arrays(
 
 
 def _read_frame(path: Path, columns: list[str] | None = None) -> pd.DataFrame:
-    import pandas as pd
-
     if path.suffix == ".parquet":
         if columns is not None:
+            import pyarrow as pa
             import pyarrow.parquet as pq
 
-            available = set(pq.read_schema(path).names)
+            try:
+                available = set(pq.read_schema(path).names)
+            except (pa.ArrowException, OSError) as err:
+                raise ValueError(
+                    f"`path`: {str(path)!r} is truncated or not a Parquet file ({err}). Copy or download it again."
+                ) from err
             columns = [c for c in columns if c in available]
-        return pd.read_parquet(path, columns=columns)
-    frame = pd.read_csv(path)
+        return read_parquet(path, arg="path", columns=columns)
+    frame = read_table(path, arg="path", sep=",")
     return frame if columns is None else frame[[c for c in columns if c in frame.columns]]
 
 
@@ -326,7 +335,6 @@ def _as_str(values: Any) -> np.ndarray:
 
 def _read_cells(root: Path) -> tuple[pd.DataFrame, AnnData]:
     import pandas as pd
-    import scanpy as sc
 
     path = first_existing(root, [XeniumFile.CELLS.value, XeniumFile.CELLS_CSV.value])
     if path is None:
@@ -353,8 +361,9 @@ def _read_cells(root: Path) -> tuple[pd.DataFrame, AnnData]:
 
     matrix_path = require_file(root / XeniumFile.CELL_MATRIX.value, what="cell x gene counts (10x HDF5)", arg="path",
                                hint=" Pass cells=False to read the transcripts without cells.")
-    matrix = sc.read_10x_h5(matrix_path, gex_only=True)
+    matrix = read_10x_h5(matrix_path, arg="path", gex_only=True)
     matrix.obs_names = _as_str(matrix.obs_names)
+    check_counts(matrix.X, ids=matrix.obs_names.to_numpy(), arg=f"counts ({str(matrix_path)!r})", what="cell")
     position = pd.Series(np.arange(matrix.n_obs), index=matrix.obs_names)
     in_matrix = np.isin(ids, matrix.obs_names)
     if not in_matrix.any():
@@ -395,6 +404,14 @@ def _read_transcripts(
     missing = [c for c in wanted[:3] if c not in frame.columns]
     if missing:
         raise ValueError(f"{str(path)!r} lacks the column(s) {missing} (found {list(frame.columns)}).")
+    positions = frame[[XeniumColumn.X.value, XeniumColumn.Y.value]].to_numpy(float)
+    unplaced = np.flatnonzero(~np.isfinite(positions).all(axis=1))
+    if unplaced.size:
+        raise ValueError(
+            f"`path`: {unplaced.size} transcript(s) of {str(path)!r} have no finite x/y location (rows "
+            f"{unplaced[:5].tolist()}{' ...' if unplaced.size > 5 else ''}): the file is damaged or was edited; "
+            "copy it again from the Xenium output."
+        )
     n_read = len(frame)
     counts = {"n_transcripts_read": n_read, "n_low_qv": 0, "n_controls": 0}
     keep = np.ones(n_read, dtype=bool)
@@ -540,6 +557,7 @@ def _read_morphology(root: Path, which: str, override: float | None, origin_yx: 
         dims=("c", "y", "x"),
         c_coords=names,
         transformations={COORDINATE_SYSTEM: index_transform(sy=sy, sx=sx, y0=origin_yx[0], x0=origin_yx[1])},
+        scale_factors=pyramid_scale_factors(*data.shape[1:]) or None,
         chunks=(1, IMAGE_CHUNK, IMAGE_CHUNK),
     )
     return element, float(np.sqrt(sy * sx)), path

@@ -169,6 +169,14 @@ def bin_transcripts(
         codes = _gene_codes(frame[feature_key], gene_index)
         keep = codes >= 0
         y, x = to_cs(frame)
+        unplaced = ~(np.isfinite(y) & np.isfinite(x))
+        if unplaced.any():
+            raise ValueError(
+                f"`points_key={points_key!r}`: {int(unplaced.sum())} transcript(s) of this partition have no finite "
+                f"x/y position (index {frame.index[unplaced][:5].tolist()}); a transcript without a position cannot "
+                "be binned. Drop them and parse the points again, e.g. "
+                "`PointsModel.parse(frame.dropna(subset=['x', 'y']), feature_key=...)`."
+            )
         row = np.floor((y - grid.y0) / bin_size)
         col = np.floor((x - grid.x0) / bin_size)
         inside = (row >= 0) & (row < grid.height) & (col >= 0) & (col < grid.width)

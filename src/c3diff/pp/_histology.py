@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from c3diff._constants import COORDINATE_SYSTEM, HISTOLOGY_PIXEL_SIZE
-from c3diff._validation import RasterGeometry, get_element, raster_geometry, scale0
+from c3diff._validation import RasterGeometry, get_element, hne_to_uint8, raster_geometry, scale0
 from c3diff.pp._binning import grid_for
 from c3diff.pp._resample import resample_raster
 
@@ -28,6 +28,13 @@ def histology_raster(
 ) -> tuple[np.ndarray, RasterGeometry]:
     """The RGB H&E averaged onto a ``pixel_size`` grid anchored at the image's corner (or onto ``grid``).
 
+    The image may be single-scale or multiscale (the pyramid level closest to ``pixel_size`` is read). Its pixel
+    type decides how values become uint8: uint8 as is; uint16 divided by 257 (the full 16-bit range; 8-bit values
+    stored as uint16, all at most 255, as they are); floats in [0, 1] times 255 and floats in [0, 255] as they are (a float image whose maximum is at most 1 is read as [0, 1]);
+    other integer types only when every value lies in 0..255. Other types (bool masks, int32 counts) are refused
+    with a ``TypeError`` naming the type, floats outside [0, 255] or with NaN with a ``ValueError`` (see
+    ``docs/reliability.md``).
+
     Returns ``(rgb, grid)``: uint8 ``(3, height, width)`` (white outside the image) and the grid's geometry.
     """
     image = get_element(sdata, image_key, "images", arg="image_key")
@@ -36,14 +43,15 @@ def histology_raster(
         raise ValueError(
             f"`image_key={image_key!r}` must be an RGB(A) H&E image with 3 channels, found dims {dict(data.sizes)}."
         )
+    hne_to_uint8(np.zeros(1, dtype=data.dtype), arg=f"image_key={image_key!r}")  # refuse unknown types up front
     geometry = raster_geometry(image, coordinate_system=coordinate_system, arg="image_key")
     if grid is None:
         grid = grid_for(bin_size=float(pixel_size), image_geometry=geometry, origin=None, data_extent=None)
-    values, _ = resample_raster(image, grid, fill=255.0, coordinate_system=coordinate_system, arg="image_key")
-    values = values[:3]
-    if np.issubdtype(data.dtype, np.floating) and float(np.nanmax(values)) <= 1.0 + 1e-6:
-        values = values * 255.0  # float images in [0, 1]
-    return np.clip(np.rint(values), 0, 255).astype(np.uint8), grid
+    values, inside = resample_raster(image, grid, fill=0.0, coordinate_system=coordinate_system, arg="image_key")
+    rgb = np.full((3, grid.height, grid.width), 255, dtype=np.uint8)
+    if inside.any():
+        rgb[:, inside] = hne_to_uint8(values[:3][:, inside], dtype=data.dtype, arg=f"image_key={image_key!r}")
+    return rgb, grid
 
 
 def detect_tissue(rgb: np.ndarray, *, pixel_size: float, threshold: float = TISSUE_OD_THRESHOLD) -> np.ndarray:

@@ -12,6 +12,7 @@ import numpy as np
 from c3diff._constants import ATTRS_KEY, COORDINATE_SYSTEM, LR_PIXEL_SIZE
 from c3diff._provenance import record
 from c3diff._validation import check_genes, get_element, raster_geometry, transform_matrix
+from c3diff._validation import check_table_counts
 from c3diff.pp._binning import grid_for
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -181,6 +182,7 @@ def spots_to_grid(
     >>> c3.pp.spots_to_grid(sdata, table_key="visium_table", image_key="hne")  # doctest: +SKIP
     >>> sdata["visium_table_grid"], sdata["visium_table_grid_mask"]  # doctest: +SKIP
     """
+    check_table_counts(sdata, table_key, genes=genes)
     from scipy.interpolate import LinearNDInterpolator
     from scipy.spatial import cKDTree
     from spatialdata.models import Image2DModel, Labels2DModel
