@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import re
 import tempfile
 import warnings
@@ -169,6 +170,7 @@ def from_pretrained(
             f"{folder / CONFIG_NAME} is not valid JSON ({err}); re-download or re-save the model."
         ) from err
     cls = model_class or _model_class(config)
+    check_config(config, cls, path=folder / CONFIG_NAME)
     model = cls.from_config(config)
     load_weights(model, folder / WEIGHTS_NAME)
     return model.to(device).eval()
@@ -197,7 +199,75 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> None:
             f"unexpected {show(unexpected)}, wrong shape {show(mismatched)}. The folder mixes files of different "
             "models or versions; re-save the model with the c3diff version that trained it."
         )
+    not_finite = sorted(k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+    if not_finite:
+        raise ValueError(
+            f"The weights in {str(path)!r} hold NaN or infinite values in {len(not_finite)} tensor(s) "
+            f"({not_finite[:3]}{' ...' if len(not_finite) > 3 else ''}): the file is damaged or the training run "
+            "diverged. Download or save the model again, or use an earlier checkpoint."
+        )
     model.load_state_dict(state, strict=True)
+
+
+def warn_ignored_revision(revision: str | None, *, what: str) -> None:
+    """Warn that ``revision`` has no effect on ``what`` (a local folder or a model object): revisions pick Hub commits."""
+    if revision is not None:
+        warnings.warn(
+            f"`revision={revision!r}` is ignored: {what} is not a Hugging Face Hub repository (revisions select "
+            "commits of Hub repos). Drop `revision`, or pass the repo id to load that revision.",
+            UserWarning,
+            stacklevel=4,
+        )
+
+
+#: Python types accepted for annotation names in model constructor signatures (``float`` also takes ints).
+_ANNOTATION_TYPES = {
+    "int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "None": (type(None),),
+    "Sequence": (list, tuple), "list": (list, tuple), "tuple": (list, tuple), "Mapping": (dict,), "dict": (dict,),
+}
+
+
+def _accepted_types(annotation: Any) -> tuple[type, ...] | None:
+    """Types a ``config.json`` value may have for a constructor annotation (``None`` when it cannot tell)."""
+    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+    accepted: tuple[type, ...] = ()
+    for part in text.split("|"):
+        base = part.strip().split("[")[0].split(".")[-1]
+        if base not in _ANNOTATION_TYPES:
+            return None
+        accepted += _ANNOTATION_TYPES[base]
+    return accepted
+
+
+def check_config(config: dict, cls: type, *, path: str | Path) -> None:
+    """Refuse a ``config.json`` whose values have the wrong type for ``cls``'s constructor (e.g. ``image_size``
+    given as a string), naming the file, the key, the expected and the found type."""
+    import inspect
+
+    try:
+        parameters = inspect.signature(cls.__init__).parameters
+    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+        return
+    problems = []
+    for key, value in config.items():
+        if key.startswith("_") or key not in parameters:
+            continue
+        accepted = _accepted_types(parameters[key].annotation)
+        if accepted is None:
+            continue
+        wrong = not isinstance(value, accepted) or (isinstance(value, bool) and bool not in accepted)
+        if not wrong and isinstance(value, float) and not math.isfinite(value):
+            wrong = True
+        if wrong:
+            expected = " or ".join(sorted({t.__name__ for t in accepted} - {"NoneType"})) or "null"
+            if type(None) in accepted:
+                expected += " or null"
+            problems.append(f"`{key}` should be {expected}, found {value!r} ({type(value).__name__})")
+    if problems:
+        raise ValueError(
+            f"{str(path)!r} is not a valid {cls.__name__} config: {'; '.join(problems)}. Fix the value(s) in the file, "
+            "or save the model again with `save_pretrained`."
+        )
 
 
 def push_to_hub(
@@ -340,6 +410,7 @@ def _resolve_folder(
     """A local folder as is, or the snapshot folder of a Hub repo (one ``snapshot_download``)."""
     path = Path(path_or_repo_id).expanduser()
     if path.is_dir():
+        warn_ignored_revision(revision, what=f"{str(path_or_repo_id)!r}, a local folder,")
         return path
     if path.exists():
         raise NotADirectoryError(f"{str(path_or_repo_id)!r} is a file; pass the folder that holds the {what}.")
