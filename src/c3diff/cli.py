@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 _DESCRIPTION = """\
@@ -14,8 +17,18 @@ c3diff super-resolves spatial transcriptomics with the paired H&E (C3-Diff).
   c3diff predict SECTION.zarr ...  super-resolve a SpatialData zarr and write the new layers into it
   c3diff train CONFIG.yaml         train a model from a config file
 
-Run `c3diff COMMAND --help` for the options of each command.
+Run `c3diff COMMAND --help` for the options of each command. Errors are reported as one line; add --verbose for
+the full traceback and warnings with their source.
 """
+
+#: Exceptions that mean the input or the options are wrong: reported as their message alone.
+_USER_ERRORS = (KeyError, ValueError, TypeError, OSError, NotImplementedError)
+#: Loggers of libraries whose notices are noise on the command line (ome_zarr: "no parent found for <Label ...>").
+_QUIET_LOGGERS = ("ome_zarr",)
+
+
+class UsageError(Exception):
+    """A problem with the command line or a config file, reported as one line."""
 
 
 def _positive_int(text: str) -> int:
@@ -32,10 +45,16 @@ def _parser() -> argparse.ArgumentParser:
     from c3diff import __version__
 
     parser.add_argument("--version", action="version", version=f"c3diff {__version__}")
+    parser.add_argument("--verbose", "-v", action="store_true",
+                        help="show tracebacks of errors and warnings with their source lines")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    verbose = argparse.ArgumentParser(add_help=False)  # `c3diff COMMAND ... --verbose` works too
+    verbose.add_argument("--verbose", "-v", action="store_true", default=argparse.SUPPRESS,
+                         help="show tracebacks of errors and warnings with their source lines")
 
     demo = sub.add_parser(
         "demo",
+        parents=[verbose],
         help="simulate a section and run the whole flow with the bundled demo model",
         description="Simulate a breast-tissue section, super-resolve it at 10x and 5x with the demo model shipped "
         "inside c3diff and with bicubic upsampling, map immune cell types, score everything against the simulated "
@@ -57,6 +76,7 @@ def _parser() -> argparse.ArgumentParser:
 
     predict = sub.add_parser(
         "predict",
+        parents=[verbose],
         help="super-resolve a SpatialData zarr and write the new layers into it",
         description="Read a SpatialData zarr store, super-resolve its low-resolution counts with the H&E "
         "(c3.tl.super_resolve), optionally map immune cell types (c3.tl.celltype_map), and write the new elements "
@@ -93,6 +113,7 @@ def _parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser(
         "train",
+        parents=[verbose],
         help="train a model from a YAML/JSON config file",
         description="Train a C3-Diff model with c3.tl.train. The config file (YAML or JSON) holds `output_dir`, "
         "`data` (a list of entries: {zarr: PATH} for a SpatialData store, {patches: FILE.npz} for a saved PatchSet, "
@@ -115,39 +136,60 @@ def _load_config(path: Path) -> dict:
 
     import yaml
 
-    if not path.exists():
-        raise SystemExit(f"c3diff train: config file {str(path)!r} does not exist.")
+    if not path.is_file():
+        state = "is a folder" if path.is_dir() else "does not exist"
+        raise UsageError(f"config file {str(path)!r} {state}; pass a YAML or JSON file of options.")
     text = path.read_text()
-    config = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    try:
+        config = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except json.JSONDecodeError as err:
+        raise UsageError(f"{str(path)!r} is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}.") from err
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or type(err).__name__
+        raise UsageError(f"{str(path)!r} is not valid YAML: {problem}{where}. Fix the file (indentation, `key: value` "
+                         "pairs, quotes).") from err
     if not isinstance(config, dict):
-        raise SystemExit(f"c3diff train: {str(path)!r} must hold a mapping of options, got {type(config).__name__}.")
+        raise UsageError(f"{str(path)!r} must hold a mapping of options, got {type(config).__name__}.")
     return config
 
 
-def _load_data_entries(entries, *, field: str, base: Path) -> list:
+def _read_store(path: Path, *, what: str):
+    """A SpatialData zarr store, or a one-line error naming ``path``."""
     import spatialdata as sd
 
+    if not path.exists():
+        raise UsageError(f"{what}: {str(path)!r} does not exist (expected a SpatialData zarr store).")
+    try:
+        return sd.read_zarr(path)
+    except Exception as err:  # zarr / ome-zarr raise many kinds on a folder that is not a store
+        raise UsageError(f"{what}: {str(path)!r} is not a readable SpatialData zarr store ({type(err).__name__}: "
+                         f"{err}).") from err
+
+
+def _load_data_entries(entries, *, field: str, base: Path) -> list:
     from c3diff.datasets import simulate_section
     from c3diff.pp import PatchSet
 
     if entries is None:
         return []
     if not isinstance(entries, list):
-        raise SystemExit(f"c3diff train: `{field}` must be a list of entries like {{zarr: PATH}}.")
+        raise UsageError(f"`{field}` must be a list of entries like {{zarr: PATH}}.")
     loaded = []
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict) or len(entry) != 1:
-            raise SystemExit(f"c3diff train: `{field}[{i}]` must be one of {{zarr: PATH}}, {{patches: FILE}}, "
+            raise UsageError(f"`{field}[{i}]` must be one of {{zarr: PATH}}, {{patches: FILE}}, "
                              f"{{simulate: {{...}}}}; got {entry!r}.")
         kind, value = next(iter(entry.items()))
         if kind == "zarr":
-            loaded.append(sd.read_zarr(base / value))
+            loaded.append(_read_store(base / value, what=f"`{field}[{i}]`"))
         elif kind == "patches":
             loaded.append(PatchSet.load(base / value))
         elif kind == "simulate":
             loaded.append(simulate_section(**(value or {})))
         else:
-            raise SystemExit(f"c3diff train: `{field}[{i}]` has unknown kind {kind!r} (zarr, patches, simulate).")
+            raise UsageError(f"`{field}[{i}]` has unknown kind {kind!r} (zarr, patches, simulate).")
     return loaded
 
 
@@ -164,7 +206,7 @@ def _run_train(args: argparse.Namespace) -> int:
         if getattr(args, option) is not None:
             config[key] = getattr(args, option)
     if "output_dir" not in config:
-        raise SystemExit("c3diff train: the config needs `output_dir` (or pass --output-dir).")
+        raise UsageError("the config needs `output_dir` (or pass --output-dir).")
     if args.output_dir is None:  # paths in the file are relative to the file
         config["output_dir"] = base / config["output_dir"]
     config["progress"] = not args.quiet
@@ -176,14 +218,10 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _run_predict(args: argparse.Namespace) -> int:
-    import spatialdata as sd
-
     import c3diff as c3
 
     source = Path(args.input)
-    if not source.exists():
-        raise SystemExit(f"c3diff predict: {str(source)!r} does not exist (expected a SpatialData zarr store).")
-    sdata = sd.read_zarr(source)
+    sdata = _read_store(source, what="INPUT")
     before = set(sdata.images) | set(sdata.labels)
     c3.tl.super_resolve(
         sdata, args.image_key, table_key=args.table_key, points_key=args.points_key, genes=args.genes,
@@ -217,20 +255,76 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+def _error_message(err: BaseException) -> str:
+    """The message of an exception as one line (a ``KeyError``'s message without the quotes ``str`` adds)."""
+    message = err.args[0] if isinstance(err, KeyError) and len(err.args) == 1 else err
+    message = _one_line(message)
+    if isinstance(err, (UsageError, *_USER_ERRORS)) and message:
+        return message
+    return f"{type(err).__name__}: {message}" if message else type(err).__name__
+
+
+@contextlib.contextmanager
+def _console(verbose: bool) -> Iterator[None]:
+    """Warnings as one line ``c3diff: warning: ...`` (each message once), library notices muted, unless verbose."""
+    if verbose:
+        yield
+        return
+    seen: set[str] = set()
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        text = _one_line(message)
+        if text not in seen:
+            seen.add(text)
+            print(f"c3diff: warning: {text}", file=sys.stderr if file is None else file)
+
+    loggers = {name: logging.getLogger(name) for name in _QUIET_LOGGERS}
+    levels = {name: logger.level for name, logger in loggers.items()}
+    previous = warnings.showwarning
+    warnings.showwarning = show
+    for logger in loggers.values():
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        warnings.showwarning = previous
+        for name, logger in loggers.items():
+            logger.setLevel(levels[name])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``c3diff`` command."""
+    """Entry point of the ``c3diff`` command.
+
+    Every error is reported as one line ``c3diff COMMAND: error: ...`` on stderr with exit code 1 (130 when
+    interrupted); ``--verbose`` adds the traceback. Warnings are printed as ``c3diff: warning: ...``.
+    """
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
     runners = {"demo": _run_demo, "predict": _run_predict, "train": _run_train}
-    try:
-        return runners[args.command](args)
-    except (KeyError, ValueError, TypeError, FileNotFoundError, PermissionError) as err:
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"c3diff {args.command}: error: {message}", file=sys.stderr)
-        return 1
+    verbose = bool(getattr(args, "verbose", False))
+    with _console(verbose):
+        try:
+            return runners[args.command](args)
+        except KeyboardInterrupt:
+            print(f"c3diff {args.command}: interrupted", file=sys.stderr)
+            return 130
+        except Exception as err:  # noqa: BLE001 - the command line reports every error as one line
+            if verbose:
+                import traceback
+
+                traceback.print_exc()
+            hint = "" if verbose or isinstance(err, (UsageError, *_USER_ERRORS)) else " (run with --verbose for details)"
+            if isinstance(err, MemoryError):
+                hint = " (out of memory: fewer genes, a smaller --batch-size or a machine with more memory)"
+            print(f"c3diff {args.command}: error: {_error_message(err)}{hint}", file=sys.stderr)
+            return 1
 
 
 if __name__ == "__main__":  # pragma: no cover
