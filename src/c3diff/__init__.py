@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
+from c3diff._settings import settings
 from c3diff._version import __version__
 
 # Subpackages load on first use so that `import c3diff` stays fast (torch, spatialdata and
@@ -34,4 +35,4 @@ def __dir__() -> list[str]:
     return sorted([*globals(), *_SUBPACKAGES])
 
 
-__all__ = ["__version__", *_SUBPACKAGES]
+__all__ = ["__version__", "settings", *_SUBPACKAGES]

@@ -56,3 +56,30 @@ IMMUNE_TYPES = (
     "Macrophages M2",
     "plasma cell",
 )
+
+#: Marker genes of the seven immune types (METHOD.md section 8), human gene symbols (upper case), from the Xenium
+#: breast panel; the default of :func:`c3diff.tl.celltype_map` (``markers="human"``).
+IMMUNE_MARKERS_HUMAN: dict[str, tuple[str, ...]] = {
+    "B cell": ("MS4A1", "CD79A", "CD79B", "CD19", "BANK1", "TCL1A"),
+    "T cell CD4": ("CD4", "CD3E", "CD3G", "TRAC", "IL7R", "CCR7", "LTB", "TCF7"),
+    "T cell CD8": ("CD8A", "CD3E", "CD3G", "TRAC", "GZMA", "GZMK", "PRF1", "NKG7", "CCL5"),
+    "Tregs": ("FOXP3", "IL2RA", "CTLA4", "TIGIT"),
+    "Macrophages M0": ("CD68", "AIF1", "LYZ", "IGSF6", "CXCL5", "APOC1"),
+    "Macrophages M2": ("CD163", "MRC1", "C1QA", "C1QC"),
+    "plasma cell": ("MZB1", "TNFRSF17", "CD27", "SLAMF7", "PRDM1"),
+}
+
+#: The same seven types with mouse gene symbols (capitalised; ``markers="mouse"``): the one-to-one orthologues of
+#: the human markers, except ``TCL1A`` -> ``Tcl1`` and ``LYZ`` -> ``Lyz2`` (the macrophage lysozyme of the mouse).
+IMMUNE_MARKERS_MOUSE: dict[str, tuple[str, ...]] = {
+    "B cell": ("Ms4a1", "Cd79a", "Cd79b", "Cd19", "Bank1", "Tcl1"),
+    "T cell CD4": ("Cd4", "Cd3e", "Cd3g", "Trac", "Il7r", "Ccr7", "Ltb", "Tcf7"),
+    "T cell CD8": ("Cd8a", "Cd3e", "Cd3g", "Trac", "Gzma", "Gzmk", "Prf1", "Nkg7", "Ccl5"),
+    "Tregs": ("Foxp3", "Il2ra", "Ctla4", "Tigit"),
+    "Macrophages M0": ("Cd68", "Aif1", "Lyz2", "Igsf6", "Cxcl5", "Apoc1"),
+    "Macrophages M2": ("Cd163", "Mrc1", "C1qa", "C1qc"),
+    "plasma cell": ("Mzb1", "Tnfrsf17", "Cd27", "Slamf7", "Prdm1"),
+}
+
+#: Name of the cell-type map's class for pixels left without a type (label 0).
+UNASSIGNED = "unassigned"

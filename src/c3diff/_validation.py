@@ -293,6 +293,42 @@ def is_integer(value: float, tol: float = 1e-6) -> bool:
     return abs(value - round(value)) < tol * max(1.0, abs(value))
 
 
+def case_mismatches(requested: Iterable[str], available: Iterable[str]) -> dict[str, str]:
+    """Requested genes that are not in ``available`` but differ from one of its genes only by case (``"CD8A"`` ->
+    ``"Cd8a"``), mapped to the available spelling."""
+    available = [str(g) for g in available]
+    known = set(available)
+    by_lower = {}
+    for gene in available:
+        by_lower.setdefault(gene.lower(), gene)
+    return {g: by_lower[g.lower()] for g in map(str, requested) if g not in known and g.lower() in by_lower}
+
+
+def _symbol_style(genes: Iterable[str]) -> str | None:
+    """``"human"`` when gene symbols are upper case (CD8A), ``"mouse"`` when capitalised (Cd8a), else ``None``."""
+    lettered = [g for g in genes if any(c.isalpha() for c in g)]
+    if lettered and all(g == g.upper() for g in lettered):
+        return "human"
+    if lettered and all(g[:1].isupper() and g[1:] != g[1:].upper() for g in lettered):
+        return "mouse"
+    return None
+
+
+def species_hint(mismatches: dict[str, str], *, shown: int = 5) -> str | None:
+    """A sentence naming a likely species mismatch for genes that differ from the data's only by case (``None`` when
+    there are none); human symbols are upper case (CD8A), mouse symbols capitalised (Cd8a)."""
+    if not mismatches:
+        return None
+    pairs = ", ".join(f"{a} -> {b}" for a, b in list(mismatches.items())[:shown])
+    pairs += f" ... ({len(mismatches)} in all)" if len(mismatches) > shown else ""
+    asked, found = _symbol_style(mismatches), _symbol_style(mismatches.values())
+    species = (f"the names asked for are {asked} gene symbols but the data's are {found} ones (human symbols are "
+               "upper case, mouse symbols capitalised): a species mismatch? " if asked and found and asked != found
+               else "")
+    return (f"{len(mismatches)} differ from genes of the data only by case ({pairs}): {species}Gene names are case-sensitive; "
+            "use the data's spelling (for cell types, `markers='mouse'` or `markers='human'`). ")
+
+
 def check_genes(requested: Iterable[str], available: Sequence[str], *, arg: str = "genes") -> list[str]:
     """Return ``requested`` as a list, raising a ``KeyError`` that lists the unknown genes."""
     requested = [requested] if isinstance(requested, str) else list(requested)
@@ -302,8 +338,9 @@ def check_genes(requested: Iterable[str], available: Sequence[str], *, arg: str 
     missing = [g for g in requested if g not in known]
     if missing:
         shown = ", ".join(missing[:10]) + (f" ... ({len(missing)} in all)" if len(missing) > 10 else "")
-        raise KeyError(f"`{arg}`: {len(missing)} gene(s) not found: {shown}. Available genes include "
-                       f"{list(available)[:8]}.")
+        raise KeyError(f"`{arg}`: {len(missing)} gene(s) not found: {shown}. "
+                       f"{species_hint(case_mismatches(missing, available)) or ''}"
+                       f"Available genes include {list(available)[:8]}.")
     duplicated = sorted({g for g in requested if requested.count(g) > 1})
     if duplicated:
         raise ValueError(f"`{arg}` lists genes more than once: {duplicated}.")

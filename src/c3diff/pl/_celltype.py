@@ -16,21 +16,50 @@ if TYPE_CHECKING:  # pragma: no cover
     from spatialdata import SpatialData
 
 
+def _from_mapping(mapping: dict[int, str], where: str) -> list[str]:
+    """Names of labels 1..T from a mapping label value -> name (0, unassigned, left out)."""
+    mapping = {k: v for k, v in mapping.items() if k != 0}
+    if sorted(mapping) != list(range(1, len(mapping) + 1)):
+        raise ValueError(f"{where} must map 1..T to type names, got {mapping}.")
+    return [mapping[i] for i in range(1, len(mapping) + 1)]
+
+
+def _table_names(sdata: SpatialData, key: str) -> list[str] | None:
+    """Names of labels 1..T from a table annotating the labels element ``key`` (spatialdata's region / instance-key
+    convention) with a categorical column, ``cell_type`` preferred (as :func:`c3diff.tl.celltype_map` writes)."""
+    import pandas as pd
+    from spatialdata.models import get_table_keys
+
+    for name, table in sdata.tables.items():
+        try:
+            region, region_key, instance_key = get_table_keys(table)
+        except (KeyError, ValueError, TypeError):
+            continue
+        if key not in ([region] if isinstance(region, str) else list(region)):
+            continue
+        obs = table.obs[table.obs[region_key].astype(str) == key]
+        columns = [c for c in obs.columns if isinstance(obs[c].dtype, pd.CategoricalDtype) and c != region_key]
+        columns.sort(key=lambda c: c != "cell_type")
+        if columns:
+            values = obs[instance_key].to_numpy(dtype=np.int64)
+            return _from_mapping(dict(zip(values.tolist(), obs[columns[0]].astype(str), strict=True)),
+                                 f"`sdata.tables[{name!r}].obs[{columns[0]!r}]`")
+    return None
+
+
 def _categories(sdata: SpatialData, key: str, given: Sequence[str] | None, arg: str) -> list[str] | None:
     """Type names in label order: given, else recorded in ``sdata.attrs["c3diff"][key]``: ``categories`` (by
     :func:`c3diff.tl.celltype_map`) or a ``labels`` mapping value -> name (e.g. by
-    :func:`c3diff.datasets.true_cell_types`)."""
+    :func:`c3diff.datasets.true_cell_types`), else the categorical column of a table annotating the labels."""
     if given is not None:
         return [str(c) for c in given]
     entry = sdata.attrs.get(ATTRS_KEY, {}).get(key, {})
     if "categories" in entry:
         return [str(c) for c in entry["categories"]]
     if "labels" in entry:
-        mapping = {int(k): str(v) for k, v in entry["labels"].items() if int(k) != 0}
-        if sorted(mapping) != list(range(1, len(mapping) + 1)):
-            raise ValueError(f"`sdata.attrs['c3diff'][{key!r}]['labels']` must map 1..T to type names, got {mapping}.")
-        return [mapping[i] for i in range(1, len(mapping) + 1)]
-    return None
+        return _from_mapping({int(k): str(v) for k, v in entry["labels"].items()},
+                             f"`sdata.attrs['c3diff'][{key!r}]['labels']`")
+    return _table_names(sdata, key)
 
 
 def _palette(types: list[str], palette: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -49,7 +78,7 @@ def _palette(types: list[str], palette: Mapping[str, Any] | None) -> dict[str, A
 
 
 def _to_rgba(labels: np.ndarray, types: list[str], colours: dict[str, Any], key: str) -> np.ndarray:
-    """Label ids -> RGBA (0 = no call, transparent)."""
+    """Label ids -> RGBA (0 = unassigned, transparent)."""
     top = int(labels.max()) if labels.size else 0
     if top > len(types):
         raise ValueError(
@@ -81,7 +110,7 @@ def celltype_map(
     sdata
         SpatialData holding the label map.
     key
-        Labels element written by :func:`c3diff.tl.celltype_map` (0 = no call, drawn transparent).
+        Labels element written by :func:`c3diff.tl.celltype_map` (0 = unassigned, drawn transparent).
     image_key
         H&E image shown as the first panel, cropped to the map's extent; ``None`` for none.
     truth_key
@@ -89,8 +118,9 @@ def celltype_map(
     categories, truth_categories
         Type names in label order (label ``i`` is ``categories[i - 1]``). Default: those recorded in
         ``sdata.attrs["c3diff"][key]`` (and ``[truth_key]``): ``categories``, or a ``labels`` mapping value ->
-        name as :func:`c3diff.datasets.true_cell_types` writes; a truth map without recorded names uses the
-        predicted map's names.
+        name as :func:`c3diff.datasets.true_cell_types` writes, else the categorical column (``cell_type``
+        preferred) of a table annotating the labels (spatialdata's region / instance key); a truth map without
+        names uses the predicted map's names.
     palette
         Colours of some or all types (name -> matplotlib colour); the rest follow tab10/tab20.
     panel_size
@@ -105,7 +135,7 @@ def celltype_map(
     Examples
     --------
     >>> import c3diff as c3
-    >>> c3.tl.celltype_map(sdata, "hne_c3diff_x10", min_score=0.1)  # doctest: +SKIP
+    >>> c3.tl.celltype_map(sdata, "hne_c3diff_x10")  # doctest: +SKIP
     >>> fig = c3.pl.celltype_map(sdata, "hne_c3diff_x10_celltypes", truth_key="true_celltypes")  # doctest: +SKIP
     """
     import matplotlib.pyplot as plt
@@ -116,7 +146,8 @@ def celltype_map(
     if types is None:
         raise KeyError(
             f"No cell-type names for `key={key!r}`: `sdata.attrs['c3diff'][{key!r}]['categories']` is missing (it is "
-            "written by `c3.tl.celltype_map`). Pass `categories` (type names in label order)."
+            "written by `c3.tl.celltype_map`) and no table annotates the labels with a categorical column. Pass "
+            "`categories` (type names in label order)."
         )
     extent = raster_geometry(element, arg="key").extent
     maps = [(key, element, types)]
