@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import logging
 import sys
 import warnings
 from collections.abc import Iterator, Sequence
@@ -23,8 +22,6 @@ the full traceback and warnings with their source.
 
 #: Exceptions that mean the input or the options are wrong: reported as their message alone.
 _USER_ERRORS = (KeyError, ValueError, TypeError, OSError, NotImplementedError)
-#: Loggers of libraries whose notices are noise on the command line (ome_zarr: "no parent found for <Label ...>").
-_QUIET_LOGGERS = ("ome_zarr",)
 
 
 class UsageError(Exception):
@@ -270,7 +267,7 @@ def _error_message(err: BaseException) -> str:
 
 @contextlib.contextmanager
 def _console(verbose: bool) -> Iterator[None]:
-    """Warnings as one line ``c3diff: warning: ...`` (each message once), library notices muted, unless verbose."""
+    """Warnings as one line ``c3diff: warning: ...`` (each message once, no source line), unless verbose."""
     if verbose:
         yield
         return
@@ -282,18 +279,12 @@ def _console(verbose: bool) -> Iterator[None]:
             seen.add(text)
             print(f"c3diff: warning: {text}", file=sys.stderr if file is None else file)
 
-    loggers = {name: logging.getLogger(name) for name in _QUIET_LOGGERS}
-    levels = {name: logger.level for name, logger in loggers.items()}
     previous = warnings.showwarning
     warnings.showwarning = show
-    for logger in loggers.values():
-        logger.setLevel(logging.ERROR)
     try:
         yield
     finally:
         warnings.showwarning = previous
-        for name, logger in loggers.items():
-            logger.setLevel(levels[name])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
