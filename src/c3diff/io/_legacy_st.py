@@ -77,14 +77,16 @@ def read_legacy_st(
     counts
         Tab-separated counts (``.tsv`` or ``.tsv.gz``; ``.csv`` for comma-separated), spot ids ``"<x>x<y>"`` as row
         names and genes as columns (her2st, STUtility); the transposed layout (genes x spots) is detected. Gene ids
-        are kept as written (Ensembl ids included).
+        are kept as written (Ensembl ids included). Counts must be finite and non-negative (the error names the
+        spots); a file cut short is reported as truncated.
     spots
         Spot file with columns ``x``, ``y`` (array), ``pixel_x``, ``pixel_y`` (H&E pixel centres) and optionally
         ``selected`` (1 = under tissue; absent: every listed spot is under tissue): her2st ``*_selection.tsv``,
         STUtility ``alignment_table_*.tsv``, or the spot detector's headerless ``x y new_x new_y pixel_x pixel_y
         [selected]``.
     image
-        The H&E (JPEG/PNG/TIFF) that ``pixel_x``/``pixel_y`` refer to.
+        The H&E (JPEG/PNG/TIFF) that ``pixel_x``/``pixel_y`` refer to; 16-bit and float images are converted to
+        uint8 by the rule in ``docs/reliability.md``.
     pitch
         Centre-to-centre distance (um) of neighbouring spots along an array row or column: 200 um for the 1k array.
         The staggered 2k array (spots where ``x + y`` is even) steps by 2 array units between such neighbours; the
@@ -94,10 +96,17 @@ def read_legacy_st(
 
     Returns
     -------
-    SpatialData with ``Key.HNE`` (RGB uint8), ``Key.SPOTS`` (circles, um) and ``Key.SPOT_TABLE`` (spots x genes raw
+    SpatialData with ``Key.HNE`` (RGB uint8; multiscale when larger than 2048 px, see ``docs/reliability.md``),
+    ``Key.SPOTS`` (circles, um) and ``Key.SPOT_TABLE`` (spots x genes raw
     counts; ``obs`` ``spot_id``, ``region``, ``in_tissue``, ``array_x``, ``array_y``; ``obsm["spatial"]`` in um;
     ``uns["c3diff"]["spots"]``) in the ``"global"`` coordinate system (um). ``sdata.attrs["c3diff"]["reader"]``
     reports the fitted pixel size (``um_per_px`` as (y, x)) and the fit's residual (``fit_rms_um``).
+
+    Raises
+    ------
+    ValueError
+        When the spot file's array spacing disagrees with the counts' spot ids or with both ST arrays (rows missing
+        from the spot file would otherwise halve the pixel size), or a file is truncated.
 
     Examples
     --------

@@ -99,7 +99,8 @@ def read_visium(
 
     Returns
     -------
-    SpatialData with ``Key.HNE`` (RGB uint8), ``Key.SPOTS`` (circles of 55 um diameter, in um) and
+    SpatialData with ``Key.HNE`` (RGB uint8; multiscale when larger than 2048 px, see ``docs/reliability.md``),
+    ``Key.SPOTS`` (circles of 55 um diameter, in um) and
     ``Key.SPOT_TABLE`` (spots x genes raw counts; ``obs["spot_id"]``, ``obs["region"]``, ``obs["in_tissue"]``,
     ``obs["array_row"]``, ``obs["array_col"]``; ``obsm["spatial"]`` in um; ``uns["c3diff"]["spots"]``), all in the
     ``"global"`` coordinate system (um). ``sdata.attrs["c3diff"]["reader"]`` records the source and calibration.

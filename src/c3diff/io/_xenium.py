@@ -140,7 +140,8 @@ def read_xenium(
     (categorical feature key), ``cell_id`` (int, 0 = not in a cell), ``qv``), and, as requested, ``Key.CELLS``
     (circles of radius ``sqrt(cell_area / pi)``, index = cell id 1..N in ``cells`` order), ``Key.CELL_TABLE`` (cells x
     genes raw counts of the Gene Expression features; ``obs`` ``cell_id``, ``region``, ``xenium_cell_id`` and the
-    ``cells`` columns; ``obsm["spatial"]`` um), ``"morphology"`` and ``Key.HNE``.
+    ``cells`` columns; ``obsm["spatial"]`` um), ``"morphology"`` and ``Key.HNE`` (images larger than 2048 px are
+    multiscale, see ``docs/reliability.md``).
 
     Examples
     --------
