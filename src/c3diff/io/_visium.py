@@ -146,14 +146,16 @@ def read_visium(
     pos = positions.loc[adata.obs_names]
     for column in ("array_row", "array_col"):
         adata.obs[column] = pos[column].to_numpy()
-    sdata = visium_from_arrays(
-        adata,
-        spatial=pos[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(dtype=float),
-        spot_diameter_fullres=scalefactors[ScaleFactor.SPOT_DIAMETER.value],
-        in_tissue=pos["in_tissue"].to_numpy().astype(bool),
-        image=pixels,
-        image_scalef=scalef,
-    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*not whole numbers")  # said above, naming the file
+        sdata = visium_from_arrays(
+            adata,
+            spatial=pos[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(dtype=float),
+            spot_diameter_fullres=scalefactors[ScaleFactor.SPOT_DIAMETER.value],
+            in_tissue=pos["in_tissue"].to_numpy().astype(bool),
+            image=pixels,
+            image_scalef=scalef,
+        )
     sdata.attrs["c3diff"]["reader"].update(
         {
             "name": "read_visium",
