@@ -198,3 +198,47 @@ def test_super_resolved_compares_methods_side_by_side(sdata):
         c3.pl.super_resolved(sdata, "sr", ["CD3E"], compare_keys={"bicubic": "nope"})
     with pytest.raises(ValueError, match="clashes"):
         c3.pl.super_resolved(sdata, "sr", ["CD3E"], compare_keys={"x": "sr_other"}, label="x")
+
+
+def test_single_scale_large_hne_is_reduced_lazily_before_drawing():
+    """A large single-scale H&E (dask, as read from a store) is block-averaged chunk by chunk to about `max_pixels`
+    across the view: the figure holds a small array, not the full image (issue 16: 9.9k x 9.3k drew 7 GB)."""
+    import dask.array as da
+    from spatialdata import SpatialData
+    from spatialdata.models import Image2DModel
+
+    h, w = 3000, 2400  # 0.5 um/px: 1500 x 1200 um
+    rows = da.arange(h, chunks=1024, dtype=np.int64)[:, None] // 300
+    cols = da.arange(w, chunks=1024, dtype=np.int64)[None, :] // 300
+    stripes = ((rows + cols) % 2 * 200 + 20).astype(np.uint8)  # 300 px checkerboard of 20 / 220
+    hne = Image2DModel.parse(da.stack([stripes] * 3), dims=("c", "y", "x"), c_coords=["r", "g", "b"],
+                             transformations=_transform(0.5, (0.0, 0.0)))
+    assert isinstance(hne.data, da.Array) and len(hne.data.chunks[1]) > 1
+    pred = np.random.default_rng(0).gamma(2.0, 1.0, size=(1, 150, 120))
+    sdata = SpatialData(images={"hne": hne, "sr": _raster(pred, 10.0, (0.0, 0.0), ["CD3E"])})
+    fig = c3.pl.super_resolved(sdata, "sr", ["CD3E"], max_pixels=256)
+    drawn = _panels(fig)[0].get_images()[0]
+    array = drawn.get_array()
+    # factor 3000 // 256 = 11: 272 x 218 block means, placed over 272 * 11 * 0.5 um
+    assert array.shape == (272, 218, 3) and array.dtype == np.uint8
+    np.testing.assert_allclose(drawn.get_extent(), [0.0, 218 * 5.5, 272 * 5.5, 0.0])
+    # a block inside a checkerboard square keeps its value; one across an edge is averaged
+    assert array[0, 0, 0] == 20 and array[30, 0, 0] == 220
+    assert 20 < array[27, 0, 0] < 220  # rows 297..307 straddle the edge at 300
+
+    from c3diff.pl._render import downsample
+
+    labels = sdata.images["hne"].isel(c=0).drop_vars("c")  # no channel axis: labels are subsampled, not averaged
+    sub = downsample(labels.isel(y=slice(290, 320), x=slice(0, 30)), 10)
+    assert set(np.unique(sub).tolist()) <= {20, 220}
+    gene = _raster(np.array([[[np.nan, 1.0], [3.0, np.nan]]]), 10.0, genes=["CD3E"]).isel(c=slice(0, 1))
+    np.testing.assert_allclose(downsample(gene, 2), [[[2.0]]])  # NaN-aware mean
+
+
+def test_celltype_map_names_from_the_annotating_table(sdata):
+    markers = {"T cell": ["CD3E"], "B cell": ["MS4A1"], "Tumour": ["EPCAM"]}
+    c3.tl.celltype_map(sdata, "sr", markers=markers, min_score=0.0)
+    del sdata.attrs["c3diff"]["sr_celltypes"]  # e.g. a store written by another tool: only the table names them
+    fig = c3.pl.celltype_map(sdata, "sr_celltypes", image_key=None)
+    (legend,) = fig.legends
+    assert [t.get_text().removesuffix(" (absent)") for t in legend.get_texts()] == ["T cell", "B cell", "Tumour"]
