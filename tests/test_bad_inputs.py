@@ -243,6 +243,19 @@ def test_truncated_jpeg_names_the_file(tmp_path):
     assert digest(tmp_path) == before
 
 
+def test_truncated_tiff_names_the_file(tmp_path):
+    import tifffile
+
+    truth = make_legacy_st(tmp_path)
+    counts, spots, image = truth["paths"]
+    tifffile.imwrite(tmp_path / "he.tif", np.asarray(Image.open(image)), tile=(64, 64))
+    quiet(c3.io.read_legacy_st, counts, spots, tmp_path / "he.tif")  # the complete TIFF reads
+    data = (tmp_path / "he.tif").read_bytes()
+    (tmp_path / "cut.tif").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"`image`: .*cut\.tif' is truncated"):
+        quiet(c3.io.read_legacy_st, counts, spots, tmp_path / "cut.tif")
+
+
 def test_truncated_h5_names_the_file(tmp_path):
     make_visium(tmp_path)
     h5 = tmp_path / "filtered_feature_bc_matrix.h5"

@@ -142,9 +142,20 @@ def read_tiff_level0(path: Path, *, arg: str) -> tuple[Any, str, str]:
         with tifffile.TiffFile(path) as tif:
             axes = tif.series[0].axes
             ome = tif.ome_metadata or ""
+            end = max(
+                (offset + count for page in tif.series[0].levels[0].pages if page is not None
+                 for offset, count in zip(page.dataoffsets, page.databytecounts)),
+                default=0,
+            )
         store = tifffile.imread(path, aszarr=True, series=0, level=0)  # the store keeps its own file handle
-    except tifffile.TiffFileError as err:
-        raise ValueError(f"`{arg}`: {str(path)!r} is not a readable TIFF ({err}).") from err
+    except (tifffile.TiffFileError, OSError, ValueError, IndexError) as err:
+        raise ValueError(f"`{arg}`: {str(path)!r} is truncated or not a readable TIFF ({err}).") from err
+    size = path.stat().st_size
+    if end > size:  # the pixels are read lazily: a cut file would fail later, far from here
+        raise ValueError(
+            f"`{arg}`: {str(path)!r} is truncated: its image data run to byte {end} but the file has {size} bytes. "
+            "Copy or download it again."
+        )
     return da.from_zarr(zarr.open(store, mode="r")), axes, ome
 
 
