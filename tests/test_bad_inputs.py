@@ -189,7 +189,7 @@ def test_histology_raster_refuses_other_pixel_types_by_name():
     nan[0, :5, :5] = np.nan
     with pytest.raises(ValueError, match="NaN or infinite pixels"):
         c3.pp.histology_raster(sdata, with_hne(sdata, nan, key="nan"))
-    with pytest.raises(ValueError, match=r"float64 H&E has values in .*reads float H&E images in \[0, 1\] or \[0, 255\]"):
+    with pytest.raises(ValueError, match=r"float64 H&E has values in .* images in \[0, 1\] or \[0, 255\]"):
         c3.pp.histology_raster(sdata, with_hne(sdata, rgb * 10.0, key="big"))
     assert snapshot(sdata)["names"]["images"] == sorted([*before["names"]["images"], "mask", "nan", "big"])
 

@@ -140,7 +140,9 @@ def _load_config(path: Path) -> dict:
     try:
         config = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except json.JSONDecodeError as err:
-        raise UsageError(f"{str(path)!r} is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}.") from err
+        raise UsageError(
+            f"{str(path)!r} is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}."
+        ) from err
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -311,7 +313,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 import traceback
 
                 traceback.print_exc()
-            hint = "" if verbose or isinstance(err, (UsageError, *_USER_ERRORS)) else " (run with --verbose for details)"
+            expected = isinstance(err, (UsageError, *_USER_ERRORS))
+            hint = "" if verbose or expected else " (run with --verbose for details)"
             if isinstance(err, MemoryError):
                 hint = " (out of memory: fewer genes, a smaller --batch-size or a machine with more memory)"
             print(f"c3diff {args.command}: error: {_error_message(err)}{hint}", file=sys.stderr)

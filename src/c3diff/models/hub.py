@@ -210,7 +210,8 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> None:
 
 
 def warn_ignored_revision(revision: str | None, *, what: str) -> None:
-    """Warn that ``revision`` has no effect on ``what`` (a local folder or a model object): revisions pick Hub commits."""
+    """Warn that ``revision`` has no effect on ``what`` (a local folder or a model object): revisions select Hub
+    commits."""
     if revision is not None:
         warnings.warn(
             f"`revision={revision!r}` is ignored: {what} is not a Hugging Face Hub repository (revisions select "

@@ -28,12 +28,12 @@ def histology_raster(
 ) -> tuple[np.ndarray, RasterGeometry]:
     """The RGB H&E averaged onto a ``pixel_size`` grid anchored at the image's corner (or onto ``grid``).
 
-    The image may be single-scale or multiscale (the pyramid level closest to ``pixel_size`` is read). Its pixel
-    type decides how values become uint8: uint8 as is; uint16 divided by 257 (the full 16-bit range; 8-bit values
-    stored as uint16, all at most 255, as they are); floats in [0, 1] times 255 and floats in [0, 255] as they are (a float image whose maximum is at most 1 is read as [0, 1]);
-    other integer types only when every value lies in 0..255. Other types (bool masks, int32 counts) are refused
-    with a ``TypeError`` naming the type, floats outside [0, 255] or with NaN with a ``ValueError`` (see
-    ``docs/reliability.md``).
+    The image may be single-scale or multiscale (the coarsest pyramid level still as fine as ``pixel_size`` is
+    read). Its pixel type decides how values become uint8: uint8 as is; uint16 divided by 257 (the full 16-bit range;
+    8-bit values stored as uint16, all at most 255, as they are); floats in [0, 1] times 255 and floats in [0, 255]
+    as they are (a float image whose maximum is at most 1 is read as [0, 1]); other integer types only when every
+    value lies in 0..255. Other types (bool masks, int32 counts) are refused with a ``TypeError`` naming the type,
+    floats outside [0, 255] or with NaN with a ``ValueError`` (see ``docs/reliability.md``).
 
     Returns ``(rgb, grid)``: uint8 ``(3, height, width)`` (white outside the image) and the grid's geometry.
     """
