@@ -325,8 +325,8 @@ def species_hint(mismatches: dict[str, str], *, shown: int = 5) -> str | None:
     species = (f"the names asked for are {asked} gene symbols but the data's are {found} ones (human symbols are "
                "upper case, mouse symbols capitalised): a species mismatch? " if asked and found and asked != found
                else "")
-    return (f"{len(mismatches)} differ from genes of the data only by case ({pairs}): {species}Gene names are case-sensitive; "
-            "use the data's spelling (for cell types, `markers='mouse'` or `markers='human'`). ")
+    return (f"{len(mismatches)} differ from genes of the data only by case ({pairs}): {species}Gene names are "
+            "case-sensitive; use the data's spelling (for cell types, `markers='mouse'` or `markers='human'`). ")
 
 
 def check_genes(requested: Iterable[str], available: Sequence[str], *, arg: str = "genes") -> list[str]:

@@ -101,7 +101,9 @@ def super_resolved(
         Gene(s) to show, one row each.
     image_key
         H&E image, cropped to the prediction's extent; ``None`` for no H&E panel. Large images are drawn from the
-        coarsest pyramid level that still has ``max_pixels`` across the view.
+        coarsest pyramid level that still has ``max_pixels`` across the view; a single-scale image (or level) with
+        more is reduced lazily by block means, chunk by chunk, before it reaches numpy, so a whole slide draws in
+        seconds and well under 1 GB.
     lr_key
         Low-resolution input: a gene raster in ``sdata.images`` (e.g. 100 um bins), or a spot table in
         ``sdata.tables`` (annotating circles, read with :func:`c3diff.pp.spots_from_table`) whose in-tissue spots

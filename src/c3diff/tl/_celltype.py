@@ -45,7 +45,7 @@ class CelltypeMap:
     Attributes
     ----------
     labels
-        ``(height, width)`` uint8: 0 = no call, ``i`` = ``types[i - 1]``.
+        ``(height, width)`` uint8: 0 = unassigned, ``i`` = ``types[i - 1]``.
     scores
         ``(n_types, height, width)`` float32 mean normalised marker expression per type (NaN where no marker is
         finite).
@@ -80,8 +80,8 @@ def _marker_set(markers: Any, genes: list[str]) -> tuple[Any, str | None]:
         return MARKER_SETS[species], species
     if isinstance(markers, str):
         if markers not in MARKER_SETS:
-            raise ValueError(f"`markers={markers!r}` is not a marker set; use one of {sorted(MARKER_SETS)} or a mapping "
-                             "of cell type -> marker genes.")
+            raise ValueError(f"`markers={markers!r}` is not a marker set; use one of {sorted(MARKER_SETS)} or a "
+                             "mapping of cell type -> marker genes.")
         return MARKER_SETS[markers], markers
     return markers, None
 
@@ -149,7 +149,7 @@ def _compute(data: Any, used: dict[str, list[str]], min_score: float | None) -> 
         finite = np.isfinite(scores).any(axis=0)
         best = np.argmax(np.where(np.isfinite(scores), scores, -np.inf), axis=0)
         max_score = np.where(finite, np.take_along_axis(scores, best[None], axis=0)[0], np.nan).astype(np.float32)
-    # no call where no marker is finite, where no marker is expressed at all (argmax would be arbitrary) or below
+    # unassigned where no marker is finite, where no marker is expressed at all (argmax would be arbitrary) or below
     # min_score
     called = finite & (max_score > 0)
     if min_score is not None:
