@@ -225,11 +225,13 @@ def test_truncated_gzip_names_the_file(tmp_path):
     counts, spots, image = truth["paths"]
     data = counts.read_bytes()
     (tmp_path / "cut.tsv.gz").write_bytes(data[: len(data) // 2])
+    before = digest(tmp_path)
     with pytest.raises(ValueError, match=r"cut\.tsv\.gz' is truncated or corrupt"):
         c3.io.read_legacy_st(tmp_path / "cut.tsv.gz", spots, image)
     (tmp_path / "S_sel.tsv.gz").write_bytes(gzip.compress(spots.read_bytes())[:-30])
     with pytest.raises(ValueError, match=r"`spots`: .*S_sel\.tsv\.gz' is truncated"):
         c3.io.read_legacy_st(counts, tmp_path / "S_sel.tsv.gz", image)
+    assert digest(tmp_path) == {**before, **digest(tmp_path / "S_sel.tsv.gz")}
 
 
 def test_truncated_jpeg_names_the_file(tmp_path):
@@ -271,8 +273,10 @@ def test_truncated_parquet_names_the_file(tmp_path):
     make_xenium(tmp_path)
     parquet = tmp_path / "transcripts.parquet"
     parquet.write_bytes(parquet.read_bytes()[:-40])
+    before = digest(tmp_path)
     with pytest.raises(ValueError, match=r"transcripts\.parquet' is truncated or not a Parquet file"):
         c3.io.read_xenium(tmp_path)
+    assert digest(tmp_path) == before
 
 
 # --------------------------------------------------------------------------------------------- spot pitch
@@ -328,8 +332,10 @@ def test_weights_with_nan_are_refused(model_folder):
     start = 8 + int.from_bytes(data[:8], "little")  # after the safetensors header
     data[start + 64 : start + 64 + 4096] = b"\xff" * 4096  # 0xFFFFFFFF is a float32 NaN
     weights.write_bytes(bytes(data))
+    before = digest(model_folder)
     with pytest.raises(ValueError, match="NaN or infinite values in .*Download or save the model again"):
         from_pretrained(model_folder)
+    assert digest(model_folder) == before
 
 
 def test_revision_with_a_local_folder_warns(model_folder):
