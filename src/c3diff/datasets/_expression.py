@@ -180,7 +180,12 @@ def simulate_counts(
     spatial_field_strength: float = 0.9,
     cycling_fraction: float = 0.2,
 ) -> tuple[sparse.csr_matrix, dict[str, np.ndarray]]:
-    """Gamma-Poisson counts ``(n_cells, n_genes)`` (CSR, int32) and per-cell extras (library, cycling flag)."""
+    """Gamma-Poisson counts ``(n_cells, n_genes)`` (CSR, int32) and per-cell extras.
+
+    The extras are ``library`` (per cell), ``cycling`` (per cell) and ``mu``, the expected counts ``(n_cells,
+    n_genes)`` given the cells (library, type programme, spatial fields, clones, cycling): the mean of the gamma-Poisson
+    draw. Returning it draws no random numbers, so the counts do not depend on whether it is used.
+    """
     n = cells.n
     types = cells.type.astype(np.int64)
     # library: transcripts per cell grow with cell area (sub-linearly), times a per-type factor and cell noise
@@ -216,7 +221,21 @@ def simulate_counts(
     theta = prog.dispersion[None, :]
     lam = rng.gamma(theta, 1.0, size=mu.shape) * (mu / theta)
     counts = rng.poisson(lam).astype(np.int32)
-    return sparse.csr_matrix(counts), {"library": library, "cycling": cycling}
+    return sparse.csr_matrix(counts), {"library": library, "cycling": cycling, "mu": mu}
+
+
+#: Transcripts of the nucleus share fall uniformly in the nucleus ellipse shrunk by this factor.
+NUCLEUS_FILL = 0.95
+#: Vacuolated cells (adipocytes) keep their cytoplasmic transcripts outside this fraction of their radius.
+VACUOLE_INNER = 0.8
+#: Draws of a cytoplasmic position inside the cell's label pixels before the transcript goes to the nucleus.
+CYTOPLASM_TRIES = 4
+
+
+def nucleus_share(radius: np.ndarray, nuc_a: np.ndarray, nuc_b: np.ndarray) -> np.ndarray:
+    """Share of a cell's transcripts drawn in its nucleus: larger for cells that are mostly nucleus."""
+    nuc_area = np.pi * nuc_a * nuc_b
+    return np.clip(1.2 * nuc_area / (np.pi * radius**2) + 0.15, 0.15, 0.9)
 
 
 def place_transcripts(
@@ -242,15 +261,14 @@ def place_transcripts(
     gene = np.repeat(counts.indices, counts.data).astype(np.int32)
     m = cell.size
     radius = cells.radius[cell]
-    nuc_area = np.pi * cells.nuc_a * cells.nuc_b
-    p_nuc = np.clip(1.2 * nuc_area / (np.pi * cells.radius**2) + 0.15, 0.15, 0.9)
+    p_nuc = nucleus_share(cells.radius, cells.nuc_a, cells.nuc_b)
     in_nuc = rng.random(m) < p_nuc[cell]
     x = np.empty(m)
     y = np.empty(m)
 
     def nucleus(idx: np.ndarray) -> None:
         c = cell[idx]
-        r = 0.95 * np.sqrt(rng.random(idx.size))
+        r = NUCLEUS_FILL * np.sqrt(rng.random(idx.size))
         phi = rng.uniform(0, 2 * np.pi, idx.size)
         u, v = cells.nuc_a[c] * r * np.cos(phi), cells.nuc_b[c] * r * np.sin(phi)
         th = cells.nuc_theta[c]
@@ -261,11 +279,11 @@ def place_transcripts(
     todo = np.flatnonzero(~in_nuc)
     vac = np.array([CELL_TYPES[t].vacuole for t in TYPE_NAMES])[cells.type]
     h, w = labels.shape
-    for _ in range(4):
+    for _ in range(CYTOPLASM_TRIES):
         if todo.size == 0:
             break
         c = cell[todo]
-        inner = np.where(vac[c], 0.8, 0.0)
+        inner = np.where(vac[c], VACUOLE_INNER, 0.0)
         r = radius[todo] * np.sqrt(rng.uniform(inner**2, 1.0))
         phi = rng.uniform(0, 2 * np.pi, todo.size)
         xx = cells.x[c] + r * np.cos(phi)

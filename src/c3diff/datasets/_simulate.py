@@ -126,7 +126,10 @@ def simulate_section(
     A :class:`spatialdata.SpatialData` with images ``hne`` (RGB uint8, multiscale, ``Scale(pixel_size)``), labels
     ``cell_labels`` (int32 cell ids), points ``transcripts`` (``x``, ``y``, ``gene``, ``cell_id`` with 0 for background,
     ``overlaps_nucleus``), shapes ``cells`` (circles, index = cell id) and the spot circles, tables ``cell_table``
-    (cells x genes counts, ``obs["cell_type"]``, ``obs["niche"]``) and the spot tables, and
+    (cells x genes counts, ``obs["cell_type"]``, ``obs["niche"]``; ``layers["expected"]``, each cell's expected counts
+    before the gamma-Poisson draw; ``obsm["cell_geometry"]``, ``var["background_share"]`` and
+    ``uns["c3diff"]["simulation"]`` with the tissue mask and background rates, for :func:`expected_counts`) and the
+    spot tables, and
     ``attrs["c3diff"]["simulation"]`` with every parameter, the seed, the c3diff version and the gene kinds.
 
     Examples
@@ -348,8 +351,22 @@ def _simulate(*, width, height, pixel_size, label_pixel_size, params, transcript
     var = panel.set_index("gene").loc[list(genes), ["group"]]
     var["kind"] = pd.Categorical(prog.kinds[sel], categories=["type_linked", "spatial_field", "housekeeping"])
     var.index.name = None
-    cell_table = ad.AnnData(X=counts.astype(np.float32), obs=obs, var=var)
+    p_background = profile / profile.sum()
+    var["background_share"] = p_background.astype(np.float64)
+    cell_table = ad.AnnData(X=counts.astype(np.float32), obs=obs, var=var,
+                            layers={"expected": extra["mu"][:, sel].astype(np.float32)})
     cell_table.obsm["spatial"] = np.column_stack([cells.x, cells.y])
+    # what c3diff.datasets.expected_counts needs to place the expected transcripts: cell discs and nucleus ellipses
+    # (um, radians), the tissue mask of the background and its rates
+    cell_table.obsm["cell_geometry"] = pd.DataFrame({
+        "radius": cells.radius, "nucleus_x": cells.nuc_x, "nucleus_y": cells.nuc_y, "nucleus_a": cells.nuc_a,
+        "nucleus_b": cells.nuc_b, "nucleus_theta": cells.nuc_theta,
+    }, index=obs.index).astype(np.float64)
+    cell_table.uns["c3diff"] = {"simulation": {
+        "tissue_mask": np.asarray(layout.tissue, dtype=bool), "tissue_mask_spacing": float(layout.spacing),
+        "background_rate_tissue": float(background_rate), "background_rate_glass": float(background_rate / 10.0),
+        "width": float(width), "height": float(height),
+    }}
     cell_table = TableModel.parse(cell_table, region=Key.CELLS.value, region_key="region", instance_key="cell_id")
     # partitions of ~1M transcripts: readers and binning then stream a whole slide in bounded memory
     points = PointsModel.parse(frame, coordinates={"x": "x", "y": "y"}, feature_key="gene", instance_key="cell_id",
