@@ -242,3 +242,14 @@ def test_celltype_map_names_from_the_annotating_table(sdata):
     fig = c3.pl.celltype_map(sdata, "sr_celltypes", image_key=None)
     (legend,) = fig.legends
     assert [t.get_text().removesuffix(" (absent)") for t in legend.get_texts()] == ["T cell", "B cell", "Tumour"]
+
+
+def test_spatialdata_plot_shows_the_type_names(sdata):
+    """The table written by celltype_map is what spatialdata-plot needs to colour the labels by name."""
+    pytest.importorskip("spatialdata_plot")
+    markers = {"T cell": ["CD3E"], "B cell": ["MS4A1"], "Tumour": ["EPCAM"]}
+    c3.tl.celltype_map(sdata, "sr", markers=markers, min_score=0.3)
+    sdata.pl.render_labels("sr_celltypes", color="cell_type", table_name="sr_celltypes_table").pl.show()
+    legend = [t.get_text() for ax in plt.gcf().axes if ax.get_legend() for t in ax.get_legend().get_texts()]
+    present = sdata.tables["sr_celltypes_table"].obs.query("n_pixels > 0")["cell_type"].tolist()
+    assert sorted(legend) == sorted(present) and len(present) >= 2

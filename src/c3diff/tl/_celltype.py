@@ -181,14 +181,14 @@ def _check_free(sdata: SpatialData, key: str, kind: str, *, arg: str) -> None:
 
 
 def _annotation_table(key: str, labels: np.ndarray, scores: np.ndarray, types: list[str]) -> Any:
-    """AnnData annotating the label map (spatialdata's region / instance-key convention): one row per label value
-    0..T with its type name (categorical ``cell_type``, 0 = :data:`~c3diff._constants.UNASSIGNED`), its pixel count
-    and, as ``X``, the mean score of every type over its pixels."""
+    """AnnData annotating the label map (spatialdata's region / instance-key convention): one row per type, label
+    value 1..T, with its name (categorical ``cell_type``), its pixel count and, as ``X``, the mean score of every type
+    over its pixels. Label 0 (unassigned) is background for spatialdata-plot and napari, which refuse a row for it."""
     import anndata as ad
     import pandas as pd
     from spatialdata.models import TableModel
 
-    names = [UNASSIGNED, *types]
+    names = [UNASSIGNED, *types]  # by label value; row 0 is dropped below
     flat = labels.ravel().astype(np.int64)
     n_pixels = np.bincount(flat, minlength=len(names))
     finite = np.isfinite(scores).reshape(len(types), -1)
@@ -199,14 +199,14 @@ def _annotation_table(key: str, labels: np.ndarray, scores: np.ndarray, types: l
         mean_scores = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan).astype(np.float32)
     obs = pd.DataFrame(
         {
-            "region": pd.Categorical([key] * len(names)),
-            "label": np.arange(len(names), dtype=np.int64),
-            "cell_type": pd.Categorical(names, categories=names),
-            "n_pixels": n_pixels.astype(np.int64),
+            "region": pd.Categorical([key] * len(types)),
+            "label": np.arange(1, len(names), dtype=np.int64),
+            "cell_type": pd.Categorical(types, categories=types),
+            "n_pixels": n_pixels[1:].astype(np.int64),
         },
-        index=[str(i) for i in range(len(names))],
+        index=[str(i) for i in range(1, len(names))],
     )
-    table = ad.AnnData(X=mean_scores, obs=obs, var=pd.DataFrame(index=pd.Index(types, name="cell_type")))
+    table = ad.AnnData(X=mean_scores[1:], obs=obs, var=pd.DataFrame(index=pd.Index(types, name="cell_type")))
     return TableModel.parse(table, region=key, region_key="region", instance_key="label")
 
 
@@ -262,10 +262,11 @@ def celltype_map(
 
     - ``sdata.labels[key_added]``: uint8 Labels2DModel, 0 = unassigned, ``i`` = the ``i``-th type;
     - ``sdata.tables[f"{key_added}_table"]``: AnnData annotating the labels the spatialdata way (``region`` =
-      ``key_added``, ``region_key="region"``, ``instance_key="label"``), one row per label value 0..T with the
-      categorical column ``cell_type`` (``"unassigned"``, then the types), ``n_pixels``, and as ``X`` the mean score
-      of every type (``var_names``) over the label's pixels; spatialdata-plot and napari-spatialdata show the names
-      (e.g. ``sdata.pl.render_labels(key_added, color="cell_type", table_name=f"{key_added}_table")``);
+      ``key_added``, ``region_key="region"``, ``instance_key="label"``), one row per type (label values 1..T; 0,
+      unassigned, is the viewers' background) with the categorical column ``cell_type``, ``n_pixels``, and as ``X``
+      the mean score of every type (``var_names``) over the label's pixels; spatialdata-plot and napari-spatialdata
+      show the names (e.g. ``sdata.pl.render_labels(key_added, color="cell_type",
+      table_name=f"{key_added}_table")``);
     - ``sdata.images[f"{key_added}_scores"]``: float32 Image2DModel with one channel per type (its score) and a
       last channel ``"max_score"`` (the called type's score), so the scores travel as one element;
     - ``sdata.attrs["c3diff"][key_added]``: ``categories`` (types in label order), ``labels`` (``"0"`` ->
@@ -282,7 +283,7 @@ def celltype_map(
     >>> c3.pp.bin_transcripts(sdata, bin_size=10, image_key="hne", key_added="truth")  # doctest: +SKIP
     >>> c3.tl.celltype_map(sdata, "truth")  # doctest: +SKIP
     >>> sdata.tables["truth_celltypes_table"].obs["cell_type"].tolist()[:2]  # doctest: +SKIP
-    ['unassigned', 'B cell']
+    ['B cell', 'T cell CD4']
     >>> markers = {**c3.tl.DEFAULT_MARKERS, "Tumour": ["EPCAM", "KRT8"]}
     >>> c3.tl.celltype_map(sdata, "truth", markers=markers, key_added="truth_types")  # doctest: +SKIP
     >>> c3.tl.celltype_map(mouse_sdata, "hne_bicubic_x10", markers="mouse")  # doctest: +SKIP
