@@ -45,13 +45,13 @@ def _perturb_zero_convs(model, *, scale: float = 0.05, seed: int = 0) -> None:
 @pytest.fixture
 def tiny():
     torch.manual_seed(0)
-    return c3diff.models.build_model("tiny", genes=GENES, scale=10)
+    return c3diff.models.build_model("tiny-paper", genes=GENES, scale=10)
 
 
 @pytest.fixture
 def tiny5():
     torch.manual_seed(0)
-    return c3diff.models.build_model("tiny", genes=GENES, scale=5)
+    return c3diff.models.build_model("tiny-paper", genes=GENES, scale=5)
 
 
 @pytest.fixture

@@ -59,7 +59,7 @@ def test_a_fitted_first_stage_survives_save_and_load(tmp_path):
 
     torch.manual_seed(0)
     model = c3diff.models.build_model(
-        "tiny",
+        "tiny-paper",
         genes=["A", "B"],
         autoencoder_config={**CONFIG, "sample_size": 64},
         space_to_depth=1,

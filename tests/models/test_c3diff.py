@@ -32,7 +32,7 @@ def test_geometry_of_the_presets(tiny, tiny5):
     assert tiny.vqvae is None and tiny.output_size() == 64 and tiny5.output_size() == 32
     assert tiny.config.space_to_depth == 4 and tiny.unet.config.in_channels == 16
     assert tiny.hint_encoders.hint_channels == 4 * 7 + 4
-    folded = c3diff.models.build_model("tiny", genes=["A"], hint_space_to_depth=True, hint_channels=16)
+    folded = c3diff.models.build_model("tiny-paper", genes=["A"], hint_space_to_depth=True, hint_channels=16)
     assert folded.hint_encoders.histology_content.fold == 4  # histology folded like the map, no stride-2 steps
     assert folded.hint_encoders.hint_channels == 4 * 16 + 4 and folded.latent_size == 16
     paper = c3diff.models.preset_config("paper")
@@ -51,20 +51,20 @@ def test_space_to_depth_first_stage_is_lossless(tiny):
     assert latents.shape == (3, 16, 16, 16)
     torch.testing.assert_close(tiny.decode_latents(latents), (maps + 1) / 2)
     with pytest.raises(ValueError, match="power of two"):
-        c3diff.models.build_model("tiny", genes=["A"], space_to_depth=3)
+        c3diff.models.build_model("tiny-paper", genes=["A"], space_to_depth=3)
     with pytest.raises(ValueError, match="multiple of 16"):
-        c3diff.models.build_model("tiny", genes=["A"], unet_config={"in_channels": 1, "out_channels": 1})
+        c3diff.models.build_model("tiny-paper", genes=["A"], unet_config={"in_channels": 1, "out_channels": 1})
 
 
 def test_config_errors():
     with pytest.raises(ValueError, match="scale"):
-        c3diff.models.build_model("tiny", genes=["A"], scale=3)
+        c3diff.models.build_model("tiny-paper", genes=["A"], scale=3)
     with pytest.raises(ValueError, match="lr_size"):
-        c3diff.models.build_model("tiny", genes=["A"], lr_size=8)
+        c3diff.models.build_model("tiny-paper", genes=["A"], lr_size=8)
     with pytest.raises(ValueError, match="more than once"):
-        c3diff.models.build_model("tiny", genes=["A", "A"])
+        c3diff.models.build_model("tiny-paper", genes=["A", "A"])
     with pytest.raises(TypeError, match="Unknown model option"):
-        c3diff.models.build_model("tiny", genes=["A"], hint_chanels=3)
+        c3diff.models.build_model("tiny-paper", genes=["A"], hint_chanels=3)
     with pytest.raises(ValueError, match="preset"):
         c3diff.models.build_model("huge", genes=["A"])
 
@@ -94,16 +94,16 @@ def test_min_snr_gamma_reweights_only_the_diffusion_loss(tiny, make_batch):
     assert snr["content"] == pytest.approx(plain["content"]) and snr["modal"] == pytest.approx(plain["modal"])
     assert 0 < snr["mse"] < 0.25 * plain["mse"]
     with pytest.raises(ValueError, match="min_snr_gamma"):
-        c3diff.models.build_model("tiny", genes=tiny.genes, min_snr_gamma=-1.0)
+        c3diff.models.build_model("tiny-paper", genes=tiny.genes, min_snr_gamma=-1.0)
     with pytest.raises(ValueError, match="latent_scaling"):
-        c3diff.models.build_model("tiny", genes=tiny.genes, latent_scaling="max")
+        c3diff.models.build_model("tiny-paper", genes=tiny.genes, latent_scaling="max")
     with pytest.raises(ValueError, match="hint_space_to_depth"):
-        c3diff.models.build_model("tiny", genes=tiny.genes, space_to_depth=1, hint_space_to_depth=True,
+        c3diff.models.build_model("tiny-paper", genes=tiny.genes, space_to_depth=1, hint_space_to_depth=True,
                                   unet_config={"in_channels": 1, "out_channels": 1, "sample_size": 64})
 
 
 def test_v_prediction_trains_on_the_velocity_and_samples(make_batch):
-    model = c3diff.models.build_model("tiny", genes=["A", "B"], scheduler_config={"prediction_type": "v_prediction"})
+    model = c3diff.models.build_model("tiny-paper", genes=["A", "B"], scheduler_config={"prediction_type": "v_prediction"})
     x0, noise, t = torch.randn(3, 16, 16, 16), torch.randn(3, 16, 16, 16), torch.tensor([0, 500, 999])
     ab = model.noise_scheduler.alphas_cumprod[t][:, None, None, None]
     torch.testing.assert_close(model.diffusion_target(x0, noise, t), ab.sqrt() * noise - (1 - ab).sqrt() * x0)
@@ -111,10 +111,10 @@ def test_v_prediction_trains_on_the_velocity_and_samples(make_batch):
     assert all(np.isfinite(v) for v in out.values())
     mean, _ = model.predict(torch.rand(1, 3, 64, 64), torch.rand(1, 2, 7, 7), num_inference_steps=2)
     assert mean.shape == (1, 2, 64, 64) and 0 <= float(mean.min()) <= float(mean.max()) <= 1
-    eps_model = c3diff.models.build_model("tiny", genes=["A", "B"], scheduler_config={"prediction_type": "epsilon"})
+    eps_model = c3diff.models.build_model("tiny-paper", genes=["A", "B"], scheduler_config={"prediction_type": "epsilon"})
     assert torch.equal(eps_model.diffusion_target(x0, noise, t), noise)
     with pytest.raises(ValueError, match="prediction_type"):
-        c3diff.models.build_model("tiny", genes=["A"], scheduler_config={"prediction_type": "sample"})
+        c3diff.models.build_model("tiny-paper", genes=["A"], scheduler_config={"prediction_type": "sample"})
 
 
 def test_denoiser_equals_plain_unet_at_initialisation(tiny):
@@ -243,7 +243,7 @@ def test_pixel_space_and_latent_space_share_the_code_path(make_batch):
         "sample_size": 64,
     }
     model = c3diff.models.build_model(
-        "tiny",
+        "tiny-paper",
         genes=["A", "B"],
         autoencoder_config=vq,
         space_to_depth=1,
@@ -260,7 +260,7 @@ def test_pixel_space_and_latent_space_share_the_code_path(make_batch):
 
 @pytest.mark.parametrize("scaling", ["std", "range"])
 def test_fit_first_stage_in_pixel_space_centres_and_scales_the_latents(scaling):
-    model = c3diff.models.build_model("tiny", genes=["A", "B"], latent_scaling=scaling)
+    model = c3diff.models.build_model("tiny-paper", genes=["A", "B"], latent_scaling=scaling)
     maps = -torch.ones(20, 1, 64, 64)
     maps[:, :, ::9, ::7] = 1.0  # sparse maps: mostly at -1
     assert not model.config.first_stage_fitted
@@ -280,7 +280,7 @@ def test_fit_first_stage_in_pixel_space_centres_and_scales_the_latents(scaling):
 
 
 def test_fit_backbone_pretrains_the_unet_and_copies_it_into_the_controlnet():
-    model = c3diff.models.build_model("tiny", genes=["A", "B"])
+    model = c3diff.models.build_model("tiny-paper", genes=["A", "B"])
     maps = -torch.ones(16, 1, 64, 64)
     maps[:, :, 10:20, 30:50] = 1.0
     model.fit_first_stage(maps, progress=False)

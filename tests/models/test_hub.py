@@ -37,7 +37,8 @@ def _predict(model):
 
 def test_round_trip_gives_identical_outputs(saved):
     model, folder = saved
-    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors",
+                                                       "scheduler_config.json"]
     loaded = c3diff.models.from_pretrained(folder)
     assert isinstance(loaded, C3DiffModel) and loaded.training is False
     assert loaded.genes == model.genes and loaded.config.scale == 10
@@ -203,5 +204,44 @@ def test_push_to_hub_uploads_the_saved_folder(tiny, monkeypatch):
     monkeypatch.setattr(hub, "HfApi", FakeApi)
     assert tiny.push_to_hub("someone/c3diff-tiny", token="w", training_data="demo") == "commit-info"
     assert uploaded["created"] == "someone/c3diff-tiny" and uploaded["token"] == "w"
-    assert uploaded["files"] == ["README.md", "config.json", "model.safetensors"]
+    assert uploaded["files"] == ["README.md", "config.json", "model.safetensors", "scheduler_config.json"]
     assert 'from_pretrained("someone/c3diff-tiny"' in uploaded["card"]
+
+
+def test_a_swapped_scheduler_round_trips_and_samples(tmp_path):
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+
+    model = c3diff.models.build_model("tiny", genes=["A", "B"]).eval()
+    model.set_scheduler(DPMSolverMultistepScheduler.from_config(model.noise_scheduler.config))
+    model.save_pretrained(str(tmp_path / "dpm"))
+    assert json.loads((tmp_path / "dpm" / "scheduler_config.json").read_text())["_class_name"] == (
+        "DPMSolverMultistepScheduler")
+    loaded = c3diff.models.from_pretrained(tmp_path / "dpm")
+    assert isinstance(loaded.noise_scheduler, DPMSolverMultistepScheduler)
+    histology, lr = torch.rand(1, 3, 64, 64), torch.rand(1, 2, 7, 7)
+    _, std = loaded.predict(histology, lr, mode="sample", n_samples=2, num_inference_steps=3)
+    assert torch.isfinite(std).all() and float(std.max()) > 0
+    # DDIM and DPM-Solver draw different samples from the same noise
+    ddim = c3diff.models.build_model("tiny", genes=["A", "B"]).eval()
+    ddim.load_state_dict(model.state_dict())
+    assert isinstance(ddim.noise_scheduler, DDIMScheduler)
+    assert not torch.equal(ddim.predict(histology, lr, mode="sample", n_samples=2, num_inference_steps=3)[1], std)
+    with pytest.raises(ValueError, match="trained with 0.00085"):
+        model.set_scheduler(EulerDiscreteScheduler())  # diffusers' default betas, not the model's
+    with pytest.raises(TypeError, match="diffusers scheduler"):
+        model.set_scheduler("ddim")
+
+
+def test_model_mixin_keywords(tmp_path):
+    model = c3diff.models.build_model("tiny", genes=["A"]).eval()
+    model.save_pretrained(str(tmp_path / "f"), variant="fp16")
+    assert (tmp_path / "f" / "model.fp16.safetensors").is_file() and not (tmp_path / "f" / "model.safetensors").exists()
+    half = c3diff.models.from_pretrained(tmp_path / "f", variant="fp16", torch_dtype=torch.bfloat16)
+    assert next(half.parameters()).dtype == torch.bfloat16
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        c3diff.models.from_pretrained(tmp_path / "f")  # the variant has to be asked for
+    model.save_pretrained(str(tmp_path / "pickled"), safe_serialization=False)
+    assert (tmp_path / "pickled" / "model.bin").is_file()
+    loaded = c3diff.models.from_pretrained(tmp_path / "pickled")
+    for (k, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert torch.equal(a, b), k

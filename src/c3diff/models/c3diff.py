@@ -21,6 +21,15 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from c3diff._validation import check_genes
 from c3diff.models.autoencoder import build_autoencoder, downsampling_factor
+from c3diff.models.conditional_mean import (
+    ConditionalMeanNet,
+    block_log_softmax,
+    block_pixel_counts,
+    multinomial_nll,
+    poisson_nll,
+    pool_log_shares,
+    share_map,
+)
 from c3diff.models.controlnet import (
     DECODER_MODULES,
     ENCODER_MODULES,
@@ -28,7 +37,13 @@ from c3diff.models.controlnet import (
     unet_decode,
     unet_encode,
 )
-from c3diff.models.hint_encoders import HintEncoders, ModalityFeatures, lr_condition_image, sphere_noise_augment
+from c3diff.models.hint_encoders import (
+    HintEncoders,
+    ModalityFeatures,
+    gene_code_map,
+    lr_condition_image,
+    sphere_noise_augment,
+)
 from c3diff.models.imputation import FeatureImputer
 from c3diff.models.losses import (
     LossOutput,
@@ -44,6 +59,13 @@ from c3diff.models.losses import (
 __all__ = ["C3DiffModel"]
 
 _SCALES = (5, 10)
+
+#: How the model describes a map: the paper's diffusion of the whole map, or a conditional mean plus a residual
+#: diffusion (see :class:`C3DiffModel`).
+FORMULATIONS = ("paper", "residual")
+
+#: Count likelihoods of the conditional-mean stage (see :mod:`c3diff.models.conditional_mean`).
+MEAN_LOSSES = ("multinomial", "poisson")
 
 
 class C3DiffModel(ModelMixin, ConfigMixin):
@@ -126,6 +148,17 @@ class C3DiffModel(ModelMixin, ConfigMixin):
     backbone_fitted
         Whether the denoiser is a trained unconditional backbone (the paper starts from a pretrained LDM, see
         :func:`~c3diff.models.from_ldm`); :func:`c3diff.tl.train` pretrains it (:meth:`fit_backbone`) when not.
+    formulation
+        ``"paper"``: the diffusion generates the whole normalised HR map (the paper). ``"residual"``: a
+        deterministic conditional-mean stage (:class:`~c3diff.models.conditional_mean.ConditionalMeanNet`, on the
+        same hint) predicts where each LR pixel's counts go, and the ControlNet diffusion models only the residual
+        (truth minus mean, in within-LR-pixel share units), with the mean's share map as an extra hint; a sample is
+        mean + sampled residual (CorrDiff's regression-then-residual-diffusion pattern).
+    mean_net_config
+        ``"residual"`` only: ``block_out_channels``, ``layers_per_block`` and ``norm_num_groups`` of the mean
+        network's histology trunk (a U-Net) and ``head_channels``, the width of its gene head.
+    mean_fitted
+        Whether the conditional-mean stage has been trained; :func:`c3diff.tl.train` trains it first when not.
     training_data
         Free text recorded in the model card (what the model was trained on).
 
@@ -181,6 +214,9 @@ class C3DiffModel(ModelMixin, ConfigMixin):
         latent_scaling: str = "std",
         first_stage_fitted: bool = False,
         backbone_fitted: bool = False,
+        formulation: str = "paper",
+        mean_net_config: Mapping[str, Any] | None = None,
+        mean_fitted: bool = False,
         training_data: str | None = None,
     ):
         super().__init__()
@@ -251,7 +287,30 @@ class C3DiffModel(ModelMixin, ConfigMixin):
             fold=factor if hint_space_to_depth else 1,
             gene_code_channels=gene_code_channels,
         )
-        self.controlnet = UNet2DControlNetModel.from_unet(self.unet, hint_channels=self.hint_encoders.hint_channels)
+        if formulation not in FORMULATIONS:
+            raise ValueError(f"`formulation` must be one of {FORMULATIONS}, got {formulation!r}.")
+        self.mean_net = None
+        mean_hint_channels = 0
+        if formulation == "residual":
+            mean_net_config = {"block_out_channels": [32, 64], "layers_per_block": 1, "norm_num_groups": 8,
+                               "head_channels": 32, **dict(mean_net_config or {})}
+            allowed = {"block_out_channels", "layers_per_block", "norm_num_groups", "head_channels"}
+            unknown = sorted(set(mean_net_config) - allowed)
+            if unknown:
+                raise ValueError(f"`mean_net_config` has unknown entries {unknown}; use {sorted(allowed)}.")
+            mean_net_config["block_out_channels"] = list(mean_net_config["block_out_channels"])
+            self.mean_net = ConditionalMeanNet(
+                histology_hint_channels=2 * hint_channels,
+                st_hint_channels=2 * hint_channels + gene_code_channels,
+                fold=factor, num_genes=len(genes), **mean_net_config,
+            )
+            mean_hint_channels = factor**2  # the mean's share map, folded to the latent grid
+        elif mean_net_config is not None:
+            raise ValueError("`mean_net_config` applies to formulation='residual' only.")
+        self._fold = factor
+        self.controlnet = UNet2DControlNetModel.from_unet(
+            self.unet, hint_channels=self.hint_encoders.hint_channels + mean_hint_channels
+        )
         self.imputer = FeatureImputer(
             feature_channels=hint_channels,
             bank_size=memory_bank_size,
@@ -278,6 +337,7 @@ class C3DiffModel(ModelMixin, ConfigMixin):
             autoencoder_config=None if self.vqvae is None else config_kwargs(self.vqvae.config),
             scheduler_config=config_kwargs(self.noise_scheduler.config),
             hint_encoder_channels=list(hint_encoder_channels),
+            mean_net_config=mean_net_config,
         )
         if self.vqvae is None and unet_in % space_to_depth**2:
             raise ValueError(
@@ -326,8 +386,12 @@ class C3DiffModel(ModelMixin, ConfigMixin):
             for module in self._encoder_modules():
                 module.requires_grad_(False)
 
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        """The parameters C3-Diff trains: ControlNet, UNet decoder, hint encoders, ``alpha`` and ``beta``.
+    def trainable_parameters(self, stage: str = "diffusion") -> list[torch.nn.Parameter]:
+        """The parameters a training stage updates.
+
+        ``"diffusion"``: ControlNet and UNet decoder, plus (paper formulation) the hint encoders, ``alpha`` and
+        ``beta``. ``"mean"`` (residual formulation): the hint encoders, the mean network, ``alpha`` and ``beta``;
+        the residual diffusion then keeps them frozen, so the mean it refines stays the one that was validated.
 
         Examples
         --------
@@ -337,7 +401,20 @@ class C3DiffModel(ModelMixin, ConfigMixin):
         >>> n == sum(p.numel() for p in model.parameters() if p.requires_grad)
         True
         """
-        modules: list[torch.nn.Module] = [self.controlnet, self.hint_encoders]
+        if stage not in ("diffusion", "mean"):
+            raise ValueError(f"`stage` must be 'diffusion' or 'mean', got {stage!r}.")
+        if stage == "mean":
+            if self.mean_net is None:
+                raise ValueError("This model has no conditional-mean stage (formulation='paper').")
+            params = [p for m in (self.hint_encoders, self.mean_net) for p in m.parameters()]
+            return [*params, self.imputer.alpha, self.imputer.beta]
+        if self.mean_net is not None:
+            modules: list[torch.nn.Module] = [self.controlnet]
+            modules += [getattr(self.unet, name) for name in DECODER_MODULES]
+            if self.config.train_unet_encoder:
+                modules += self._encoder_modules()
+            return [p for m in modules for p in m.parameters()]
+        modules = [self.controlnet, self.hint_encoders]
         modules += [getattr(self.unet, name) for name in DECODER_MODULES]
         if self.config.train_unet_encoder:
             modules += self._encoder_modules()
@@ -388,6 +465,17 @@ class C3DiffModel(ModelMixin, ConfigMixin):
             if self.config.space_to_depth > 1:
                 latents = F.pixel_shuffle(latents, self.config.space_to_depth)
         return ((latents.mean(dim=1, keepdim=True) + 1.0) / 2.0).clamp(0.0, 1.0)
+
+    def decode_raw(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> ``(B, 1, S, S)`` maps in the units they were encoded in (no [-1, 1] -> [0, 1] mapping); the
+        residual formulation's residuals."""
+        if self.vqvae is not None:
+            latents = self.vqvae.decode(latents / self.vqvae.config.scaling_factor).sample
+        else:
+            latents = latents / self.config.latent_scale + self.config.latent_shift
+            if self.config.space_to_depth > 1:
+                latents = F.pixel_shuffle(latents, self.config.space_to_depth)
+        return latents.mean(dim=1, keepdim=True)
 
     def fit_first_stage(
         self,
@@ -518,11 +606,240 @@ class C3DiffModel(ModelMixin, ConfigMixin):
             mid_block_additional_residual=control.mid_block_res_sample,
         )
 
+    # ------------------------------------------------------------------ hint and conditional mean
+    def _features(
+        self,
+        histology: torch.Tensor,
+        lr: torch.Tensor,
+        gene_index: torch.Tensor,
+        missing: torch.Tensor,
+        *,
+        patch_index: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        contrastive: bool = True,
+    ) -> tuple[ModalityFeatures, ModalityFeatures, torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+        """Hint features of a batch of ``B`` (tile, gene) items and the contrastive losses of their embeddings.
+
+        Items of the same tile (same ``patch_index``) share one histology encoding, and the contrastive losses
+        compare tiles (one item per tile: the paper's negatives are the other tiles). In train mode the ST features
+        of complete items get on-sphere noise augmentation and are pushed into the imputation memory bank; items
+        with ``missing`` LR ST get imputed ST features.
+
+        Returns
+        -------
+        ``(histology_hint, st_hint, tile_of_item, losses, tile_rows)``: the histology hint features per tile, the ST
+        hint features per item, each item's tile row, the contrastive losses and each tile's first item.
+        """
+        encoders = self.hint_encoders
+        if patch_index is None:
+            inverse = torch.arange(len(histology), device=histology.device)
+        else:
+            _, inverse = torch.unique(torch.as_tensor(patch_index, device=histology.device), return_inverse=True)
+        n_tiles = int(inverse.max()) + 1 if len(inverse) else 0
+        first = torch.full((n_tiles,), len(inverse), dtype=torch.long, device=histology.device)
+        first = first.scatter_reduce(0, inverse, torch.arange(len(inverse), device=histology.device), reduce="amin")
+        h = encoders.encode_histology(histology[first])
+        y = encoders.encode_st(self.lr_image(lr))
+        if self.training and self.config.st_noise_sigma > 0:
+            sigma = self.config.st_noise_sigma
+            y_aug = ModalityFeatures(
+                content=sphere_noise_augment(y.content, sigma=sigma, generator=generator),
+                modal=sphere_noise_augment(y.modal, sigma=sigma, generator=generator),
+            )
+        else:
+            y_aug = y
+        zero = histology.new_zeros(())
+        losses = {"content": zero, "modal": zero, "inter_sphere": zero}
+        complete_tiles = ~missing[first]
+        if contrastive:
+            tau = self.config.temperature
+            c_y, m_y = y_aug.content[first][complete_tiles], y_aug.modal[first][complete_tiles]
+            losses = {
+                "content": content_loss(h.content[complete_tiles], c_y, temperature=tau),
+                "modal": modal_loss(h.modal[complete_tiles], m_y, temperature=tau),
+                "inter_sphere": inter_sphere_loss(h.content[complete_tiles], h.modal[complete_tiles], temperature=tau),
+            }
+        c_y, m_y = self.imputer.impute_from_batch(h.content[inverse], h.modal[inverse], y_aug.content, y_aug.modal,
+                                                  missing)
+        if self.training:
+            keep = first[complete_tiles]
+            self.imputer.update_bank(h.content[complete_tiles], h.modal[complete_tiles], y.content[keep],
+                                     y.modal[keep])
+        st_hint = encoders.st_hint(ModalityFeatures(content=c_y, modal=m_y))
+        return encoders.histology_hint(h), st_hint, inverse, losses, first
+
+    def _hint(
+        self,
+        histology: torch.Tensor,
+        lr: torch.Tensor,
+        gene_index: torch.Tensor,
+        missing: torch.Tensor,
+        *,
+        generator: torch.Generator | None = None,
+        contrastive: bool = True,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The ControlNet hint of a training batch (one item per tile) and the contrastive losses."""
+        h_hint, st_hint, inverse, losses, _ = self._features(histology, lr, gene_index, missing,
+                                                             generator=generator, contrastive=contrastive)
+        hint = self.hint_encoders.assemble(h_hint.expand(inverse), st_hint, gene_index, num_genes=self.num_genes)
+        return hint, losses
+
+    def _require_mean(self) -> ConditionalMeanNet:
+        if self.mean_net is None:
+            raise ValueError(
+                "This model has no conditional-mean stage (formulation='paper'); build one with "
+                "`formulation='residual'` (e.g. the 'tiny' preset) or sample with mode='sample'."
+            )
+        return self.mean_net
+
+    def output_block(self, scale: int | None = None) -> int:
+        """Output pixels per LR pixel along a side at ``scale`` (10 at 10x, 5 at 5x)."""
+        scale = self.config.scale if scale is None else scale
+        return self.lr_upsample_factor * scale // 10
+
+    def mean_logits(
+        self,
+        histology_hint: ModalityFeatures,
+        histology: torch.Tensor,
+        st_hint: ModalityFeatures,
+        lr: torch.Tensor,
+        gene_index: torch.Tensor,
+        tile_of_item: torch.Tensor,
+    ) -> torch.Tensor:
+        """The mean network's logits ``(B, 1, S, S)`` at the image grid (10 um in the paper's geometry).
+
+        ``histology_hint`` and ``histology`` are per tile (``T``), the rest per item (``B``); ``tile_of_item`` maps
+        items to tiles.
+        """
+        features = self.mean_trunk(histology_hint, histology)
+        return self.mean_head(features[tile_of_item], st_hint, lr, gene_index, histology[tile_of_item])
+
+    def mean_trunk(self, histology_hint: ModalityFeatures, histology: torch.Tensor) -> torch.Tensor:
+        """The mean network's per-tile histology features (compute once per tile, reuse for every gene)."""
+        net = self._require_mean()
+        return net.trunk(torch.cat([histology_hint.content, histology_hint.modal], dim=1), histology)
+
+    def mean_head(
+        self,
+        features: torch.Tensor,
+        st_hint: ModalityFeatures,
+        lr: torch.Tensor,
+        gene_index: torch.Tensor,
+        histology: torch.Tensor,
+    ) -> torch.Tensor:
+        """Logits ``(B, 1, S, S)`` of items from their tile's trunk ``features`` and ``histology``, their ST hint,
+        LR maps and genes."""
+        code = gene_code_map(gene_index, num_genes=self.num_genes, size=features.shape[-1],
+                             channels=self.config.gene_code_channels).to(features)
+        st = torch.cat([st_hint.content, st_hint.modal, code], dim=1)
+        return self._require_mean().head(features, st, self.lr_image(lr)[:, :1], gene_index, histology)
+
+    def mean_log_shares(self, logits: torch.Tensor, scale: int | None = None) -> torch.Tensor:
+        """``log pi``: each output pixel's share of its LR pixel's count, ``(B, 1, H, H)`` at ``scale``."""
+        log_pi = block_log_softmax(logits, self.lr_upsample_factor)
+        return pool_log_shares(log_pi, self.config.image_size // self.output_size(scale))
+
+    def expected_map(self, log_shares: torch.Tensor, lr: torch.Tensor, scale: int | None = None) -> torch.Tensor:
+        """The conditional mean in units of the normalised LR map: ``n_L pi_p * lr_L`` (an LR pixel of value ``v``
+        spreads ``v`` per output pixel on average), ``(B, 1, H, H)``.
+
+        The LR value is floored at 1e-3 so that an LR pixel at the tile's minimum keeps its predicted pattern through
+        the calibration that maps these values to counts.
+        """
+        block = self.output_block(scale)
+        size = log_shares.shape[-1]
+        lr_block = lr.clamp_min(1e-3).repeat_interleave(block, dim=-2).repeat_interleave(block, dim=-1)
+        return share_map(log_shares, block) * lr_block[..., :size, :size]
+
+    def compute_mean_losses(
+        self,
+        batch: Mapping[str, torch.Tensor],
+        *,
+        loss: str = "multinomial",
+        generator: torch.Generator | None = None,
+    ) -> LossOutput:
+        """Losses of the conditional-mean stage: a count likelihood of the observed HR counts plus the three
+        contrastive losses of the hint features.
+
+        Parameters
+        ----------
+        batch
+            As for :meth:`compute_losses`, plus ``"hr_counts"`` ``(B, 1, H, H)``: the observed counts.
+        loss
+            ``"multinomial"``: :func:`~c3diff.models.conditional_mean.multinomial_nll` of the counts inside each LR
+            pixel given its total (calibrated, exactly LR-consistent). ``"poisson"``:
+            :func:`~c3diff.models.conditional_mean.poisson_nll` of rates relative to the LR pixel's density.
+        generator
+            Seeds the feature augmentation.
+        """
+        if loss not in MEAN_LOSSES:
+            raise ValueError(f"`loss` must be one of {MEAN_LOSSES}, got {loss!r}.")
+        histology, lr, gene_index, missing = self._check_batch(batch)
+        if "hr_counts" not in batch:
+            raise KeyError("`batch` lacks 'hr_counts' (the observed HR counts), which the mean stage learns from; "
+                           "`c3diff.pp.PatchDataset` provides it.")
+        counts = batch["hr_counts"].to(self.device, self.dtype)
+        h_hint, st_hint, inverse, contrastive, first = self._features(
+            histology, lr, gene_index, missing, patch_index=batch.get("patch_index"), generator=generator)
+        logits = self.mean_logits(h_hint, histology[first], st_hint, lr, gene_index, inverse)
+        if loss == "multinomial":
+            nll = multinomial_nll(self.mean_log_shares(logits), counts)
+        else:
+            factor = self.config.image_size // self.output_size()
+            # rates add up over the factor x factor image pixels of an output pixel
+            pooled = pool_log_shares(logits, factor) - 2 * math.log(factor)
+            nll = poisson_nll(pooled, counts, _block_density(counts, self.output_block()))
+        weights = LossWeights(
+            mse=0.0, modal=self.config.lambda_modal, content=self.config.lambda_content,
+            inter_sphere=self.config.lambda_inter_sphere,
+        )
+        out = overall_loss(mse=nll.new_zeros(()), weights=weights, **contrastive)
+        return LossOutput(total=out.total + nll, mse=out.mse, content=out.content, modal=out.modal,
+                          inter_sphere=out.inter_sphere, mean=nll)
+
+    def _mean_and_hint(
+        self,
+        histology: torch.Tensor,
+        lr: torch.Tensor,
+        gene_index: torch.Tensor,
+        missing: torch.Tensor,
+        *,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """Log-shares of the mean, the ControlNet hint and (zero) contrastive losses of a batch of items."""
+        h_hint, st_hint, inverse, losses, _ = self._features(histology, lr, gene_index, missing,
+                                                             generator=generator, contrastive=False)
+        logits = self.mean_logits(h_hint, histology, st_hint, lr, gene_index, inverse)
+        hint = self.hint_encoders.assemble(h_hint.expand(inverse), st_hint, gene_index, num_genes=self.num_genes)
+        return self.mean_log_shares(logits), hint, losses
+
+    def residual_target(self, log_shares: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """What the residual diffusion learns: observed minus expected, in share units ``n_L y_p / Y_L - n_L pi_p``
+        (0 in LR pixels without counts)."""
+        block = self.output_block()
+        expected = share_map(log_shares, block)
+        totals = _block_density(counts, block) * block_pixel_counts(*counts.shape[-2:], block, device=counts.device)
+        observed = torch.where(totals > 0, counts * block_pixel_counts(*counts.shape[-2:], block,
+                                                                     device=counts.device) / totals.clamp_min(1e-12),
+                               expected)
+        return observed - expected
+
+    def _mean_hint(self, shares: torch.Tensor) -> torch.Tensor:
+        """The mean's share map ``(B, 1, H, H)`` folded to the latent grid: the residual ControlNet's extra hint."""
+        size = self.config.image_size
+        if shares.shape[-1] != size:
+            shares = F.interpolate(shares, size=(size, size), mode="nearest")
+        return F.pixel_unshuffle(shares, self._fold) if self._fold > 1 else shares
+
     # ------------------------------------------------------------------ training
     def compute_losses(
         self, batch: Mapping[str, torch.Tensor], *, generator: torch.Generator | None = None
     ) -> LossOutput:
-        """All C3-Diff losses of a training batch (noise and timesteps are sampled inside).
+        """All diffusion-stage losses of a training batch (noise and timesteps are sampled inside).
+
+        Paper formulation: the diffusion MSE of the normalised HR map and the three contrastive losses. Residual
+        formulation: the diffusion MSE of the residual (:meth:`residual_target`; needs ``"hr_counts"``), with the
+        hint encoders and the mean network frozen (contrastive losses 0).
 
         In train mode the ST features of complete samples get on-sphere noise augmentation and are pushed into the
         imputation memory bank; in eval mode (validation loss) neither happens. Samples with ``lr_missing`` get
@@ -533,7 +850,7 @@ class C3DiffModel(ModelMixin, ConfigMixin):
         batch
             ``"histology"`` ``(B, 3, S, S)`` in [0, 1]; ``"lr"`` ``(B, 1, L, L)`` in [0, 1]; ``"hr"`` ``(B, 1, H, H)``
             in [-1, 1] (``H = S`` at 10x, ``S/2`` at 5x); ``"gene_index"`` ``(B,)`` int; optional ``"lr_missing"``
-            ``(B,)`` bool.
+            ``(B,)`` bool; ``"hr_counts"`` ``(B, 1, H, H)`` (residual formulation).
         generator
             Seeds the diffusion noise, the timesteps and the feature augmentation.
 
@@ -543,7 +860,18 @@ class C3DiffModel(ModelMixin, ConfigMixin):
         """
         histology, lr, gene_index, missing = self._check_batch(batch)
         device = self.device
-        x0 = self.encode_images(self.target_image(batch["hr"].to(device)))
+        if self.mean_net is None:
+            hint, contrastive = self._hint(histology, lr, gene_index, missing, generator=generator)
+            x0 = self.encode_images(self.target_image(batch["hr"].to(device)))
+        else:
+            if "hr_counts" not in batch:
+                raise KeyError("`batch` lacks 'hr_counts', which the residual diffusion needs.")
+            with torch.no_grad():
+                log_shares, hint, contrastive = self._mean_and_hint(histology, lr, gene_index, missing,
+                                                                    generator=generator)
+                residual = self.residual_target(log_shares, batch["hr_counts"].to(device, self.dtype))
+                hint = torch.cat([hint, self._mean_hint(share_map(log_shares, self.output_block()))], dim=1)
+            x0 = self.encode_images(self.target_image(residual))
         noise = randn_tensor(x0.shape, generator=generator, device=device, dtype=x0.dtype)
         n_steps = self.noise_scheduler.config.num_train_timesteps
         timesteps = torch.randint(
@@ -551,48 +879,19 @@ class C3DiffModel(ModelMixin, ConfigMixin):
         )
         timesteps = timesteps.to(device)
         noisy = self.noise_scheduler.add_noise(x0, noise, timesteps)
-
-        encoders = self.hint_encoders
-        h = encoders.encode_histology(histology)
-        y = encoders.encode_st(self.lr_image(lr))
-        if self.training and self.config.st_noise_sigma > 0:
-            sigma = self.config.st_noise_sigma
-            y_aug = ModalityFeatures(
-                content=sphere_noise_augment(y.content, sigma=sigma, generator=generator),
-                modal=sphere_noise_augment(y.modal, sigma=sigma, generator=generator),
-            )
-        else:
-            y_aug = y
-
-        complete = ~missing
-        tau = self.config.temperature
-        l_content = content_loss(h.content[complete], y_aug.content[complete], temperature=tau)
-        l_modal = modal_loss(h.modal[complete], y_aug.modal[complete], temperature=tau)
-        l_inter = inter_sphere_loss(h.content[complete], h.modal[complete], temperature=tau)
-
-        c_y, m_y = self.imputer.impute_from_batch(h.content, h.modal, y_aug.content, y_aug.modal, missing)
-        hint = encoders.assemble(
-            encoders.histology_hint(h),
-            encoders.st_hint(ModalityFeatures(content=c_y, modal=m_y)),
-            gene_index,
-            num_genes=self.num_genes,
-        )
         gamma = self.config.get("min_snr_gamma")
         snr_weights = None if gamma is None else min_snr_weights(
             self.noise_scheduler, timesteps, gamma=gamma, prediction_type=self.noise_scheduler.config.prediction_type
         )
         l_mse = diffusion_mse(self.denoise(noisy, timesteps, hint), self.diffusion_target(x0, noise, timesteps),
                               weights=snr_weights)
-
-        if self.training:
-            self.imputer.update_bank(h.content[complete], h.modal[complete], y.content[complete], y.modal[complete])
         weights = LossWeights(
             mse=self.config.lambda_mse,
             modal=self.config.lambda_modal,
             content=self.config.lambda_content,
             inter_sphere=self.config.lambda_inter_sphere,
         )
-        return overall_loss(mse=l_mse, content=l_content, modal=l_modal, inter_sphere=l_inter, weights=weights)
+        return overall_loss(mse=l_mse, weights=weights, **contrastive)
 
     def _check_batch(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         required = ("histology", "lr", "hr", "gene_index")
@@ -634,9 +933,11 @@ class C3DiffModel(ModelMixin, ConfigMixin):
         seed: int | Sequence[int] = 0,
         gene_batch_size: int = 16,
         scale: int | None = None,
+        mode: str | None = None,
         progress: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Super-resolve gene maps of ``T`` tiles with DDIM (see :func:`c3diff.models.sampling.sample`).
+        """Super-resolve gene maps of ``T`` tiles: the conditional mean and/or DDIM samples (see
+        :func:`c3diff.models.sampling.sample`).
 
         Parameters
         ----------
@@ -659,13 +960,20 @@ class C3DiffModel(ModelMixin, ConfigMixin):
             Genes of one tile denoised together (times ``n_samples``).
         scale
             10 or 5; ``None``: the model's scale. 5 on a 10x model is the 2 x 2 mean of the 10x output.
+        mode
+            ``"mean"`` (residual formulation): the conditional mean alone, one forward pass per tile and gene batch;
+            the sampling arguments are unused. ``"sample"``: DDIM samples; in the residual formulation ``mean`` is
+            still the exact conditional mean and ``std`` the spread of ``n_samples`` mean + residual samples; in
+            the paper formulation ``mean`` is the average of the samples. ``None``: ``"mean"`` when the model has a
+            mean stage, else ``"sample"``.
         progress
             Show a progress bar.
 
         Returns
         -------
-        ``(mean, std)``: ``(T, G', H, H)`` float32 on the CPU in [0, 1] (``H = S`` at 10x, ``S/2`` at 5x); ``std`` is
-        ``None`` when ``n_samples == 1``.
+        ``(mean, std)``: ``(T, G', H, H)`` float32 on the CPU (``H = S`` at 10x, ``S/2`` at 5x), in [0, 1] (paper
+        formulation) or in normalised-LR units (residual formulation, :meth:`expected_map`); ``std`` is ``None``
+        with one sample or ``mode="mean"``.
         """
         from c3diff.models.sampling import sample
 
@@ -681,12 +989,40 @@ class C3DiffModel(ModelMixin, ConfigMixin):
             seed=seed,
             gene_batch_size=gene_batch_size,
             scale=scale,
+            mode=mode,
             progress=progress,
         )
 
+    def set_scheduler(self, scheduler: Any) -> None:
+        """Sample with another diffusers scheduler (e.g. ``DPMSolverMultistepScheduler``); it must share the training
+        noise schedule (build it with ``Cls.from_config(model.noise_scheduler.config)``). Saved as
+        ``scheduler_config.json`` by :meth:`save_pretrained` and restored by :meth:`from_pretrained`.
+
+        Examples
+        --------
+        >>> import c3diff
+        >>> from diffusers import DPMSolverMultistepScheduler
+        >>> model = c3diff.models.build_model("tiny", genes=["A"])
+        >>> model.set_scheduler(DPMSolverMultistepScheduler.from_config(model.noise_scheduler.config))
+        >>> type(model.noise_scheduler).__name__
+        'DPMSolverMultistepScheduler'
+        """
+        from diffusers import SchedulerMixin
+
+        if not isinstance(scheduler, SchedulerMixin):
+            raise TypeError(f"`scheduler` must be a diffusers scheduler, got {type(scheduler).__name__}.")
+        ours = self.noise_scheduler.config
+        for key in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type"):
+            if key in scheduler.config and scheduler.config[key] != ours[key]:
+                raise ValueError(f"`scheduler.config[{key!r}]` is {scheduler.config[key]!r}, but the model was trained "
+                                 f"with {ours[key]!r}; build it with `{type(scheduler).__name__}.from_config("
+                                 "model.noise_scheduler.config)`.")
+        self.noise_scheduler = scheduler
+
     # ------------------------------------------------------------------ persistence (see hub.py)
     def save_pretrained(self, save_directory: str, *, training_data: str | None = None, **kwargs: Any) -> None:
-        """Write ``config.json``, ``model.safetensors`` and a model card ``README.md`` to ``save_directory``.
+        """Write ``config.json``, ``model.safetensors``, ``scheduler_config.json`` and a model card ``README.md`` to
+        ``save_directory`` (``safe_serialization`` and ``variant`` as in diffusers).
 
         See :func:`c3diff.models.hub.save_pretrained`.
         """
@@ -712,6 +1048,16 @@ class C3DiffModel(ModelMixin, ConfigMixin):
         from c3diff.models.model_card import make_model_card
 
         return make_model_card(self, **kwargs)
+
+
+def _block_density(counts: torch.Tensor, block: int) -> torch.Tensor:
+    """Each pixel's LR-cell total over the cell's visible pixels (``block x block`` cells anchored at (0, 0))."""
+    h, w = counts.shape[-2:]
+    ny, nx = -(-h // block), -(-w // block)
+    padded = F.pad(counts, (0, nx * block - w, 0, ny * block - h))
+    totals = F.avg_pool2d(padded, block) * block**2
+    totals = totals.repeat_interleave(block, dim=-2).repeat_interleave(block, dim=-1)[..., :h, :w]
+    return totals / block_pixel_counts(h, w, block, device=counts.device)
 
 
 def config_kwargs(config: Mapping[str, Any]) -> dict[str, Any]:

@@ -48,6 +48,9 @@ __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "from_ldm", "from_pretrained", "push_t
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+#: The sampling scheduler, a component saved beside the network (diffusers' ``SchedulerMixin.save_pretrained``).
+SCHEDULER_NAME = "scheduler_config.json"
+_PICKLE_WEIGHTS_NAME = "model.bin"
 CARD_NAME = "README.md"
 #: Public module that exports the model classes; recorded in config.json (checkpoints depend on it staying stable).
 _PUBLIC_MODULE = "c3diff.models"
@@ -60,8 +63,11 @@ def save_pretrained(
     *,
     training_data: str | None = None,
     repo_id: str | None = None,
+    safe_serialization: bool = True,
+    variant: str | None = None,
 ) -> Path:
-    """Write ``config.json``, ``model.safetensors`` and ``README.md`` (model card) into ``save_directory``.
+    """Write ``config.json``, ``model.safetensors``, ``scheduler_config.json`` (the sampling scheduler) and
+    ``README.md`` (model card) into ``save_directory``.
 
     Parameters
     ----------
@@ -73,6 +79,10 @@ def save_pretrained(
         Description of the training data; recorded in the config and the model card (kept when ``None``).
     repo_id
         Hub repository the folder is meant for (only used in the card's usage snippet).
+    safe_serialization
+        safetensors (default) or, with ``False``, a pickled ``model.bin`` (as diffusers' ``ModelMixin``).
+    variant
+        Save the weights as ``model.<variant>.safetensors`` (e.g. ``"fp16"`` after ``model.half()``).
 
     Returns
     -------
@@ -84,7 +94,7 @@ def save_pretrained(
     >>> model = c3diff.models.build_model("tiny", genes=["A", "B"])
     >>> folder = save_pretrained(model, tempfile.mkdtemp(), training_data="simulated sections")
     >>> sorted(p.name for p in folder.iterdir())
-    ['README.md', 'config.json', 'model.safetensors']
+    ['README.md', 'config.json', 'model.safetensors', 'scheduler_config.json']
     """
     folder = Path(save_directory)
     if folder.exists() and not folder.is_dir():
@@ -102,7 +112,12 @@ def save_pretrained(
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt", "c3diff_version": __version__})
+    if safe_serialization:
+        save_file(state, str(folder / _weights_name(WEIGHTS_NAME, variant)),
+                  metadata={"format": "pt", "c3diff_version": __version__})
+    else:
+        torch.save(state, folder / _weights_name(_PICKLE_WEIGHTS_NAME, variant))
+    model.noise_scheduler.save_pretrained(str(folder))
     make_model_card(model, repo_id=repo_id).save(folder / CARD_NAME)
     return folder
 
@@ -116,6 +131,8 @@ def from_pretrained(
     token: str | bool | None = None,
     device: str | torch.device = "cpu",
     model_class: type | None = None,
+    torch_dtype: torch.dtype | None = None,
+    variant: str | None = None,
 ) -> C3DiffModel:
     """Load a C3-Diff model from a local folder or a Hugging Face Hub repository.
 
@@ -135,10 +152,15 @@ def from_pretrained(
         Where to put the model.
     model_class
         The class to instantiate (default: the one recorded in ``config.json``, which must live in c3diff).
+    torch_dtype
+        Cast the floating-point weights to this dtype (e.g. ``torch.bfloat16`` on a GPU).
+    variant
+        Load ``model.<variant>.safetensors`` instead of ``model.safetensors``.
 
     Returns
     -------
-    The model in eval mode.
+    The model in eval mode, with the sampling scheduler of ``scheduler_config.json`` when the folder has one (any
+    diffusers scheduler; older folders: the DDIM scheduler of the config).
 
     Examples
     --------
@@ -154,10 +176,14 @@ def from_pretrained(
         local_files_only=local_files_only,
         cache_dir=cache_dir,
         token=token,
-        allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, CARD_NAME],
+        allow_patterns=[CONFIG_NAME, _weights_name(WEIGHTS_NAME, variant), _weights_name(_PICKLE_WEIGHTS_NAME, variant),
+                        SCHEDULER_NAME, CARD_NAME],
         what="C3-Diff model",
     )
-    for name in (CONFIG_NAME, WEIGHTS_NAME):
+    weights = folder / _weights_name(WEIGHTS_NAME, variant)
+    if not weights.is_file() and (folder / _weights_name(_PICKLE_WEIGHTS_NAME, variant)).is_file():
+        weights = folder / _weights_name(_PICKLE_WEIGHTS_NAME, variant)
+    for name in (CONFIG_NAME, weights.name):
         if not (folder / name).is_file():
             raise FileNotFoundError(
                 f"{str(path_or_repo_id)!r} has no {name}: not a c3diff model folder (expected {CONFIG_NAME}, "
@@ -172,15 +198,47 @@ def from_pretrained(
     cls = model_class or _model_class(config)
     check_config(config, cls, path=folder / CONFIG_NAME)
     model = cls.from_config(config)
-    load_weights(model, folder / WEIGHTS_NAME)
+    load_weights(model, weights)
+    if (folder / SCHEDULER_NAME).is_file():
+        model.noise_scheduler = load_scheduler(folder / SCHEDULER_NAME)
+    if torch_dtype is not None:
+        model = model.to(torch_dtype)
     return model.to(device).eval()
 
 
-def load_weights(model: torch.nn.Module, path: str | Path) -> None:
-    """Load a safetensors file into ``model`` strictly (errors list missing, unexpected and mis-shaped tensors)."""
+def _weights_name(name: str, variant: str | None) -> str:
+    if variant is None:
+        return name
+    stem, suffix = name.rsplit(".", 1)
+    return f"{stem}.{variant}.{suffix}"
+
+
+def load_scheduler(path: str | Path):
+    """The diffusers scheduler described by a ``scheduler_config.json`` (its ``_class_name`` names the class)."""
+    import diffusers
+
+    path = Path(path)
     try:
-        state = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as err:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); re-save the model.") from err
+    name = config.get("_class_name")
+    cls = getattr(diffusers, str(name), None)
+    if cls is None or not isinstance(cls, type) or not issubclass(cls, diffusers.SchedulerMixin):
+        raise ValueError(f"{path} names the scheduler class {name!r}, which is not a diffusers scheduler in "
+                         f"diffusers {diffusers.__version__}; install a diffusers version that has it.")
+    return cls.from_config(config)
+
+
+def load_weights(model: torch.nn.Module, path: str | Path) -> None:
+    """Load a safetensors (or pickled ``.bin``) file into ``model`` strictly (errors list missing, unexpected and
+    mis-shaped tensors)."""
+    try:
+        if str(path).endswith(".bin"):
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+        else:
+            state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise OSError(
             f"Cannot read the weights {str(path)!r} ({err}). The file is corrupted or incomplete: download it again "
             "(`huggingface_hub.snapshot_download(..., force_download=True)`) or save the model again."

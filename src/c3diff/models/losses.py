@@ -48,17 +48,23 @@ class LossWeights:
 
 @dataclass
 class LossOutput:
-    """Every loss component of one training step (scalars with autograd history)."""
+    """Every loss component of one training step (scalars with autograd history).
+
+    ``mean`` is the conditional-mean stage's count likelihood (``None`` in the diffusion stages); ``mse`` is the
+    diffusion MSE (zero in the mean stage).
+    """
 
     total: torch.Tensor
     mse: torch.Tensor
     content: torch.Tensor
     modal: torch.Tensor
     inter_sphere: torch.Tensor
+    mean: torch.Tensor | None = None
 
     def as_dict(self) -> dict[str, float]:
-        """Detached floats for logging, e.g. ``{"total": 1.9, "mse": 0.4, ...}``."""
-        return {f.name: float(getattr(self, f.name).detach()) for f in fields(self)}
+        """Detached floats for logging, e.g. ``{"total": 1.9, "mse": 0.4, ...}`` (components that are ``None`` are
+        left out)."""
+        return {f.name: float(getattr(self, f.name).detach()) for f in fields(self) if getattr(self, f.name) is not None}
 
 
 def sphere_normalize(features: torch.Tensor, *, eps: float = 1e-8) -> torch.Tensor:

@@ -1,17 +1,24 @@
 """Model presets: named configurations of :class:`~c3diff.models.C3DiffModel` (a preset is a config, not a code path).
 
 ``paper``
-    METHOD.md section 3: 256 px tiles at 10 um/px; a VQ-f4 autoencoder with a 3-channel 64 x 64 latent (the CelebA-HQ
-    LDM's first stage); a UNet with model channels 224, multipliers 1, 2, 3, 4, two res blocks per level,
-    self-attention at the three lower resolutions (downsampling 2, 4, 8) with head dim 32; four hint encoders of 55
-    channels, so the hint has 4 x 55 + 4 = 224 channels; the paper's 200 genes.
+    The paper's formulation and sizes (the method page): 256 px tiles at 10 um/px; a VQ-f4 autoencoder with a
+    3-channel 64 x 64 latent (the CelebA-HQ LDM's first stage); a UNet with model channels 224, multipliers 1, 2, 3,
+    4, two res blocks per level, self-attention at the three lower resolutions (downsampling 2, 4, 8) with head dim
+    32; four hint encoders of 55 channels, so the hint has 4 x 55 + 4 = 224 channels; the paper's 200 genes.
+``residual``
+    ``paper``'s sizes with the residual formulation: a conditional-mean stage (histology trunk U-Net 64, 128, 256;
+    gene head 64 channels) and a ControlNet diffusion of the residual. For new models on a GPU.
 ``tiny``
-    For CPU tests, demos and minutes of training: 64 px tiles in pixel space with a lossless space-to-depth fold
-    (each 4 x 4 block of the map becomes 16 channels, so the denoiser works on a 16 x 16 grid), a two-level UNet
-    (32, 64 channels, one res block per level, attention at 8 x 8 and in the mid block), 7-channel hint encoders
-    that downsample 64 -> 16 like the paper's 256 -> 64 (hint 4 x 7 + 4 = 32 channels, the UNet's first width).
+    For CPU tests, demos and minutes of training, in the residual formulation: 64 px tiles in pixel space with a
+    lossless space-to-depth fold (each 4 x 4 block of the map becomes 16 channels, so the denoiser works on a
+    16 x 16 grid), a two-level UNet (32, 64 channels, one res block per level, attention at 8 x 8 and in the mid
+    block), 8-channel hint encoders that fold their inputs the same way (widths 16, 32, 32), a mean network with a
+    32, 64 trunk and a 32-channel gene head. The bundled demo model is built from it.
+``tiny-paper``
+    ``tiny``'s sizes in the paper's formulation (7-channel strided hint encoders, no mean stage): the paper's
+    method at CPU scale, for tests and the benchmarks' paper row.
 
-Both use the DDIM scheduler of METHOD.md: epsilon prediction, 1000 steps, betas 0.00085 -> 0.012 spaced linearly in
+All use the DDIM scheduler of the method page: epsilon prediction, 1000 steps, betas 0.00085 -> 0.012 spaced linearly in
 ``sqrt(beta)`` (LDM's "linear" schedule, which diffusers calls ``"scaled_linear"``).
 """
 
@@ -104,8 +111,33 @@ _TINY = {
     "memory_bank_pool": 8,
 }
 
-#: The named presets.
-PRESETS: dict[str, dict[str, Any]] = {"paper": _PAPER, "tiny": _TINY}
+_TINY_PAPER = {**_TINY, "formulation": "paper"}
+
+# the residual formulation (conditional mean + residual diffusion): what new models use, see the benchmarks page
+_TINY_RESIDUAL = {
+    **_TINY,
+    "formulation": "residual",
+    "hint_space_to_depth": True,
+    "hint_channels": 8,
+    "hint_encoder_channels": [16, 32, 32],
+    "mean_net_config": {"block_out_channels": [32, 64], "layers_per_block": 1, "norm_num_groups": 8,
+                        "head_channels": 32},
+}
+_PAPER_RESIDUAL = {
+    **_PAPER,
+    "formulation": "residual",
+    "mean_net_config": {"block_out_channels": [64, 128, 256], "layers_per_block": 2, "norm_num_groups": 32,
+                        "head_channels": 64},
+}
+
+#: The named presets: ``paper`` and ``tiny-paper`` reproduce the paper's formulation; ``residual`` (paper sizes) and
+#: ``tiny`` use the conditional mean + residual diffusion that wins the benchmarks.
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": _PAPER,
+    "residual": _PAPER_RESIDUAL,
+    "tiny": _TINY_RESIDUAL,
+    "tiny-paper": _TINY_PAPER,
+}
 
 
 def preset_config(preset: str, *, genes: list[str] | None = None, scale: int = 10, **overrides: Any) -> dict[str, Any]:
@@ -128,7 +160,7 @@ def preset_config(preset: str, *, genes: list[str] | None = None, scale: int = 1
     --------
     >>> cfg = preset_config("tiny", genes=["A", "B"], unet_config={"layers_per_block": 2})
     >>> cfg["unet_config"]["layers_per_block"], cfg["unet_config"]["block_out_channels"]
-    (2, [16, 32, 64])
+    (2, [32, 64])
     """
     if preset not in PRESETS:
         raise ValueError(f"Unknown `preset` {preset!r}; choose one of {sorted(PRESETS)}.")
@@ -155,7 +187,7 @@ def build_model(preset: str = "tiny", *, genes: list[str] | None = None, scale: 
     Parameters
     ----------
     preset
-        ``"paper"`` or ``"tiny"``.
+        A name in :data:`PRESETS`: ``"paper"``, ``"residual"``, ``"tiny"`` or ``"tiny-paper"``.
     genes
         Gene names in model order (gene index = position); default: the paper's 200 genes.
     scale
@@ -171,7 +203,7 @@ def build_model(preset: str = "tiny", *, genes: list[str] | None = None, scale: 
     --------
     >>> import c3diff
     >>> model = c3diff.models.build_model("tiny", genes=["EPCAM", "PTPRC", "ACTA2"], scale=10)
-    >>> model.config.image_size, model.config.lr_size, model.latent_size
-    (64, 7, 64)
+    >>> model.config.image_size, model.config.lr_size, model.latent_size, model.config.formulation
+    (64, 7, 16, 'residual')
     """
     return C3DiffModel(**preset_config(preset, genes=genes, scale=scale, **overrides))

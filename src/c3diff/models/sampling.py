@@ -1,4 +1,10 @@
-"""DDIM sampling of a C3-Diff model: T tiles x G genes x n samples, batched over genes.
+"""Inference of a C3-Diff model: the conditional mean, and DDIM samples; T tiles x G genes x n samples, batched over
+genes.
+
+``mode="mean"`` (residual formulation): the conditional-mean stage alone, one deterministic forward pass per tile
+and gene batch. ``mode="sample"``: DDIM samples - of the whole map (paper formulation; the result is their average)
+or of the residual added to the mean (residual formulation; the result is the exact conditional mean and the
+samples give the spread).
 
 The loop follows diffusers' ``DDIMPipeline``/``LDMPipeline`` (a fresh :class:`~diffusers.DDIMScheduler` from the
 model's scheduler config; ``scale_model_input``, noise prediction, ``scheduler.step``; decode the latents), with
@@ -14,22 +20,23 @@ C3-Diff's conditioning:
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
+from c3diff.models.conditional_mean import share_map
 from c3diff.models.hint_encoders import ModalityFeatures
 
 if TYPE_CHECKING:  # pragma: no cover
     from c3diff.models.c3diff import C3DiffModel
 
-__all__ = ["noise_generator", "sample"]
+__all__ = ["draw_samples", "noise_generator", "sample"]
 
 
 def noise_generator(tile_seed: int, gene_index: int, sample_index: int) -> torch.Generator:
@@ -61,14 +68,19 @@ def sample(
     seed: int | Sequence[int] = 0,
     gene_batch_size: int = 16,
     scale: int | None = None,
+    mode: str | None = None,
     progress: bool = False,
+    keep_samples: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Super-resolve gene maps of ``T`` tiles; the implementation of :meth:`C3DiffModel.predict` (same arguments).
+    """Super-resolve gene maps of ``T`` tiles; the implementation of :meth:`C3DiffModel.predict` (same arguments;
+    ``keep_samples`` appends the ``(T, G', n_samples, H, H)`` samples to the result, see :func:`draw_samples`).
 
     Returns
     -------
-    ``(mean, std)``, each ``(T, G', H, H)`` float32 on the CPU in [0, 1]; ``std`` (sample standard deviation over
-    the ``n_samples`` samples, an uncertainty map) is ``None`` when ``n_samples == 1``.
+    ``(mean, std)``, each ``(T, G', H, H)`` float32 on the CPU; ``std`` (sample standard deviation over the
+    ``n_samples`` samples, an uncertainty map) is ``None`` with one sample or ``mode="mean"``. Paper formulation:
+    maps in [0, 1]. Residual formulation: non-negative maps in units of the normalised LR map (an LR pixel of value
+    ``v`` spreads ``v`` per output pixel on average; see :meth:`C3DiffModel.expected_map`).
 
     Examples
     --------
@@ -101,6 +113,12 @@ def sample(
     if n_samples < 1 or gene_batch_size < 1 or num_inference_steps < 1:
         raise ValueError("`n_samples`, `gene_batch_size` and `num_inference_steps` must be positive integers.")
     seeds = _tile_seeds(seed, n_tiles)
+    residual = model.mean_net is not None
+    mode = ("mean" if residual else "sample") if mode is None else mode
+    if mode not in ("mean", "sample"):
+        raise ValueError(f"`mode` must be 'mean', 'sample' or None, got {mode!r}.")
+    if mode == "mean":
+        model._require_mean()
 
     was_training = model.training
     model.eval()
@@ -108,13 +126,19 @@ def sample(
         encoders = model.hint_encoders
         out_size = model.output_size(scale)
         mean = torch.empty(n_tiles, len(genes), out_size, out_size, dtype=torch.float32)
-        std = torch.empty_like(mean) if n_samples > 1 else None
+        std = torch.empty_like(mean) if n_samples > 1 and mode == "sample" else None
+        samples = torch.empty(n_tiles, len(genes), n_samples, out_size, out_size) if keep_samples else None
+        if keep_samples and mode != "sample":
+            raise ValueError("`keep_samples=True` needs mode='sample'.")
         chunks = [list(range(i, min(i + gene_batch_size, len(genes)))) for i in range(0, len(genes), gene_batch_size)]
-        bar = tqdm(total=n_tiles * len(chunks), desc="DDIM", disable=not progress)
+        bar = tqdm(total=n_tiles * len(chunks), desc="DDIM" if mode == "sample" else "mean", disable=not progress)
         for t in range(n_tiles):
             # histology features (and imputed ST features) depend only on the tile: once per tile, for all genes
             h = encoders.encode_histology(histology[t : t + 1].to(device, dtype))
             h_hint = encoders.histology_hint(h)
+            if residual:  # the mean's histology trunk, once per tile
+                tile_histology = histology[t : t + 1].to(device, dtype)
+                trunk = model.mean_trunk(h_hint, tile_histology)
             if not available[t]:
                 c_y, m_y = model.imputer.impute_from_bank(h.content, h.modal)
                 st_imputed = encoders.st_hint(ModalityFeatures(content=c_y, modal=m_y))
@@ -127,21 +151,83 @@ def sample(
                     st_hint = encoders.st_hint(encoders.encode_st(model.lr_image(lr_maps)))
                 else:
                     st_hint = st_imputed.expand(to_gene_batch)
+                st_features = st_hint
                 hint = encoders.assemble(h_hint.expand(to_gene_batch), st_hint, gene_ids, num_genes=model.num_genes)
+                if residual:
+                    lr_maps = (lr[t, chunk][:, None].to(device, dtype) if available[t]
+                               else torch.zeros(n, 1, lr_size, lr_size, device=device, dtype=dtype))
+                    log_shares = model.mean_log_shares(
+                        model.mean_head(trunk.expand(n, -1, -1, -1), st_features, lr_maps, gene_ids,
+                                        tile_histology.expand(n, -1, -1, -1)))
+                    expected = model.expected_map(log_shares, lr_maps)
+                    mean[t, chunk] = _to_scale(expected, model, scale).float().cpu()[:, 0]
+                    if mode == "mean":
+                        bar.update()
+                        continue
+                    shares = share_map(log_shares, model.output_block())
+                    hint = torch.cat([hint, model._mean_hint(shares)], dim=1)
                 hint = hint.repeat_interleave(n_samples, dim=0)  # order: gene-major, then sample
                 generators = [noise_generator(seeds[t], genes[j], k) for j in chunk for k in range(n_samples)]
-                images = _denoise_loop(model, hint, generators, num_inference_steps=num_inference_steps, eta=eta)
-                if scale == 5:
+                images = _denoise_loop(model, hint, generators, num_inference_steps=num_inference_steps, eta=eta,
+                                       raw=residual)
+                if residual:  # a sample: the mean's shares plus a sampled residual, never negative
+                    images = _fit_output(images, model)
+                    images = (shares.repeat_interleave(n_samples, dim=0) + images).clamp_min(0.0)
+                    block = model.output_block()
+                    lr_block = lr_maps.clamp_min(1e-3).repeat_interleave(block, -2).repeat_interleave(block, -1)
+                    images = images * lr_block[..., : images.shape[-2], : images.shape[-1]].repeat_interleave(
+                        n_samples, dim=0)
+                    images = _to_scale(images, model, scale)
+                elif scale == 5:
                     images = F.avg_pool2d(images, 2)
                 images = images.float().cpu().view(n, n_samples, out_size, out_size)
-                mean[t, chunk] = images.mean(dim=1)
+                if not residual:
+                    mean[t, chunk] = images.mean(dim=1)
                 if std is not None:
                     std[t, chunk] = images.std(dim=1, correction=1)
+                if samples is not None:
+                    samples[t, chunk] = images
                 bar.update()
         bar.close()
     finally:
         model.train(was_training)
+    if keep_samples:
+        return mean, std, samples
     return mean, std
+
+
+def draw_samples(
+    model: C3DiffModel,
+    histology: torch.Tensor,
+    lr: torch.Tensor | None = None,
+    *,
+    n_samples: int = 1,
+    **kwargs,
+) -> torch.Tensor:
+    """The individual samples, ``(T, G', n_samples, H, H)``: whole maps (paper formulation) or mean + residual
+    (residual formulation), in the units of :func:`sample`, which takes the same keyword arguments.
+
+    Examples
+    --------
+    >>> import torch, c3diff
+    >>> model = c3diff.models.build_model("tiny", genes=["A", "B"])
+    >>> draws = draw_samples(model, torch.rand(1, 3, 64, 64), torch.rand(1, 2, 7, 7), n_samples=3,
+    ...                      num_inference_steps=2)
+    >>> tuple(draws.shape)
+    (1, 2, 3, 64, 64)
+    """
+    return sample(model, histology, lr, n_samples=n_samples, mode="sample", keep_samples=True, **kwargs)[2]
+
+
+def _to_scale(maps: torch.Tensor, model: C3DiffModel, scale: int) -> torch.Tensor:
+    """Maps at the model's output scale -> ``scale`` (a 10x model's 5x output is the 2 x 2 mean)."""
+    return F.avg_pool2d(maps, 2) if scale == 5 and model.config.scale == 10 else maps
+
+
+def _fit_output(images: torch.Tensor, model: C3DiffModel) -> torch.Tensor:
+    """Decoded ``(N, 1, S, S)`` residuals -> the model's output grid (a 5x model's targets were upsampled)."""
+    size = model.output_size()
+    return images if images.shape[-1] == size else F.avg_pool2d(images, images.shape[-1] // size)
 
 
 def _denoise_loop(
@@ -151,18 +237,22 @@ def _denoise_loop(
     *,
     num_inference_steps: int,
     eta: float,
+    raw: bool = False,
 ) -> torch.Tensor:
-    """DDIM from per-item noise to decoded ``(N, 1, S, S)`` maps in [0, 1]."""
-    scheduler = DDIMScheduler.from_config(model.noise_scheduler.config)
+    """DDIM from per-item noise to decoded ``(N, 1, S, S)`` maps: in [0, 1], or in their own units with ``raw``."""
+    # a fresh copy of the model's scheduler component (DDIM unless swapped with `model.set_scheduler`)
+    scheduler = type(model.noise_scheduler).from_config(model.noise_scheduler.config)
     scheduler.set_timesteps(num_inference_steps, device=model.device)
+    accepts = inspect.signature(scheduler.step).parameters
+    step_kwargs = {k: v for k, v in (("eta", eta), ("generator", generators)) if k in accepts}
     shape = (len(hint), model.unet.config.in_channels, model.latent_size, model.latent_size)
     latents = randn_tensor(shape, generator=generators, device=model.device, dtype=model.dtype)
     latents = latents * scheduler.init_noise_sigma
     for timestep in scheduler.timesteps:
         model_input = scheduler.scale_model_input(latents, timestep)
         model_output = model.denoise(model_input, timestep, hint)  # noise or velocity, as the scheduler expects
-        latents = scheduler.step(model_output, timestep, latents, eta=eta, generator=generators).prev_sample
-    return model.decode_latents(latents)
+        latents = scheduler.step(model_output, timestep, latents, **step_kwargs).prev_sample
+    return model.decode_raw(latents) if raw else model.decode_latents(latents)
 
 
 def _gene_indices(gene_indices: Sequence[int] | None, num_genes: int) -> list[int]:

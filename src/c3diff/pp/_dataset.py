@@ -23,7 +23,8 @@ class PatchDataset(_TorchDataset):
     Each item is a dict of tensors: ``histology`` float32 ``(3, S, S)`` in [0, 1]; ``lr`` float32 ``(1, L, L)`` in
     [0, 1]; ``hr`` float32 ``(1, H, H)`` in [-1, 1] (when the patches have ground truth); ``gene_index`` int64 (the
     gene's index in ``genes``, the model's order); ``lr_missing`` bool (a modality-incomplete sample, METHOD.md
-    section 5); ``patch_index`` int64.
+    section 5); ``patch_index`` int64; with ground truth also ``hr_counts`` float32 ``(1, H, H)``, the observed counts
+    (what the conditional-mean stage's count likelihood needs).
 
     Parameters
     ----------
@@ -95,4 +96,7 @@ class PatchDataset(_TorchDataset):
         }
         if self.patches.hr is not None:
             item["hr"] = torch.from_numpy(self.patches.hr[patch, channel][None] * 2.0 - 1.0)
+            low, high = self.patches.hr_low[patch, channel], self.patches.hr_high[patch, channel]
+            counts = self.patches.hr[patch, channel][None] * (high - low) + low
+            item["hr_counts"] = torch.from_numpy(np.maximum(counts, 0).astype(np.float32))
         return item

@@ -74,6 +74,7 @@ class ModelPredictor:
     n_samples: int
     device: str
     gene_batch_size: int = 16
+    mode: str | None = None
 
     def _model(self, model: Any):
         if isinstance(model, str):
@@ -95,6 +96,7 @@ class ModelPredictor:
                 seed=list(batch.seeds),
                 gene_batch_size=self.gene_batch_size,
                 scale=self.scale,
+                mode=self.mode,
             )
         to_numpy = lambda t: None if t is None else (t.detach().cpu().numpy() if hasattr(t, "detach") else np.asarray(t))  # noqa: E731
         return to_numpy(mean).astype(np.float32), (None if std is None else to_numpy(std).astype(np.float32))

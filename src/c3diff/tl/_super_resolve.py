@@ -73,6 +73,9 @@ def _load_model(model: Any, revision: str | None):
         return from_pretrained(str(model), revision=revision), str(model)
     if not hasattr(model, "predict") or not hasattr(model, "config"):
         raise TypeError(f"`model` must be a c3diff model, a local folder or a Hub repo id, got {type(model).__name__}.")
+    from c3diff.models.hub import warn_ignored_revision
+
+    warn_ignored_revision(revision, what="a model object")
     return model, None
 
 
@@ -207,6 +210,7 @@ def super_resolve(
     scale: Literal[5, 10] = 10,
     model: Any = None,
     method: Literal["c3diff", "bicubic"] = "c3diff",
+    mode: Literal["mean", "sample"] | None = None,
     steps: int = 50,
     eta: float = 0.0,
     n_samples: int = 1,
@@ -255,13 +259,21 @@ def super_resolve(
         A c3diff model object, a local folder written by ``save_pretrained``, or a Hugging Face Hub repo id.
     method
         ``"c3diff"`` (the model) or ``"bicubic"`` (bicubic upsampling of the LR map through the same path: the baseline).
+    mode
+        What a model with a conditional-mean stage (``formulation="residual"``, e.g. the bundled demo model)
+        computes. ``"mean"`` (the default for such models): the expected map, one deterministic forward pass per
+        tile and gene batch - the best pixel-wise estimate (PCC, RMSE) at a fraction of a sampling step's cost;
+        ``steps``, ``eta`` and ``n_samples`` are unused. ``"sample"``: additionally draws ``n_samples`` maps (mean +
+        a residual sampled by ``steps`` DDIM steps) and writes their standard deviation as ``f"{key_added}_std"``,
+        an uncertainty map, at about ``steps x n_samples`` times the cost; the layer itself stays the exact mean.
+        Paper-formulation models only sample (``None`` or ``"sample"``).
     steps, eta
         DDIM sampling steps and eta.
     n_samples
-        Samples per tile; with more than one the layer holds their mean and a ``f"{key_added}_std"`` layer their
-        standard deviation (an uncertainty map). One sample is one plausible map, with cell-level detail that may
-        sit in the wrong place; the mean of several is closer to the expected map and scores higher on
-        pixel-wise metrics such as PCC (demo model, 1.28 mm section: PCC 0.164 with 2 samples, 0.226 with 8).
+        Samples per tile; with more than one a ``f"{key_added}_std"`` layer holds their standard deviation (an
+        uncertainty map). Paper-formulation models write the mean of the samples: one sample is one plausible map,
+        with cell-level detail that may sit in the wrong place; the mean of several is closer to the expected map
+        and scores higher on pixel-wise metrics such as PCC.
     batch_size
         Tiles per dask task (and model call).
     device
@@ -324,6 +336,8 @@ def super_resolve(
             raise ValueError(f"`{name}` must be an integer >= {low}, got {value!r}.")
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"`eta` must be in [0, 1], got {eta!r}.")
+    if mode not in (None, "mean", "sample"):
+        raise ValueError(f"`mode` must be 'mean', 'sample' or None, got {mode!r}.")
     image = get_element(sdata, image_key, "images", arg="image_key")
     raster_geometry(image, coordinate_system=coordinate_system, arg="image_key")  # fail early: axis-aligned, in um
     source_kind, source_key = _choose_lr_source(sdata, table_key, points_key)
@@ -338,6 +352,11 @@ def super_resolve(
     if method == "c3diff":
         model_obj, model_id = _load_model(model, revision)
         geometry = _model_geometry(model_obj)
+        has_mean = getattr(model_obj, "mean_net", None) is not None
+        if mode == "mean" and not has_mean:
+            raise ValueError("`mode='mean'` needs a model with a conditional-mean stage (formulation='residual'); "
+                             "this model only samples: pass mode='sample' or None.")
+        mode = mode or ("mean" if has_mean else "sample")
         if scale > geometry["scale"]:
             raise ValueError(f"This model was trained for {geometry['scale']}x; it cannot predict {scale}x.")
         size = geometry["image_size"]
@@ -348,10 +367,19 @@ def super_resolve(
         genes = available if genes is None else check_genes(genes, available)
     missing = [g for g in genes if g not in set(available)]
     if missing:
-        if not drop_missing_genes or len(missing) == len(genes):
+        shown = f"{missing[:10]}{' ...' if len(missing) > 10 else ''}"
+        where = f"`{source_kind}_key={source_key!r}`"
+        if len(missing) == len(genes):
             raise KeyError(
-                f"{len(missing)} gene(s) to predict are not in `{source_kind}_key={source_key!r}`: {missing[:10]}"
-                f"{' ...' if len(missing) > 10 else ''}. Pass `genes` to choose a subset, or `drop_missing_genes=True`."
+                f"None of the {len(genes)} gene(s) to predict is in {where} (e.g. {shown}; the data has "
+                f"{list(available)[:5]}{' ...' if len(available) > 5 else ''}): the model and the data share no gene, "
+                "so nothing can be predicted, with or without `drop_missing_genes`. Use a model trained on this "
+                "panel, or check the gene naming (symbols vs Ensembl ids, human vs mouse case)."
+            )
+        if not drop_missing_genes:
+            raise KeyError(
+                f"{len(missing)} of the {len(genes)} gene(s) to predict are not in {where}: {shown}. Pass `genes` to "
+                "choose a subset, or `drop_missing_genes=True` to skip them."
             )
         warnings.warn(f"super_resolve: dropping {len(missing)} gene(s) absent from the data: {missing}.",
                       UserWarning, stacklevel=2)
@@ -430,7 +458,7 @@ def super_resolve(
         model_genes = _model_geometry(model_obj)["genes"]
         predictor = ModelPredictor(
             revision=revision, gene_indices=tuple(model_genes.index(g) for g in genes), scale=scale, steps=steps,
-            eta=float(eta), n_samples=n_samples, device=device,
+            eta=float(eta), n_samples=n_samples if mode == "sample" else 1, device=device, mode=mode,
         )
         client = active_client()
         if client is not None:
@@ -445,7 +473,7 @@ def super_resolve(
     mean_acc = BlendAccumulator(len(genes), out_grid.height, out_grid.width, chunk=256,
                                 store=None if store is None else Path(store) / "mean")
     std_acc = None
-    if n_samples > 1:
+    if n_samples > 1 and method == "c3diff" and mode == "sample":
         std_acc = BlendAccumulator(len(genes), out_grid.height, out_grid.width, chunk=256,
                                    store=None if store is None else Path(store) / "std")
     bar = tqdm(total=len(plan), desc=f"super_resolve ({method})", unit="tile", disable=not progress)
@@ -476,7 +504,7 @@ def super_resolve(
     record(
         sdata, key, "super_resolve", image_key=image_key, source=f"{source_kind}:{source_key}", method=method,
         model=model_id if model_id is not None else (type(model_obj).__name__ if model_obj is not None else None),
-        revision=revision, scale=scale, steps=steps, eta=eta, n_samples=n_samples, seed=seed, tile_size=size,
+        revision=revision, scale=scale, mode=mode, steps=steps, eta=eta, n_samples=n_samples, seed=seed, tile_size=size,
         overlap=size - stride, n_tiles=len(plan), genes=genes, units=UNITS, calibration=calibration,
         pixel_size_um=out_grid.sy, std_key=f"{key}_std" if layers["std"] is not None else None,
     )

@@ -70,11 +70,17 @@ class PatchBatchSampler:
     proportion to the items they have left). Items left when fewer than ``batch_size`` patches still have some are
     dropped for that epoch (they come back in the next). With fewer patches than ``batch_size``, batches fall back to
     a plain shuffle.
+
+    With ``genes_per_patch = k > 1`` a batch holds ``k`` items (genes) of each of ``batch_size`` distinct patches
+    (``batch_size * k`` items): the conditional-mean stage encodes each patch's histology once for its ``k`` genes.
     """
 
-    def __init__(self, patch_of_item: np.ndarray, *, batch_size: int, seed: int) -> None:
+    def __init__(self, patch_of_item: np.ndarray, *, batch_size: int, seed: int, genes_per_patch: int = 1) -> None:
         self.patch_of_item = np.asarray(patch_of_item)
         self.batch_size, self.seed = int(batch_size), int(seed)
+        self.genes_per_patch = int(genes_per_patch)
+        if self.genes_per_patch < 1:
+            raise ValueError(f"`genes_per_patch` must be a positive integer, got {genes_per_patch!r}.")
         self.distinct = len(np.unique(self.patch_of_item)) >= self.batch_size
         self.set_epoch(0)
 
@@ -82,18 +88,21 @@ class PatchBatchSampler:
         self.epoch = int(epoch)
         rng = np.random.default_rng((self.seed, self.epoch))
         order = rng.permutation(len(self.patch_of_item))
+        k = self.genes_per_patch
         if not self.distinct:
-            n = len(order) // self.batch_size * self.batch_size
-            self._batches = order[:n].reshape(-1, self.batch_size).tolist()
+            size = self.batch_size * k
+            n = len(order) // size * size
+            self._batches = order[:n].reshape(-1, size).tolist()
             return
         patches, inverse = np.unique(self.patch_of_item[order], return_inverse=True)
-        queues = [list(order[inverse == k]) for k in range(len(patches))]
+        queues = [list(order[inverse == j]) for j in range(len(patches))]
         remaining = np.array([len(q) for q in queues], dtype=float)
         batches = []
-        while (remaining > 0).sum() >= self.batch_size:
-            chosen = rng.choice(len(queues), size=self.batch_size, replace=False, p=remaining / remaining.sum())
-            batches.append([int(queues[k].pop()) for k in chosen])
-            remaining[chosen] -= 1
+        while (remaining >= k).sum() >= self.batch_size:
+            weights = np.where(remaining >= k, remaining, 0.0)
+            chosen = rng.choice(len(queues), size=self.batch_size, replace=False, p=weights / weights.sum())
+            batches.append([int(queues[j].pop()) for j in chosen for _ in range(k)])
+            remaining[chosen] -= k
         self._batches = batches
 
     def __len__(self) -> int:
@@ -178,10 +187,13 @@ def make_optimizer(
     betas: tuple[float, float] = PAPER_RECIPE["betas"],
     eps: float = PAPER_RECIPE["eps"],
     weight_decay: float = PAPER_RECIPE["weight_decay"],
+    stage: str = "diffusion",
 ) -> torch.optim.AdamW:
-    """AdamW over the model's trainable parameters with the paper's hyper-parameters (Table 1) as defaults."""
+    """AdamW over the parameters a training stage updates (see
+    :meth:`~c3diff.models.C3DiffModel.trainable_parameters`) with the paper's hyper-parameters (Table 1) as
+    defaults."""
     return torch.optim.AdamW(
-        model.trainable_parameters(), lr=learning_rate, betas=tuple(betas), eps=eps, weight_decay=weight_decay
+        model.trainable_parameters(stage), lr=learning_rate, betas=tuple(betas), eps=eps, weight_decay=weight_decay
     )
 
 
@@ -213,7 +225,8 @@ def _mixed_precision(value: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- validation
-def _validation_losses(model, loader, *, seed: int, max_batches: int) -> dict[str, float]:
+def _validation_losses(model, loader, *, seed: int, max_batches: int, stage: str = "diffusion",
+                       mean_loss: str = "multinomial") -> dict[str, float]:
     generator = torch.Generator(device=model.device).manual_seed(seed)
     sums: dict[str, float] = {}
     n = 0
@@ -223,7 +236,10 @@ def _validation_losses(model, loader, *, seed: int, max_batches: int) -> dict[st
         for b, batch in enumerate(loader):
             if b >= max_batches:
                 break
-            losses = model.compute_losses(batch, generator=generator).as_dict()
+            if stage == "mean":
+                losses = model.compute_mean_losses(batch, loss=mean_loss, generator=generator).as_dict()
+            else:
+                losses = model.compute_losses(batch, generator=generator).as_dict()
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
             n += 1
@@ -241,8 +257,9 @@ def validation_scores(
     n_samples: int = 4,
     seed: int = 0,
 ) -> dict[str, float]:
-    """RMSE / PCC (METHOD.md section 7) of the mean of ``n_samples`` maps sampled with ``steps`` DDIM steps, on up to
-    ``max_patches`` patches and ``max_genes`` genes (the most variable in the validation truth), in the model's scale.
+    """RMSE / PCC (METHOD.md section 7) of the model's maps, on up to ``max_patches`` patches and ``max_genes`` genes
+    (the most variable in the validation truth), in the model's scale: the conditional mean of a residual model, or
+    the mean of ``n_samples`` maps sampled with ``steps`` DDIM steps (paper formulation).
 
     One sample of sparse counts correlates little with the truth even for a perfect model (two Poisson draws of the
     same intensity); the mean of a few samples tracks the intensity, which is what the score should select on.
@@ -296,14 +313,45 @@ def _load_checkpoint(path: Path) -> tuple[C3DiffModel, dict, Any, dict[str, Any]
 
 
 class _LossModule(torch.nn.Module):
-    """The model's loss as ``forward``, so that accelerate (autocast, DDP gradient sync) wraps the training step."""
+    """A stage's loss as ``forward``, so that accelerate (autocast, DDP gradient sync) wraps the training step."""
 
-    def __init__(self, model: C3DiffModel) -> None:
+    def __init__(self, model: C3DiffModel, *, stage: str, mean_loss: str = "multinomial") -> None:
         super().__init__()
         self.model = model
+        self.stage, self.mean_loss = stage, mean_loss
 
     def forward(self, batch: Mapping[str, torch.Tensor], generator: torch.Generator):
+        if self.stage == "mean":
+            return self.model.compute_mean_losses(batch, loss=self.mean_loss, generator=generator)
         return self.model.compute_losses(batch, generator=generator)
+
+
+#: The stages of one training run, by formulation: the mean first, then the diffusion of what it leaves.
+STAGES = {"paper": ("diffusion",), "residual": ("mean", "residual")}
+
+
+def _stage_maps(net: C3DiffModel, patches: PatchSet, *, genes: list[str], seed: int, limit: int = 4096) -> torch.Tensor:
+    """Up to ``limit`` training maps of non-constant (patch, gene) pairs in what the diffusion generates: the
+    normalised HR maps in [-1, 1] (paper), or the residuals of the fitted mean (residual formulation)."""
+    channels = [patches.genes.index(g) for g in genes]
+    pairs = np.argwhere((patches.hr_high - patches.hr_low)[:, channels] > 0)
+    pairs = pairs[np.random.default_rng(seed).permutation(len(pairs))[:limit]]
+    if net.mean_net is None:
+        return torch.from_numpy(np.stack([patches.hr[p, channels[g]] for p, g in pairs])[:, None]) * 2.0 - 1.0
+    dataset = patches.dataset(genes=genes)
+    index = {tuple(pair): i for i, pair in enumerate(dataset.pairs.tolist())}
+    maps = []
+    was_training = net.training
+    net.eval()
+    with torch.no_grad():
+        for start in range(0, len(pairs), 64):
+            items = [dataset[index[(int(p), int(g))]] for p, g in pairs[start : start + 64]]
+            batch = torch.utils.data.default_collate(items)
+            histology, lr, gene_index, missing = net._check_batch(batch)
+            log_shares, _, _ = net._mean_and_hint(histology, lr, gene_index, missing)
+            maps.append(net.residual_target(log_shares, batch["hr_counts"].to(net.device, net.dtype)).cpu())
+    net.train(was_training)
+    return torch.cat(maps)
 
 
 # ------------------------------------------------------------------------------------------------- train
@@ -311,7 +359,7 @@ def train(
     data: SpatialData | PatchSet | Sequence[SpatialData | PatchSet],
     *,
     output_dir: str | Path,
-    model: str | C3DiffModel = "paper",
+    model: str | C3DiffModel = "residual",
     genes: list[str] | None = None,
     scale: int = 10,
     val_data: SpatialData | PatchSet | Sequence[SpatialData | PatchSet] | None = None,
@@ -351,6 +399,10 @@ def train(
     progress: bool = True,
     log_every: int = 10,
     model_overrides: Mapping[str, Any] | None = None,
+    mean_loss: str = "multinomial",
+    mean_time_fraction: float = 0.5,
+    mean_max_steps: int | None = None,
+    mean_genes_per_patch: int = 8,
 ) -> TrainingResult:
     """Train a C3-Diff model with the paper's recipe (supplementary Table 1), every value overridable.
 
@@ -361,6 +413,13 @@ def train(
     ``val_steps`` DDIM steps) on a patient-level split; the best model by validation PCC is kept in ``best/``.
     Checkpoints (``save_pretrained`` model + optimizer + RNG + progress) let ``resume`` continue exactly.
 
+    Training runs in stages inside one accelerate loop. A paper-formulation model (``formulation="paper"``) has one:
+    the diffusion with the contrastive losses, after its first stage and backbone are fitted. A residual model
+    (the ``tiny`` preset; see :class:`~c3diff.models.C3DiffModel`) has two: ``"mean"`` trains the hint encoders and
+    the conditional-mean network with a count likelihood (``mean_loss``) and the contrastive losses, validated by
+    the PCC of the mean, the best kept; then ``"residual"`` fits the first stage and backbone to the residuals of
+    that mean and trains the ControlNet on them, with the encoders and the mean frozen.
+
     Parameters
     ----------
     data
@@ -369,7 +428,9 @@ def train(
     output_dir
         Folder for checkpoints, the best model and the run log (``log.jsonl``); created, must be writable.
     model
-        A preset name (``"paper"``, ``"tiny"``), a model folder / Hub id, or a model object to continue training.
+        A preset name (``"residual"``, the default: paper sizes, conditional mean + residual diffusion; ``"paper"``: the
+        paper's formulation; ``"tiny"``, ``"tiny-paper"``: CPU sizes), a model folder / Hub id, or a model object to
+        continue training.
     genes
         Genes of a new model (default: the model's; required with a preset when ``data`` has no single gene list).
     scale
@@ -417,6 +478,18 @@ def train(
         Write a step row to the log every this many steps.
     model_overrides
         Config overrides for a new model from a preset (e.g. ``{"unet_config": {...}}``).
+    mean_loss
+        Residual formulation: the count likelihood of the conditional-mean stage, ``"multinomial"`` (counts inside
+        each LR pixel given its total) or ``"poisson"`` (see :meth:`~c3diff.models.C3DiffModel.compute_mean_losses`).
+    mean_time_fraction
+        Residual formulation with ``max_time``: the share of the budget the mean stage gets; the residual stage
+        (its first stage, backbone and ControlNet) gets the rest.
+    mean_max_steps
+        Residual formulation: at most this many steps in the mean stage (``max_steps`` counts the steps of all
+        stages together).
+    mean_genes_per_patch
+        Residual formulation: a mean-stage batch holds this many genes of each of ``batch_size`` distinct patches
+        (the histology trunk runs once per patch; the contrastive losses compare the patches).
 
     Returns
     -------
@@ -443,6 +516,14 @@ def train(
             raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
     if learning_rate <= 0:
         raise ValueError(f"`learning_rate` must be positive, got {learning_rate!r}.")
+    from c3diff.models.c3diff import MEAN_LOSSES
+
+    if mean_loss not in MEAN_LOSSES:
+        raise ValueError(f"`mean_loss` must be one of {MEAN_LOSSES}, got {mean_loss!r}.")
+    if not isinstance(mean_genes_per_patch, int | np.integer) or mean_genes_per_patch < 1:
+        raise ValueError(f"`mean_genes_per_patch` must be a positive integer, got {mean_genes_per_patch!r}.")
+    if not 0.0 < mean_time_fraction < 1.0:
+        raise ValueError(f"`mean_time_fraction` must be in (0, 1), got {mean_time_fraction!r}.")
     unknown = sorted(set(loss_weights or {}) - {"mse", "modal", "content", "inter_sphere"})
     if unknown:
         raise ValueError(f"`loss_weights` has unknown entries {unknown}; use mse, modal, content, inter_sphere.")
@@ -493,109 +574,142 @@ def train(
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
 
-    # ---- first stage and backbone: fitted to (up to 4096 of) the training maps once, then frozen ----------------
-    stage_start = time.perf_counter()
-    if resume_state is None and not (net.config.get("first_stage_fitted", False)
-                                     and net.config.get("backbone_fitted", False)):
-        channels = [train_patches.genes.index(g) for g in genes_model]
-        pairs = np.argwhere((train_patches.hr_high - train_patches.hr_low)[:, channels] > 0)
-        pairs = pairs[np.random.default_rng(seed).permutation(len(pairs))[:4096]]
-        maps = torch.from_numpy(np.stack([train_patches.hr[p, channels[g]] for p, g in pairs])[:, None]) * 2.0 - 1.0
-        net.to(accelerator.device)
-        show = progress and accelerator.is_main_process
-        if not net.config.get("first_stage_fitted", False):
-            net.fit_first_stage(maps.to(accelerator.device), steps=autoencoder_steps, batch_size=batch_size,
-                                seed=seed, progress=show)
-        if not net.config.get("backbone_fitted", False) and backbone_steps > 0:
-            net.fit_backbone(maps, steps=backbone_steps, batch_size=batch_size, learning_rate=backbone_learning_rate,
-                             max_time=None if max_time is None else max_time / 4, seed=seed, progress=show)
-    stage_seconds = time.perf_counter() - stage_start
-
-    sampler = PatchBatchSampler(dataset.pairs[:, 0], batch_size=batch_size, seed=seed)
-    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers)
+    formulation = net.config.get("formulation", "paper")
+    stages = STAGES[formulation]
+    show = progress and accelerator.is_main_process
+    net.to(accelerator.device)
     val_loader = None
     if val_patches is not None:
         val_set = val_patches.dataset(genes=genes_model, skip_constant=skip_constant, seed=seed)
         val_loader = DataLoader(val_set, batch_sampler=PatchBatchSampler(val_set.pairs[:, 0], batch_size=batch_size,
                                                                          seed=seed))
-    optimizer = make_optimizer(net, learning_rate=learning_rate, betas=betas, eps=eps, weight_decay=weight_decay)
-    loss_module = _LossModule(net)
-    loss_module, optimizer, loader = accelerator.prepare(loss_module, optimizer, loader)
     generator = torch.Generator(device=accelerator.device).manual_seed(seed + accelerator.process_index)
-
-    state: dict[str, Any] = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_pcc": -math.inf,
-                             "elapsed": 0.0, "history": []}
+    state: dict[str, Any] = {"stage": stages[0], "epoch": 0, "step_in_epoch": 0, "global_step": 0,
+                             "stage_step": 0, "best_pcc": -math.inf, "best_loss": math.inf, "elapsed": 0.0,
+                             "history": []}
     if resume_state is not None:
-        optimizer.load_state_dict(optimizer_state)
         generator.set_state(generator_state)
         state.update(resume_state)
-
     log_path = output_dir / "log.jsonl"
     best_dir = output_dir / "best"
-    start_time = time.perf_counter() - float(state["elapsed"]) - stage_seconds
-    stop = False
+    start_time = time.perf_counter() - float(state["elapsed"])
 
     def log(row: dict[str, Any]) -> None:
         if accelerator.is_main_process:
             with log_path.open("a") as fh:
                 fh.write(json.dumps(row) + "\n")
 
-    def checkpoint() -> None:
-        state["elapsed"] = time.perf_counter() - start_time
-        if accelerator.is_main_process:
-            _save_checkpoint(output_dir / "checkpoints" / f"step-{state['global_step']}", model=net,
-                             optimizer=optimizer, generator=generator, state=state)
+    def stage_deadline(stage: str) -> float | None:
+        if max_time is None:
+            return None
+        return max_time * mean_time_fraction if stage == "mean" else max_time
 
-    def validate(epoch: int) -> None:
-        row: dict[str, Any] = {"type": "epoch", "epoch": epoch, "step": state["global_step"],
-                               "time": time.perf_counter() - start_time}
-        if val_patches is not None and accelerator.is_main_process:
-            row.update(_validation_losses(net, val_loader, seed=seed, max_batches=val_max_batches))
-            row.update(validation_scores(net, val_patches, steps=val_steps, max_patches=val_max_patches,
-                                         max_genes=val_max_genes, n_samples=val_samples, seed=seed))
-            if row["val_pcc"] > state["best_pcc"]:
-                state["best_pcc"] = row["val_pcc"]
-                net.save_pretrained(str(best_dir), training_data=_describe(train_patches))
-                row["best"] = True
-        state["history"].append(row)
-        log(row)
+    for stage in stages[stages.index(state["stage"]):]:
+        if state["stage"] != stage:  # a new stage: fresh progress counters, the step count runs on
+            state.update(stage=stage, epoch=0, step_in_epoch=0, stage_step=0)
+        fresh = resume_state is None or resume_state.get("stage") != stage
 
-    net.train()
-    while state["epoch"] < epochs and not stop:
-        epoch = state["epoch"]
-        sampler.set_epoch(epoch)
-        dataset.set_epoch(epoch)
-        epoch_loader = accelerator.skip_first_batches(loader, state["step_in_epoch"]) if state["step_in_epoch"] else loader
-        bar = tqdm(epoch_loader, total=len(sampler) - state["step_in_epoch"], desc=f"epoch {epoch + 1}/{epochs}",
-                   disable=not (progress and accelerator.is_main_process), leave=False)
-        for batch in bar:
-            with accelerator.accumulate(loss_module):
-                losses = loss_module(batch, generator)
-                accelerator.backward(losses.total)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            state["global_step"] += 1
-            state["step_in_epoch"] += 1
-            values = {k: float(v) for k, v in losses.as_dict().items()}
-            bar.set_postfix({k: f"{v:.3f}" for k, v in values.items()})
-            if state["global_step"] % log_every == 0:
-                log({"type": "step", "epoch": epoch, "step": state["global_step"], **values})
-            if (max_steps is not None and state["global_step"] >= max_steps) or (
-                max_time is not None and time.perf_counter() - start_time >= max_time
-            ):
-                stop = True
-                break
-        bar.close()
-        if not stop:
-            state["epoch"] += 1
-            state["step_in_epoch"] = 0
-            validate(epoch)
-            if state["epoch"] % checkpoint_every == 0 or state["epoch"] == epochs:
-                checkpoint()
-    if stop:
-        checkpoint()
-        if not state["history"] or state["history"][-1]["step"] != state["global_step"]:
-            validate(state["epoch"])
+        # ---- diffusion stages: first stage and backbone fitted to (up to 4096 of) the training maps once -------
+        if stage != "mean" and fresh and not (net.config.get("first_stage_fitted", False)
+                                              and net.config.get("backbone_fitted", False)):
+            maps = _stage_maps(net, train_patches, genes=genes_model, seed=seed)
+            if not net.config.get("first_stage_fitted", False):
+                net.fit_first_stage(maps.to(accelerator.device), steps=autoencoder_steps, batch_size=batch_size,
+                                    seed=seed, progress=show)
+            if not net.config.get("backbone_fitted", False) and backbone_steps > 0:
+                remaining = None if max_time is None else max(0.0, max_time - (time.perf_counter() - start_time))
+                net.fit_backbone(maps, steps=backbone_steps, batch_size=batch_size,
+                                 learning_rate=backbone_learning_rate,
+                                 max_time=None if remaining is None else remaining / 4, seed=seed, progress=show)
+
+        sampler = PatchBatchSampler(dataset.pairs[:, 0], batch_size=batch_size, seed=seed,
+                                    genes_per_patch=mean_genes_per_patch if stage == "mean" else 1)
+        loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers)
+        optimizer = make_optimizer(net, learning_rate=learning_rate, betas=betas, eps=eps, weight_decay=weight_decay,
+                                   stage="mean" if stage == "mean" else "diffusion")
+        loss_module = _LossModule(net, stage=stage, mean_loss=mean_loss)
+        loss_module, optimizer, loader = accelerator.prepare(loss_module, optimizer, loader)
+        if not fresh:
+            optimizer.load_state_dict(optimizer_state)
+
+        def checkpoint() -> None:
+            state["elapsed"] = time.perf_counter() - start_time
+            if accelerator.is_main_process:
+                _save_checkpoint(output_dir / "checkpoints" / f"step-{state['global_step']}", model=net,
+                                 optimizer=optimizer, generator=generator, state=state)
+
+        def validate(epoch: int, stage: str = stage) -> None:
+            row: dict[str, Any] = {"type": "epoch", "stage": stage, "epoch": epoch, "step": state["global_step"],
+                                   "time": time.perf_counter() - start_time}
+            if val_patches is not None and accelerator.is_main_process:
+                row.update(_validation_losses(net, val_loader, seed=seed, max_batches=val_max_batches, stage=stage,
+                                              mean_loss=mean_loss))
+                if stage == "residual":  # the mean (and its PCC) is fixed: keep the best residual by its loss
+                    better = row["val_mse"] < state["best_loss"]
+                    if better:
+                        state["best_loss"] = row["val_mse"]
+                else:
+                    row.update(validation_scores(net, val_patches, steps=val_steps, max_patches=val_max_patches,
+                                                 max_genes=val_max_genes, n_samples=val_samples, seed=seed))
+                    better = row["val_pcc"] > state["best_pcc"]
+                    if better:
+                        state["best_pcc"] = row["val_pcc"]
+                if better:
+                    net.save_pretrained(str(best_dir), training_data=_describe(train_patches))
+                    row["best"] = True
+            state["history"].append(row)
+            log(row)
+
+        stop = False
+        net.train()
+        deadline = stage_deadline(stage)
+        while state["epoch"] < epochs and not stop:
+            epoch = state["epoch"]
+            sampler.set_epoch(epoch)
+            dataset.set_epoch(epoch)
+            epoch_loader = (accelerator.skip_first_batches(loader, state["step_in_epoch"]) if state["step_in_epoch"]
+                            else loader)
+            bar = tqdm(epoch_loader, total=len(sampler) - state["step_in_epoch"],
+                       desc=f"{stage} epoch {epoch + 1}/{epochs}", disable=not show, leave=False)
+            for batch in bar:
+                with accelerator.accumulate(loss_module):
+                    losses = loss_module(batch, generator)
+                    accelerator.backward(losses.total)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                state["global_step"] += 1
+                state["stage_step"] += 1
+                state["step_in_epoch"] += 1
+                values = {k: float(v) for k, v in losses.as_dict().items()}
+                bar.set_postfix({k: f"{v:.3f}" for k, v in values.items()})
+                if state["global_step"] % log_every == 0:
+                    log({"type": "step", "stage": stage, "epoch": epoch, "step": state["global_step"], **values})
+                over_steps = (max_steps is not None and state["global_step"] >= max_steps) or (
+                    stage == "mean" and mean_max_steps is not None and state["stage_step"] >= mean_max_steps)
+                if over_steps or (deadline is not None and time.perf_counter() - start_time >= deadline):
+                    stop = True
+                    break
+            bar.close()
+            if not stop:
+                state["epoch"] += 1
+                state["step_in_epoch"] = 0
+                validate(epoch)
+                if state["epoch"] % checkpoint_every == 0 or state["epoch"] == epochs:
+                    checkpoint()
+        if stop:
+            if not state["history"] or state["history"][-1]["step"] != state["global_step"]:
+                validate(state["epoch"])
+        last_stage = stage == stages[-1]
+        finished = (max_steps is not None and state["global_step"] >= max_steps) or (
+            max_time is not None and time.perf_counter() - start_time >= max_time)
+        if stage == "mean" and (best_dir / "config.json").exists():
+            _restore_weights(net, best_dir)  # the residual stage refines the best mean, not the last
+        if not last_stage and not finished:
+            state.update(stage=stages[stages.index(stage) + 1], epoch=0, step_in_epoch=0, stage_step=0)
+            resume_state = None
+        else:
+            checkpoint()
+            break
 
     accelerator.wait_for_everyone()
     final = net
@@ -607,6 +721,14 @@ def train(
     final.register_to_config(training_data=_describe(train_patches))
     return TrainingResult(model=final, history=pd.DataFrame(state["history"]), output_dir=output_dir,
                           best_checkpoint=best)
+
+
+def _restore_weights(net: C3DiffModel, folder: Path) -> None:
+    """Load the weights (and fitted-state flags) saved in ``folder`` into ``net`` in place."""
+    from c3diff.models import from_pretrained
+
+    saved = from_pretrained(str(folder))
+    net.load_state_dict(saved.state_dict())
 
 
 def _preset_names() -> list[str]:
