@@ -123,3 +123,32 @@ def test_batches_hold_distinct_patches_and_are_reproducible():
     assert list(sampler) != batches
     few = PatchBatchSampler(np.repeat(np.arange(3), 10), batch_size=8, seed=0)  # fewer patches than a batch
     assert len(few) == 3 and all(len(b) == 8 for b in few)
+
+
+def test_batches_of_several_genes_per_patch():
+    patch_of_item = np.repeat(np.arange(12), 5)  # 12 patches x 5 genes
+    sampler = PatchBatchSampler(patch_of_item, batch_size=4, seed=0, genes_per_patch=3)
+    batches = list(sampler)
+    for batch in batches:
+        patches, counts = np.unique(patch_of_item[batch], return_counts=True)
+        assert len(patches) == 4 and counts.max() <= 3
+    assert len({i for b in batches for i in b}) == sum(len(b) for b in batches)
+    assert sum(len(b) for b in batches) >= 48  # few items are left for the next epoch
+    with pytest.raises(ValueError, match="genes_per_patch"):
+        PatchBatchSampler(patch_of_item, batch_size=4, seed=0, genes_per_patch=0)
+
+
+def test_residual_training_runs_its_stages_and_resumes_exactly(patchsets, tmp_path):
+    common = dict(model="tiny", genes=GENES, batch_size=4, val_fraction=0, progress=False, seed=2, backbone_steps=2,
+                  learning_rate=1e-3, mean_max_steps=2, mean_genes_per_patch=2)
+    full = train(patchsets, output_dir=tmp_path / "full", max_steps=4, **common)
+    assert full.model.config.first_stage_fitted and full.model.config.backbone_fitted
+    stages = [json.loads(line)["stage"] for line in (tmp_path / "full" / "log.jsonl").read_text().splitlines()]
+    assert stages[0] == "mean" and stages[-1] == "residual"
+    train(patchsets, output_dir=tmp_path / "split", max_steps=3, **common)  # stops inside the residual stage
+    resumed = train(patchsets, output_dir=tmp_path / "split", max_steps=4, resume="latest", **common)
+    a, b = _weights(full.model), _weights(resumed.model)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], msg=k)
+    with pytest.raises(ValueError, match="mean_loss"):
+        train(patchsets, model="tiny", genes=GENES, output_dir=tmp_path / "bad", mean_loss="gaussian")

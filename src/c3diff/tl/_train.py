@@ -71,8 +71,9 @@ class PatchBatchSampler:
     dropped for that epoch (they come back in the next). With fewer patches than ``batch_size``, batches fall back to
     a plain shuffle.
 
-    With ``genes_per_patch = k > 1`` a batch holds ``k`` items (genes) of each of ``batch_size`` distinct patches
-    (``batch_size * k`` items): the conditional-mean stage encodes each patch's histology once for its ``k`` genes.
+    With ``genes_per_patch = k > 1`` a batch holds up to ``k`` items (genes) of each of ``batch_size`` distinct
+    patches (up to ``batch_size * k`` items): the conditional-mean stage encodes each patch's histology once for its
+    genes.
     """
 
     def __init__(self, patch_of_item: np.ndarray, *, batch_size: int, seed: int, genes_per_patch: int = 1) -> None:
@@ -98,11 +99,11 @@ class PatchBatchSampler:
         queues = [list(order[inverse == j]) for j in range(len(patches))]
         remaining = np.array([len(q) for q in queues], dtype=float)
         batches = []
-        while (remaining >= k).sum() >= self.batch_size:
-            weights = np.where(remaining >= k, remaining, 0.0)
-            chosen = rng.choice(len(queues), size=self.batch_size, replace=False, p=weights / weights.sum())
-            batches.append([int(queues[j].pop()) for j in chosen for _ in range(k)])
-            remaining[chosen] -= k
+        while (remaining > 0).sum() >= self.batch_size:
+            chosen = rng.choice(len(queues), size=self.batch_size, replace=False, p=remaining / remaining.sum())
+            take = np.minimum(remaining[chosen], k).astype(int)  # a patch with fewer genes left gives what it has
+            batches.append([int(queues[j].pop()) for j, n in zip(chosen, take, strict=True) for _ in range(n)])
+            remaining[chosen] -= take
         self._batches = batches
 
     def __len__(self) -> int:
