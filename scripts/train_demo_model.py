@@ -45,6 +45,10 @@ def main() -> None:
                         help="DDIM timestep spacing used when sampling (default: the tiny preset's)")
     parser.add_argument("--init-from", type=Path, default=None,
                         help="continue training this saved model instead of starting from the tiny preset")
+    parser.add_argument("--lr-schedule", choices=["constant", "cosine"], default="cosine",
+                        help="learning-rate schedule of each training stage (see c3.tl.train)")
+    parser.add_argument("--mean-fraction", type=float, default=0.75,
+                        help="share of the budget for the conditional-mean stage (residual models)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--run-dir", type=Path, default=None,
@@ -84,7 +88,7 @@ def main() -> None:
             patches[:-1], val_data=patches[-1], model=str(args.init_from) if args.init_from else "tiny",
             genes=genes, output_dir=run, model_overrides=overrides,
             learning_rate=args.learning_rate, epochs=10**6, max_time=args.minutes * 60, seed=args.seed,
-            val_steps=10, val_max_patches=16,
+            val_steps=10, val_max_patches=16, lr_schedule=args.lr_schedule, mean_time_fraction=args.mean_fraction,
         )
         model = result.model
         if args.timestep_spacing is not None:  # sampling only: training noise does not depend on it
@@ -98,7 +102,8 @@ def main() -> None:
             f"{c3.__version__}) for {args.minutes:g} min on a CPU: {len(sections) - 1} simulated breast sections "
             f"(c3diff.datasets.simulate_section, seeds 0-{len(sections) - 2}, {args.size / 1000:g} mm; seed "
             f"{len(sections) - 1} for validation), 64 px patches at 10 um/px, Xenium-like LR (100 um transcript bins), "
-            f"{len(genes)} genes (immune markers + HVGs), AdamW lr {args.learning_rate:g}"
+            f"{len(genes)} genes (immune markers + HVGs), AdamW lr {args.learning_rate:g} ({args.lr_schedule}), "
+            f"{args.mean_fraction:g} of the budget for the conditional-mean stage"
             + f", {start_from}" + (f" with {options}." if options else ".")
         )
         if args.out.exists():

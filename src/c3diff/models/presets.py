@@ -174,6 +174,8 @@ def preset_config(preset: str, *, genes: list[str] | None = None, scale: int = 1
             config[key] = {**config[key], **copy.deepcopy(dict(value))}
         else:
             config[key] = copy.deepcopy(value)
+    if config.get("formulation") == "paper":  # e.g. tiny with formulation="paper": no mean stage to configure
+        config.pop("mean_net_config", None)
     if genes is None:
         genes = paper_genes()
     config["genes"] = list(genes)

@@ -404,6 +404,7 @@ def train(
     mean_time_fraction: float = 0.5,
     mean_max_steps: int | None = None,
     mean_genes_per_patch: int = 8,
+    lr_schedule: str = "constant",
 ) -> TrainingResult:
     """Train a C3-Diff model with the paper's recipe (supplementary Table 1), every value overridable.
 
@@ -491,6 +492,10 @@ def train(
     mean_genes_per_patch
         Residual formulation: a mean-stage batch holds this many genes of each of ``batch_size`` distinct patches
         (the histology trunk runs once per patch; the contrastive losses compare the patches).
+    lr_schedule
+        ``"constant"`` (the paper) or ``"cosine"``: each stage's learning rate decays to 0 along a half cosine over
+        the stage's budget (its share of ``max_time``, else of ``max_steps`` / ``mean_max_steps``, else of its epochs),
+        which gets more out of a short budget.
 
     Returns
     -------
@@ -523,6 +528,8 @@ def train(
         raise ValueError(f"`mean_loss` must be one of {MEAN_LOSSES}, got {mean_loss!r}.")
     if not isinstance(mean_genes_per_patch, int | np.integer) or mean_genes_per_patch < 1:
         raise ValueError(f"`mean_genes_per_patch` must be a positive integer, got {mean_genes_per_patch!r}.")
+    if lr_schedule not in ("constant", "cosine"):
+        raise ValueError(f"`lr_schedule` must be 'constant' or 'cosine', got {lr_schedule!r}.")
     if not 0.0 < mean_time_fraction < 1.0:
         raise ValueError(f"`mean_time_fraction` must be in (0, 1), got {mean_time_fraction!r}.")
     unknown = sorted(set(loss_weights or {}) - {"mse", "modal", "content", "inter_sphere"})
@@ -664,6 +671,17 @@ def train(
         stop = False
         net.train()
         deadline = stage_deadline(stage)
+        stage_start = time.perf_counter()
+        step_budget = mean_max_steps if stage == "mean" and mean_max_steps is not None else max_steps
+
+        def stage_progress() -> float:
+            """How far the stage is through its budget, in [0, 1] (for the cosine learning rate)."""
+            if deadline is not None:
+                elapsed = time.perf_counter() - stage_start
+                return min(1.0, elapsed / max(deadline - (stage_start - start_time), 1e-9))
+            if step_budget is not None:
+                return min(1.0, state["stage_step"] / step_budget)
+            return min(1.0, (state["epoch"] * len(sampler) + state["step_in_epoch"]) / max(epochs * len(sampler), 1))
         while state["epoch"] < epochs and not stop:
             epoch = state["epoch"]
             sampler.set_epoch(epoch)
@@ -673,6 +691,9 @@ def train(
             bar = tqdm(epoch_loader, total=len(sampler) - state["step_in_epoch"],
                        desc=f"{stage} epoch {epoch + 1}/{epochs}", disable=not show, leave=False)
             for batch in bar:
+                if lr_schedule == "cosine":
+                    for group in optimizer.param_groups:
+                        group["lr"] = learning_rate * 0.5 * (1.0 + math.cos(math.pi * stage_progress()))
                 with accelerator.accumulate(loss_module):
                     losses = loss_module(batch, generator)
                     accelerator.backward(losses.total)
