@@ -80,7 +80,7 @@ def test_bin_transcripts_errors(toy_section):
 # ------------------------------------------------------------------------------------------------ spots_to_grid
 def test_spots_to_grid_density_and_mask(toy_section):
     sdata = toy_section
-    c3.pp.spots_to_grid(sdata, table_key="table", image_key="hne")
+    c3.pp.spots_to_grid(sdata, table_key="table", image_key="hne", fill="linear")
     raster, mask = sdata.images["table_grid"], sdata.labels["table_grid_mask"]
     geom = raster_geometry(raster)
     assert (geom.sy, geom.y0, geom.x0, geom.height, geom.width) == (100.0, 0.0, 0.0, 10, 12)

@@ -13,6 +13,35 @@ from c3diff._validation import RasterGeometry
 from c3diff.metrics._maps import SCORED, _as_maps, _pcc, _rmse, _status, _warn_skipped
 
 
+def _disc_windows(
+    geometry: RasterGeometry, spot_centres_um: np.ndarray, radius: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Candidate pixels of each spot: a window around its centre pixel wide enough to hold the whole disc. Returns
+    the centres ``(n, 2)`` as (y, x), the windows' ``rows`` and ``cols`` ``(n, k)`` (possibly off the raster) and
+    the slot of the spot's centre pixel in a window."""
+    centres = np.asarray(spot_centres_um, dtype=float)
+    if centres.ndim != 2 or centres.shape[1] != 2:
+        raise ValueError(f"`spot_centres_um` must be an (n_spots, 2) array of (y, x) in um, got shape {centres.shape}.")
+    ky, kx = math.ceil(radius / geometry.sy) + 1, math.ceil(radius / geometry.sx) + 1
+    row0 = np.floor((centres[:, 0] - geometry.y0) / geometry.sy).astype(np.int64)
+    col0 = np.floor((centres[:, 1] - geometry.x0) / geometry.sx).astype(np.int64)
+    dr, dc = np.meshgrid(np.arange(-ky, ky + 1), np.arange(-kx, kx + 1), indexing="ij")
+    rows = row0[:, None] + dr.ravel()[None]
+    cols = col0[:, None] + dc.ravel()[None]
+    return centres, rows, cols, dr.size // 2  # (dr, dc) == (0, 0)
+
+
+def _as_raster(raster: np.ndarray, geometry: RasterGeometry) -> np.ndarray:
+    """``raster`` as float64 ``(n_genes, height, width)`` matching ``geometry``, else a ValueError."""
+    raster = np.asarray(raster, dtype=np.float64)
+    if raster.ndim != 3 or raster.shape[1:] != (geometry.height, geometry.width):
+        raise ValueError(
+            f"`raster` must have shape (n_genes, {geometry.height}, {geometry.width}) to match its geometry, "
+            f"got {raster.shape}."
+        )
+    return raster
+
+
 def _spot_membership(
     geometry: RasterGeometry, spot_centres_um: np.ndarray, spot_diameter_um: float
 ) -> tuple[object, np.ndarray]:
@@ -21,20 +50,12 @@ def _spot_membership(
     gets the pixel under its centre. Also returns the number of pixels per spot (0 = spot off the raster)."""
     from scipy import sparse
 
-    centres = np.asarray(spot_centres_um, dtype=float)
-    if centres.ndim != 2 or centres.shape[1] != 2:
-        raise ValueError(f"`spot_centres_um` must be an (n_spots, 2) array of (y, x) in um, got shape {centres.shape}.")
     if not (np.isfinite(spot_diameter_um) and spot_diameter_um > 0):
         raise ValueError(f"`spot_diameter_um` must be a positive number of um, got {spot_diameter_um!r}.")
     radius = spot_diameter_um / 2
+    centres, rows, cols, centre_slot = _disc_windows(geometry, spot_centres_um, radius)
+    row0, col0 = rows[:, centre_slot], cols[:, centre_slot]
     cy, cx = centres[:, 0], centres[:, 1]
-    # candidate pixels: a window around each spot's centre pixel wide enough to hold the whole disc
-    ky, kx = math.ceil(radius / geometry.sy) + 1, math.ceil(radius / geometry.sx) + 1
-    row0 = np.floor((cy - geometry.y0) / geometry.sy).astype(np.int64)
-    col0 = np.floor((cx - geometry.x0) / geometry.sx).astype(np.int64)
-    dr, dc = np.meshgrid(np.arange(-ky, ky + 1), np.arange(-kx, kx + 1), indexing="ij")
-    rows = row0[:, None] + dr.ravel()[None]
-    cols = col0[:, None] + dc.ravel()[None]
     py = geometry.y0 + (rows + 0.5) * geometry.sy
     px = geometry.x0 + (cols + 0.5) * geometry.sx
     inside = ((py - cy[:, None]) ** 2 + (px - cx[:, None]) ** 2 <= radius**2) & (
@@ -43,7 +64,6 @@ def _spot_membership(
     # spots smaller than a pixel may hold no pixel centre: use the pixel under the spot's centre instead
     centre_on = (row0 >= 0) & (row0 < geometry.height) & (col0 >= 0) & (col0 < geometry.width)
     fallback = ~inside.any(axis=1) & centre_on
-    centre_slot = dr.size // 2  # (dr, dc) == (0, 0)
     inside[fallback, centre_slot] = True
     spot_idx, slot = np.nonzero(inside)
     flat = rows[spot_idx, slot] * geometry.width + cols[spot_idx, slot]
@@ -88,12 +108,7 @@ def aggregate_to_spots(
     >>> aggregate_to_spots(np.ones((1, 10, 10)), grid, np.array([[50.0, 50.0]]), 55.0).tolist()
     [[1.0]]
     """
-    raster = np.asarray(raster, dtype=np.float64)
-    if raster.ndim != 3 or raster.shape[1:] != (geometry.height, geometry.width):
-        raise ValueError(
-            f"`raster` must have shape (n_genes, {geometry.height}, {geometry.width}) to match its geometry, "
-            f"got {raster.shape}."
-        )
+    raster = _as_raster(raster, geometry)
     members, _ = _spot_membership(geometry, spot_centres_um, spot_diameter_um)
     flat = raster.reshape(raster.shape[0], -1).T
     finite = np.isfinite(flat)
@@ -195,3 +210,95 @@ def _compare_spots(agg: np.ndarray, counts: np.ndarray, genes: list[str], *, sta
     )
     _warn_skipped(status, "lr_consistency", stacklevel=stacklevel + 1)
     return frame
+
+
+def _quadrant_area(x: np.ndarray, y: np.ndarray, radius: float) -> np.ndarray:
+    """Signed area of the disc of ``radius`` at the origin inside ``[0, x] x [0, y]`` (odd in ``x`` and in ``y``)."""
+    sign = np.sign(x) * np.sign(y)
+    x, y = np.minimum(np.abs(x), radius), np.minimum(np.abs(y), radius)
+    r2 = radius**2
+
+    def antiderivative(t: np.ndarray) -> np.ndarray:  # integral of sqrt(r^2 - s^2) ds from 0 to t
+        return 0.5 * (t * np.sqrt(np.maximum(r2 - t**2, 0.0)) + r2 * np.arcsin(np.clip(t / radius, -1.0, 1.0)))
+
+    t_star = np.sqrt(np.maximum(r2 - y**2, 0.0))  # where the circle crosses height y
+    corner_inside = x**2 + y**2 <= r2
+    area = np.where(corner_inside, x * y, y * t_star + antiderivative(x) - antiderivative(t_star))
+    return sign * area
+
+
+def spot_footprint(
+    geometry: RasterGeometry, spot_centres_um: np.ndarray, spot_radius_um: float
+) -> object:
+    """Sparse ``(n_spots, height * width)`` matrix: the fraction of each pixel's area that lies inside each spot's
+    disc (exact, from the disc's area integral; pixels outside the raster are absent)."""
+    from scipy import sparse
+
+    if not (np.isfinite(spot_radius_um) and spot_radius_um > 0):
+        raise ValueError(f"The spot radius must be a positive number of um, got {spot_radius_um!r}.")
+    radius = float(spot_radius_um)
+    centres, rows, cols, _ = _disc_windows(geometry, spot_centres_um, radius)
+    cy, cx = centres[:, 0], centres[:, 1]
+    top = geometry.y0 + rows * geometry.sy - cy[:, None]
+    left = geometry.x0 + cols * geometry.sx - cx[:, None]
+    bottom, right = top + geometry.sy, left + geometry.sx
+    area = (
+        _quadrant_area(right, bottom, radius) - _quadrant_area(left, bottom, radius)
+        - _quadrant_area(right, top, radius) + _quadrant_area(left, top, radius)
+    )
+    fraction = np.clip(area / (geometry.sy * geometry.sx), 0.0, 1.0)
+    keep = (fraction > 0) & (rows >= 0) & (rows < geometry.height) & (cols >= 0) & (cols < geometry.width)
+    spot_idx, slot = np.nonzero(keep)
+    flat = rows[spot_idx, slot] * geometry.width + cols[spot_idx, slot]
+    return sparse.csr_matrix(
+        (fraction[spot_idx, slot], (spot_idx, flat)), shape=(centres.shape[0], geometry.height * geometry.width)
+    )
+
+
+def sum_over_spots(
+    raster: np.ndarray,
+    geometry: RasterGeometry,
+    spot_centres_um: np.ndarray,
+    spot_diameter_um: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """A raster of amounts per pixel (e.g. counts per pixel) summed over each spot's disc footprint.
+
+    Each pixel contributes its value times the fraction of its area inside the disc (computed exactly), so a raster
+    of counts per pixel gives the expected counts of each spot, whatever the pixel size.
+
+    Parameters
+    ----------
+    raster
+        ``(n_genes, height, width)`` values per pixel.
+    geometry
+        Placement of ``raster`` in micrometres (:func:`c3diff._validation.raster_geometry`).
+    spot_centres_um
+        ``(n_spots, 2)`` spot centres ``(y, x)`` in micrometres, as :attr:`c3diff.pp.Spots.centres`.
+    spot_diameter_um
+        Spot diameter in micrometres.
+
+    Returns
+    -------
+    ``(n_spots, n_genes)`` sums (non-finite pixels count as 0) and ``(n_spots,)`` the fraction of each disc that lies
+    on the raster's finite pixels (1 for a spot fully on the raster; 0 for a spot off it).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import c3diff as c3
+    >>> grid = c3._validation.RasterGeometry(y0=0, x0=0, sy=10, sx=10, height=20, width=20)
+    >>> sums, covered = c3.metrics.sum_over_spots(np.ones((1, 20, 20)), grid, np.array([[100.0, 100.0]]), 100.0)
+    >>> round(float(sums[0, 0]), 4), float(covered[0])  # pi * 50**2 / 10**2
+    (78.5398, 1.0)
+    """
+    raster = _as_raster(raster, geometry)
+    if not (np.isfinite(spot_diameter_um) and spot_diameter_um > 0):
+        raise ValueError(f"`spot_diameter_um` must be a positive number of um, got {spot_diameter_um!r}.")
+    weights = spot_footprint(geometry, spot_centres_um, spot_diameter_um / 2)
+    flat = raster.reshape(raster.shape[0], -1).T
+    finite = np.isfinite(flat).all(axis=1)
+    sums = np.asarray(weights @ np.where(finite[:, None], flat, 0.0))
+    disc_pixels = math.pi * (spot_diameter_um / 2) ** 2 / (geometry.sy * geometry.sx)
+    covered = np.asarray(weights @ finite.astype(np.float64)).ravel() / disc_pixels
+    covered = np.where(np.abs(covered - 1.0) < 1e-9, 1.0, covered)  # rounding of the exact areas
+    return sums, np.clip(covered, 0.0, 1.0)

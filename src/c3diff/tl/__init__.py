@@ -4,12 +4,14 @@
 - :func:`train`: train a C3-Diff model with the paper's recipe (accelerate; validation; resumable checkpoints).
 - :func:`evaluate`: score a super-resolved layer against a high-resolution truth (per tile and gene) or against
   the measured spots.
+- :func:`sample_at_spots`: read a gene raster back at spot positions (summed over each spot's disc), as counts or
+  normalised values.
 - :func:`celltype_map`: call immune cell types per pixel from super-resolved marker genes
   (:data:`DEFAULT_MARKERS`).
 """
 
 from c3diff.tl._celltype import DEFAULT_MARKERS, CelltypeMap, celltype_map
-from c3diff.tl._evaluate import evaluate
+from c3diff.tl._evaluate import evaluate, sample_at_spots
 from c3diff.tl._super_resolve import UNITS, super_resolve
 from c3diff.tl._train import PAPER_RECIPE, TrainingResult, make_optimizer, train, validation_scores
 
@@ -22,6 +24,7 @@ __all__ = [
     "celltype_map",
     "evaluate",
     "make_optimizer",
+    "sample_at_spots",
     "super_resolve",
     "train",
     "validation_scores",
