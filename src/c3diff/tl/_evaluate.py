@@ -499,9 +499,17 @@ def sample_at_spots(
     grid = raster_geometry(element, coordinate_system=coordinate_system, arg="layer_key")
     data = scale0(element)
     read = genes + ([library_key] if library_key is not None else [])
-    sums, covered = sum_over_spots(
-        np.asarray(data.sel(c=read).data, dtype=np.float64), grid, spots.centres, 2 * spots.radius
-    )
+    # channels in chunks of about 256 MiB of float64 pixels (a whole-slide layer need not fit in memory)
+    per_chunk = max(1, int(2**28 // (8 * grid.height * grid.width)))
+    parts = [
+        sum_over_spots(
+            np.asarray(data.sel(c=read[start : start + per_chunk]).data, dtype=np.float64), grid, spots.centres,
+            2 * spots.radius,
+        )
+        for start in range(0, len(read), per_chunk)
+    ]
+    sums = np.concatenate([part[0] for part in parts], axis=1)
+    covered = np.min([part[1] for part in parts], axis=0)
     n_off, n_partial = int((covered <= 0).sum()), int(((covered > 0) & (covered < 1 - 1e-6)).sum())
     if n_off or n_partial:
         warnings.warn(
