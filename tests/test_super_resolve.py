@@ -225,3 +225,72 @@ def test_lr_pixel_calibration_through_super_resolve_matches_lr_counts():
     assert error["lr_pixel"] < error["tile"] / 3
     with pytest.raises(ValueError, match="calibration"):
         super_resolve(sdata, "hne", points_key="transcripts", method="bicubic", calibration="spot", progress=False)
+
+
+# ------------------------------------------------------------------------------------------------ c3diff models
+def _residual_model():
+    import torch
+
+    torch.manual_seed(0)
+    return c3.models.build_model("tiny", genes=["GENE_A", "GENE_B", "GENE_C"]).eval()
+
+
+def test_c3diff_mean_honours_every_lr_pixel_and_needs_no_sampling():
+    sdata = make_toy_section()
+    c3.pp.bin_transcripts(sdata, bin_size=100, image_key="hne", key_added="lr")
+    lr = np.asarray(scale0(sdata.images["lr"]).values, dtype=np.float64)
+    model = _residual_model()
+    super_resolve(sdata, "hne", points_key="transcripts", model=model, progress=False)
+    layer = np.asarray(scale0(sdata.images["hne_c3diff_x10"]).values, dtype=np.float64)
+    params = sdata.attrs["c3diff"]["hne_c3diff_x10"]["params"]
+    assert params["mode"] == "mean" and "hne_c3diff_x10_std" not in sdata.images
+    assert np.isfinite(layer).all() and layer.min() >= 0
+    sums = _blocks(layer, 10)
+    n_y, n_x = sums.shape[-2:]
+    error = np.abs(sums - lr[:, :n_y, :n_x]).sum() / lr[:, :n_y, :n_x].sum()
+    assert error < 0.05
+    # the same map whatever the tile batch (the mean is deterministic)
+    again = super_resolve(sdata, "hne", points_key="transcripts", model=model, batch_size=1, inplace=False,
+                          progress=False)["mean"]
+    np.testing.assert_allclose(scale0(again).values, layer, rtol=1e-5, atol=1e-6)
+    # 5x from the 10x model: 2 x 2 sums of counts keep the LR totals too
+    super_resolve(sdata, "hne", points_key="transcripts", model=model, scale=5, progress=False)
+    five = np.asarray(scale0(sdata.images["hne_c3diff_x5"]).values, dtype=np.float64)
+    assert five.shape[-1] * 2 >= layer.shape[-1] - 1
+    np.testing.assert_allclose(five.sum(), layer.sum(), rtol=0.02)
+
+
+def test_c3diff_samples_write_an_uncertainty_layer_beside_the_exact_mean():
+    sdata = make_toy_section()
+    model = _residual_model()
+    super_resolve(sdata, "hne", table_key="table", model=model, progress=False, key_added="mean_only")
+    super_resolve(sdata, "hne", table_key="table", model=model, mode="sample", n_samples=3, steps=2,
+                  progress=False, key_added="sampled")
+    np.testing.assert_allclose(scale0(sdata.images["sampled"]).values, scale0(sdata.images["mean_only"]).values,
+                               rtol=1e-5, atol=1e-7)
+    std = np.asarray(scale0(sdata.images["sampled_std"]).values)
+    assert std.shape == scale0(sdata.images["sampled"]).shape and std.max() > 0 and std.min() >= 0
+    assert sdata.attrs["c3diff"]["sampled"]["params"]["std_key"] == "sampled_std"
+    paper = c3.models.build_model("tiny-paper", genes=["GENE_A", "GENE_B", "GENE_C"])
+    before = set(sdata.images)
+    with pytest.raises(ValueError, match="conditional-mean stage"):
+        super_resolve(sdata, "hne", table_key="table", model=paper, mode="mean", progress=False)
+    with pytest.raises(ValueError, match="mode"):
+        super_resolve(sdata, "hne", table_key="table", model=model, mode="median", progress=False)
+    assert set(sdata.images) == before
+
+
+def test_distributed_client_with_a_model_object():
+    import pickle
+
+    distributed = pytest.importorskip("distributed")
+    sdata = make_toy_section()
+    model = _residual_model()
+    clone = pickle.loads(pickle.dumps(model))  # what a worker process receives
+    assert clone.config.image_size == 64 and type(clone.noise_scheduler) is type(model.noise_scheduler)
+    local = super_resolve(sdata, "hne", table_key="table", model=model, inplace=False, progress=False)["mean"]
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        with distributed.Client(cluster):
+            remote = super_resolve(sdata, "hne", table_key="table", model=model, inplace=False,
+                                   progress=False)["mean"]
+    np.testing.assert_allclose(scale0(remote).values, scale0(local).values, rtol=1e-5, atol=1e-7)

@@ -28,6 +28,13 @@ class UsageError(Exception):
     """A problem with the command line or a config file, reported as one line."""
 
 
+def _non_negative_int(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}")
+    return number
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -62,11 +69,13 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=1000, help="seed of the simulated section (default: %(default)s)")
     demo.add_argument("--size", type=float, default=1920.0,
                       help="edge of the simulated square section in micrometres (default: %(default)s)")
-    demo.add_argument("--steps", type=_positive_int, default=2,
-                      help="DDIM sampling steps (the paper uses 50; the demo model samples with trailing timesteps, "
-                           "for which a few steps give the best mean; default: %(default)s)")
-    demo.add_argument("--samples", type=_positive_int, default=8,
-                      help="samples per tile, averaged; >1 also writes an uncertainty layer (default: %(default)s)")
+    demo.add_argument("--steps", type=_positive_int, default=10,
+                      help="DDIM steps of the residual samples behind the 10x uncertainty layer (default: "
+                           "%(default)s)")
+    demo.add_argument("--samples", type=_non_negative_int, default=4,
+                      help="mean + residual samples drawn at 10x for the uncertainty layer; 0 = the conditional "
+                           "mean alone (a model without a mean stage averages this many samples; default: "
+                           "%(default)s)")
     demo.add_argument("--model", default=None,
                       help="a model folder or Hub repo id to use instead of the bundled demo model")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -1019,6 +1019,13 @@ class C3DiffModel(ModelMixin, ConfigMixin):
                                  "model.noise_scheduler.config)`.")
         self.noise_scheduler = scheduler
 
+    def __reduce__(self):
+        # pickling (dask workers, multiprocessing) rebuilds the model from its config, weights and scheduler: a
+        # pickled ModelMixin would come back with a plain dict as its config
+        state = {k: v.detach().cpu() for k, v in self.state_dict().items()}
+        scheduler = (type(self.noise_scheduler).__name__, dict(self.noise_scheduler.config))
+        return _rebuild_model, (type(self), dict(self.config), state, scheduler, self.training)
+
     # ------------------------------------------------------------------ persistence (see hub.py)
     def save_pretrained(self, save_directory: str, *, training_data: str | None = None, **kwargs: Any) -> None:
         """Write ``config.json``, ``model.safetensors``, ``scheduler_config.json`` and a model card ``README.md`` to
@@ -1048,6 +1055,17 @@ class C3DiffModel(ModelMixin, ConfigMixin):
         from c3diff.models.model_card import make_model_card
 
         return make_model_card(self, **kwargs)
+
+
+def _rebuild_model(cls, config, state, scheduler, training):
+    """Inverse of :meth:`C3DiffModel.__reduce__`."""
+    import diffusers
+
+    model = cls.from_config(config)
+    model.load_state_dict(state)
+    name, scheduler_config = scheduler
+    model.noise_scheduler = getattr(diffusers, name).from_config(scheduler_config)
+    return model.train(training)
 
 
 def _block_density(counts: torch.Tensor, block: int) -> torch.Tensor:

@@ -61,6 +61,33 @@ class BicubicPredictor:
         return up.numpy(), None
 
 
+class ModelPayload:
+    """A model object as plain bytes for dask workers, rebuilt once per worker process.
+
+    distributed serialises torch modules its own way, which does not restore a ``ConfigMixin`` config; scattering
+    the pickled bytes (see :meth:`C3DiffModel.__reduce__ <c3diff.models.C3DiffModel>`) keeps the model whole.
+    """
+
+    def __init__(self, model: Any) -> None:
+        import pickle
+
+        self.blob = pickle.dumps(model)
+        self._model = None
+
+    def __getstate__(self) -> dict:
+        return {"blob": self.blob}
+
+    def __setstate__(self, state: dict) -> None:
+        self.blob, self._model = state["blob"], None
+
+    def build(self):
+        import pickle
+
+        if self._model is None:
+            self._model = pickle.loads(self.blob)
+        return self._model
+
+
 @dataclass(frozen=True)
 class ModelPredictor:
     """Runs a C3-Diff model on a tile batch. The model comes with each call: a model object (dask resolves a
@@ -79,6 +106,8 @@ class ModelPredictor:
     def _model(self, model: Any):
         if isinstance(model, str):
             return _load_model(model, self.revision, resolve_device(self.device))
+        if isinstance(model, ModelPayload):
+            model = model.build()
         return model.to(resolve_device(self.device)).eval()
 
     def __call__(self, batch: TileBatch, model: Any) -> tuple[np.ndarray, np.ndarray | None]:

@@ -17,7 +17,14 @@ from c3diff.pp._histology import detect_tissue, histology_raster
 from c3diff.pp._normalize import minmax_normalize
 from c3diff.pp._spots import MASK_MEASURED, MASK_OUTSIDE, spots_to_grid
 from c3diff.tl._execution import active_client, chunked, run_tasks
-from c3diff.tl._predictors import BicubicPredictor, ModelPredictor, TileBatch, resolve_device, run_predictor
+from c3diff.tl._predictors import (
+    BicubicPredictor,
+    ModelPayload,
+    ModelPredictor,
+    TileBatch,
+    resolve_device,
+    run_predictor,
+)
 from c3diff.tl._tiling import BlendAccumulator, blend_window, plan_tiles
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -463,7 +470,7 @@ def super_resolve(
         client = active_client()
         if client is not None:
             # one model per worker: by path (each worker loads and caches it) or scattered once as an object
-            model_arg = model_id if model_id is not None else client.scatter(model_obj, broadcast=True)
+            model_arg = model_id if model_id is not None else client.scatter(ModelPayload(model_obj), broadcast=True)
         else:
             model_arg = model_obj.to(resolve_device(device))
     else:
