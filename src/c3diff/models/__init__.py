@@ -11,8 +11,9 @@ module                        content
 ``hint_encoders``             the four hint encoders, gene code, LR conditioning image, ST augmentation
 ``losses``                    ``L_content``, ``L_modal``, ``L_inter-sphere``, ``L_mse``, ``L_overall``
 ``imputation``                ST features of samples without LR ST (batch and memory bank)
+``conditional_mean``          the conditional-mean stage: network, block shares, count likelihoods
 ``c3diff``                    :class:`C3DiffModel`, the composite model (training losses, predict)
-``sampling``                  DDIM sampling (tiles x genes x samples)
+``sampling``                  the mean and diffusion samples (tiles x genes x samples)
 ``hub``                       save / load / push, :func:`from_ldm`
 ``model_card``                the README.md model card
 ============================  ==========================================================================
@@ -28,6 +29,7 @@ Examples
 from c3diff.models.autoencoder import autoencoder_loss, build_autoencoder, fit_autoencoder
 from c3diff.models.bundled import demo_model_path, load_demo_model
 from c3diff.models.c3diff import C3DiffModel
+from c3diff.models.conditional_mean import ConditionalMeanNet, multinomial_nll, poisson_nll
 from c3diff.models.controlnet import UNet2DControlNetModel, unet_forward_with_residuals
 from c3diff.models.hint_encoders import (
     HintEncoder,
@@ -53,6 +55,7 @@ from c3diff.models.presets import PRESETS, build_model, preset_config
 __all__ = [
     "PRESETS",
     "C3DiffModel",
+    "ConditionalMeanNet",
     "FeatureImputer",
     "HintEncoder",
     "HintEncoders",
@@ -75,7 +78,9 @@ __all__ = [
     "lr_condition_image",
     "make_model_card",
     "modal_loss",
+    "multinomial_nll",
     "overall_loss",
+    "poisson_nll",
     "preset_config",
     "push_to_hub",
     "save_pretrained",
