@@ -1,4 +1,4 @@
-"""The ``c3diff`` command: ``demo``, ``predict`` and ``train``."""
+"""The ``c3diff`` command: ``demo``, ``predict``, ``train`` and ``fit``."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ c3diff super-resolves spatial transcriptomics with the paired H&E (C3-Diff).
   c3diff demo                      simulate a section and run the whole flow with the bundled demo model
   c3diff predict SECTION.zarr ...  super-resolve a SpatialData zarr and write the new layers into it
   c3diff train CONFIG.yaml         train a model from a config file
+  c3diff fit SECTION.zarr ...      fit a model on a real slide, supervised by its own spots (no 10 um truth)
 
 Run `c3diff COMMAND --help` for the options of each command. Errors are reported as one line; add --verbose for
 the full traceback and warnings with their source.
@@ -134,6 +135,31 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--max-time", type=float, default=None, help="stop after this many seconds")
     train.add_argument("--resume", default=None, help="'latest' or a checkpoint folder to continue")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    fit = sub.add_parser(
+        "fit",
+        parents=[verbose],
+        help="fit a model on a real slide, supervised by its own spots (no 10 um truth)",
+        description="Fit a model's conditional-mean stage on one slide with c3.tl.fit_slide: neighbouring spots are "
+        "pooled into pseudo-spots, and the model learns from the H&E where inside each 100 um pixel the counts go, "
+        "so that its expected map summed over each original spot's disc matches the spot's counts. Writes the model "
+        "folder (with a model card saying which slide it was fitted on) for `c3diff predict --model`.",
+    )
+    fit.add_argument("input", help="path of the SpatialData zarr store (H&E and a Visium / legacy-ST spot table)")
+    fit.add_argument("--table-key", required=True, help="spot table to fit on")
+    fit.add_argument("--out", required=True, help="model folder to write")
+    fit.add_argument("--image-key", default="hne", help="H&E image element (default: %(default)s)")
+    fit.add_argument("--genes", nargs="+", default=None,
+                     help="genes to fit (default: the table's 48 most variable genes)")
+    fit.add_argument("--pool", type=_positive_int, default=2,
+                     help="spots per side of a pooled block (default: %(default)s)")
+    fit.add_argument("--minutes", type=float, default=None, help="stop after this many minutes")
+    fit.add_argument("--steps", type=_positive_int, default=400,
+                     help="optimisation steps, unless --minutes runs out first (default: %(default)s)")
+    fit.add_argument("--model", "-m", default="tiny",
+                     help="start from this preset, model folder or Hub repo id (default: %(default)s)")
+    fit.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
+    fit.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
 
@@ -253,6 +279,26 @@ def _run_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_fit(args: argparse.Namespace) -> int:
+    from c3diff.tl import fit_slide
+
+    if args.minutes is not None and not args.minutes > 0:
+        raise UsageError(f"--minutes must be a positive number, got {args.minutes}.")
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError(f"--out {str(out)!r} already exists and is not an empty folder; choose a new folder.")
+    sdata = _read_store(Path(args.input), what="INPUT")
+    model = fit_slide(
+        sdata, args.image_key, table_key=args.table_key, genes=args.genes, pool=args.pool, model=args.model,
+        steps=args.steps, max_time=None if args.minutes is None else 60.0 * args.minutes, seed=args.seed,
+        progress=not args.quiet, output_dir=out,
+    )
+    history = model.fit_history
+    print(f"Fitted {len(model.genes)} genes in {len(history)} step(s) (loss {history[0]:.4f} -> {history[-1]:.4f}); "
+          f"model in {out}")
+    return 0
+
+
 def _run_demo(args: argparse.Namespace) -> int:
     from c3diff._demo import run_demo
 
@@ -309,7 +355,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    runners = {"demo": _run_demo, "predict": _run_predict, "train": _run_train}
+    runners = {"demo": _run_demo, "predict": _run_predict, "train": _run_train, "fit": _run_fit}
     verbose = bool(getattr(args, "verbose", False))
     with _console(verbose):
         try:
