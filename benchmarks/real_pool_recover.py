@@ -22,10 +22,17 @@ on a 20 um superpixel lattice, averaged over each spot's disc), ``he_ridge`` (``
 a ridge regression of 12 H&E colour and texture features fitted to the pseudo-spot values) and ``c3diff_bicubic``
 (the pseudo-spots as a SpatialData from :func:`c3diff.io.spots_from_arrays`, per member spot, with a total-counts
 channel; :func:`c3diff.tl.super_resolve` with ``method="bicubic"`` and ``calibration="lr_pixel"`` at 10 um, read
-back at the spots by :func:`c3diff.tl.sample_at_spots` with ``normalize=True``). Each row's runtime is its
-method's mean seconds per section and pool factor (one prediction of all spots of a section).
+back at the spots by :func:`c3diff.tl.sample_at_spots` and normalised by the read-back total counts).
+``c3diff_fitted``: :func:`c3diff.tl.fit_slide` on those pseudo-spots and the H&E (it pools the pseudo-spots 2 x 2
+again for its own inputs and learns to predict the pseudo-spots; it never sees the original spots) for
+``--fit-seconds`` (default 180), then ``super_resolve`` of the pseudo-spots with the fitted model (its expected
+map, ``mode="mean"``, ``calibration="lr_pixel"``), read back and normalised as ``c3diff_bicubic``.
+``c3diff_fitted_calibrated``: the same counts at the spots, scaled per pseudo-spot and gene (and library) so that
+the spots pooled into a pseudo-spot sum to its measured counts. Each row's runtime is its method's mean seconds per
+section and pool factor (one prediction of all spots of a section; the shared fit counts in both fitted rows).
 
 Run:  OMP_NUM_THREADS=1 python benchmarks/real_pool_recover.py [--data DIR] [--sections B4 C2 ...] [--json PATH]
+[--pools 2 3] [--fit-seconds 180] [--methods ...]
 ``--data`` holds sections in the her2st layout (``<S>/<S>.tsv.gz``, ``<S>/<S>_selection.tsv`` or
 ``<S>/alignment_table_<S>.tsv``, one H&E ``.jpg`` in ``<S>/``), found at any depth; default ``../shared/data``
 next to the repository (the legacy-ST sections there: her2st B4 and C2, mouse olfactory bulb MOB1-MOB4). Writes
@@ -90,10 +97,13 @@ class Histology:
 
 @dataclass
 class Targets:
-    """The spots to predict: ``centres`` ``(m, 2)`` (x, y) um and their ``diameter`` (um)."""
+    """The spots to predict: ``centres`` ``(m, 2)`` (x, y) um and their ``diameter`` (um); ``pseudo_index`` ``(m,)``:
+    the pseudo-spot each spot was pooled into (-1 where its block was dropped), the measurement model of the
+    pseudo-spots (a pseudo-spot's counts are the sum of its members'), not their values."""
 
     centres: np.ndarray
     diameter: float
+    pseudo_index: np.ndarray | None = None
 
 
 # --- methods ------------------------------------------------------------------------------------------------------
@@ -230,32 +240,107 @@ def predict_c3diff_bicubic(pseudo: PseudoSpots, hne: Histology, targets: Targets
     """c3diff's bicubic baseline on the pseudo-spots, read back at the spots and normalised by its own library."""
     import c3diff as c3
 
-    genes = list(pseudo.genes) + [LIBRARY]
-    # counts per member spot on the member spots' diameter: the pseudo-spot's density in counts per um^2
-    per_member = np.column_stack([pseudo.counts, pseudo.library]) / pseudo.members[:, None]
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*not whole numbers.*")
-        sdata = c3.io.spots_from_arrays(
-            per_member, pseudo.centres, genes=genes, spot_diameter=pseudo.spot_diameter,
-            pitch=pseudo.spot_pitch * pseudo.pool, image=hne.rgb, pixel_size=hne.pixel_size,
-            obs={"total_counts": per_member[:, -1]},
-        )
+    sdata, genes = _pseudo_sdata(pseudo, hne)
     c3.tl.super_resolve(
         sdata, "hne", table_key="table", genes=genes, method="bicubic", calibration="lr_pixel", progress=False,
         key_added="super_resolved",
     )
+    return _normalised(_read_at_targets(sdata.images["super_resolved"], pseudo, targets, genes))
+
+
+def _read_at_targets(layer, pseudo: PseudoSpots, targets: Targets, genes: list[str]) -> np.ndarray:
+    """Counts ``(m, genes)`` of a super-resolved layer summed over each target spot's disc
+    (:func:`c3diff.tl.sample_at_spots`)."""
+    import c3diff as c3
+
     target = c3.io.spots_from_arrays(
         np.zeros((len(targets.centres), 1)), targets.centres, genes=["none"], spot_diameter=targets.diameter,
         pitch=pseudo.spot_pitch,
     )
-    target.images["super_resolved"] = sdata.images["super_resolved"]
+    target.images["layer"] = layer
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*lie partly off.*")
-        read = c3.tl.sample_at_spots(
-            target, "super_resolved", table_key="table", genes=list(pseudo.genes), normalize=True,
-            library_key=LIBRARY, target_sum=TARGET_SUM,
-        )
-    return np.asarray(read.X, dtype=np.float64)
+        read = c3.tl.sample_at_spots(target, "layer", table_key="table", genes=genes)
+    return np.asarray(read.layers["counts"], dtype=np.float64)
+
+
+#: Seconds of spot-supervised fitting per section and pool factor for the ``c3diff_fitted`` rows (``--fit-seconds``).
+FIT_SECONDS = FIT_SECONDS_DEFAULT = 180.0
+#: The fit of the current pseudo-spots, shared by the two ``c3diff_fitted`` rows: [pseudo-spots, counts, seconds].
+_FITTED: list = [None, None, 0.0]
+#: Seconds of shared work a method reused in its last call (added to its runtime by :func:`run_section`).
+_REUSED_SECONDS: list[float] = [0.0]
+
+
+def _pseudo_sdata(pseudo: PseudoSpots, hne: Histology):
+    """The pseudo-spots as spot data with the H&E and a total-counts channel: counts per member spot on the member
+    spots' disc (the pseudo-spot's density), array coordinates = the block index."""
+    import c3diff as c3
+
+    genes = list(pseudo.genes) + [LIBRARY]
+    per_member = np.column_stack([pseudo.counts, pseudo.library]) / pseudo.members[:, None]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*not whole numbers.*")
+        return c3.io.spots_from_arrays(
+            per_member, pseudo.centres, genes=genes, spot_diameter=pseudo.spot_diameter,
+            pitch=pseudo.spot_pitch * pseudo.pool, image=hne.rgb, pixel_size=hne.pixel_size,
+            obs={"total_counts": per_member[:, -1], "array_x": pseudo.block_index[:, 0],
+                 "array_y": pseudo.block_index[:, 1]},
+        ), genes
+
+
+def _fitted_counts(pseudo: PseudoSpots, hne: Histology, targets: Targets) -> tuple[np.ndarray, float]:
+    """c3diff fitted on the pseudo-spots (:func:`c3diff.tl.fit_slide`, which pools them again for its inputs), then
+    :func:`c3diff.tl.super_resolve` of the pseudo-spots with it (mode "mean", calibration "lr_pixel": the fitted
+    expected map), read back at the spots as counts ``(m, genes + library)``; cached per section and pool factor so
+    that both rows share one fit (its seconds are counted in each row)."""
+    import c3diff as c3
+
+    if _FITTED[0] is pseudo:
+        _REUSED_SECONDS[0] = _FITTED[2]
+        return _FITTED[1], _FITTED[2]
+    start = time.perf_counter()
+    sdata, genes = _pseudo_sdata(pseudo, hne)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*not whole numbers.*")
+        model = c3.tl.fit_slide(sdata, "hne", table_key="table", genes=genes, pool=2, steps=100_000,
+                                max_time=FIT_SECONDS, progress=False)
+        c3.tl.super_resolve(sdata, "hne", table_key="table", model=model, progress=False, key_added="fitted")
+    counts = _read_at_targets(sdata.images["fitted"], pseudo, targets, genes)
+    _FITTED[:] = [pseudo, counts, time.perf_counter() - start]
+    return _FITTED[1], _FITTED[2]
+
+
+def _normalised(counts: np.ndarray) -> np.ndarray:
+    """``log1p(genes / library * 1e4)`` of ``(m, genes + library)`` counts."""
+    library = np.maximum(counts[:, -1:], 1e-9)
+    return np.log1p(np.maximum(counts[:, :-1], 0.0) / library * TARGET_SUM)
+
+
+def predict_c3diff_fitted(pseudo: PseudoSpots, hne: Histology, targets: Targets) -> np.ndarray:
+    """c3diff fitted on the slide's pseudo-spots: its expected map read back at the spots, normalised by its own
+    predicted library."""
+    counts, _ = _fitted_counts(pseudo, hne, targets)
+    return _normalised(counts)
+
+
+def predict_c3diff_fitted_calibrated(pseudo: PseudoSpots, hne: Histology, targets: Targets) -> np.ndarray:
+    """``c3diff_fitted`` calibrated to the pseudo-spots: the predicted counts of the spots pooled into a pseudo-spot
+    are scaled, per gene and library, so that they sum to the pseudo-spot's measured counts (a data-consistency
+    projection at the pseudo-spot, as ``calibration="lr_pixel"`` is at the LR pixel); spots of dropped blocks keep
+    their prediction."""
+    counts, _ = _fitted_counts(pseudo, hne, targets)
+    counts = counts.copy()
+    if targets.pseudo_index is None:
+        raise ValueError("c3diff_fitted_calibrated needs `targets.pseudo_index` (which pseudo-spot each spot is in).")
+    owner = targets.pseudo_index
+    pooled = owner >= 0
+    measured = np.column_stack([pseudo.counts, pseudo.library])
+    sums = np.zeros_like(measured)
+    np.add.at(sums, owner[pooled], counts[pooled])
+    factor = np.where(sums > 0, measured / np.where(sums > 0, sums, 1.0), 1.0)
+    counts[pooled] *= factor[owner[pooled]]
+    return _normalised(counts)
 
 
 #: name -> function(pseudo-spots, H&E, target spots) -> (n_targets, n_genes) predicted log1p(CP10k) values.
@@ -266,6 +351,8 @@ METHODS: dict[str, Callable[[PseudoSpots, Histology, Targets], np.ndarray]] = {
     "tesla": predict_tesla,
     "he_ridge": predict_he_ridge,
     "c3diff_bicubic": predict_c3diff_bicubic,
+    "c3diff_fitted": predict_c3diff_fitted,
+    "c3diff_fitted_calibrated": predict_c3diff_fitted_calibrated,
 }
 
 
@@ -382,7 +469,7 @@ def score(truth: np.ndarray, pred: np.ndarray, block_id: np.ndarray, in_kept: np
     return float(np.nanmean(_pearson(truth, pred))), float(np.nanmean(_pearson(demean(truth), demean(pred))))
 
 
-def run_section(name: str, folder: Path, methods: list[str]) -> list[dict]:
+def run_section(name: str, folder: Path, methods: list[str], pools: tuple[int, ...] = POOLS) -> list[dict]:
     from scipy import sparse
 
     t0 = time.perf_counter()
@@ -404,16 +491,21 @@ def run_section(name: str, folder: Path, methods: list[str]) -> list[dict]:
     targets = Targets(centres=centres, diameter=diameter)
     print(f"{name}: {adata.n_obs} spots, {len(genes)} genes, loaded in {time.perf_counter() - t0:.0f} s", flush=True)
     records = []
-    for f in POOLS:
+    for f in pools:
         pseudo, block_id, in_kept = pool(adata, centres, library, genes, f, pitch=pitch, diameter=diameter)
+        kept_blocks = np.flatnonzero(np.bincount(block_id) >= 2)
+        new_index = np.full(block_id.max() + 1, -1)
+        new_index[kept_blocks] = np.arange(len(kept_blocks))
+        targets.pseudo_index = new_index[block_id]
         for method in methods:
             start = time.perf_counter()
+            _REUSED_SECONDS[0] = 0.0
             try:
                 pred = METHODS[method](pseudo, hne, targets)
                 error = None
             except Exception as err:  # noqa: BLE001 - a method that cannot run is recorded, not fatal
                 pred, error = None, f"{type(err).__name__}: {err}"
-            seconds = time.perf_counter() - start
+            seconds = time.perf_counter() - start + _REUSED_SECONDS[0]  # a shared fit counts in each row
             for gene_set, names in gene_sets.items():
                 columns = [genes.index(g) for g in names]
                 if pred is None:
@@ -434,6 +526,7 @@ def report(records: list[dict], sections: list[str], command: str) -> str:
     import pandas as pd
 
     frame = pd.DataFrame(records)
+    pools = sorted(set(frame["pool"]))
     lines = [
         "Pool and recover on real legacy-ST sections (issue 12 protocol): Pearson r and within-block r of each "
         "method's predictions at the original spots, mean over genes then over sections "
@@ -448,12 +541,12 @@ def report(records: list[dict], sections: list[str], command: str) -> str:
         n_sections = part["section"].nunique()
         title = "top 50 variable genes" if gene_set == "hvg" else f"breast panel ({n_sections} section(s))"
         lines += [f"**{title}**", "", "| method | " + " | ".join(
-            f"f={f} Pearson r | f={f} within-block r" for f in POOLS) + " | seconds |",
-                  "|---|" + "---|---|" * len(POOLS) + "---|"]
+            f"f={f} Pearson r | f={f} within-block r" for f in pools) + " | seconds |",
+                  "|---|" + "---|---|" * len(pools) + "---|"]
         for method in dict.fromkeys(part["method"]):
             rows = part[part["method"] == method]
             cells = []
-            for f in POOLS:
+            for f in pools:
                 per_section = rows[rows["pool"] == f].groupby("section")[["pearson", "within_block"]].mean()
                 cells += [f"{per_section['pearson'].mean():.3f}", f"{per_section['within_block'].mean():.3f}"]
             seconds = rows.groupby(["section", "pool"])["seconds"].first().mean()
@@ -469,19 +562,26 @@ def report(records: list[dict], sections: list[str], command: str) -> str:
 
 
 def main() -> None:
+    global FIT_SECONDS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
     parser.add_argument("--sections", nargs="*", default=None)
     parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--pools", nargs="*", type=int, default=list(POOLS), help="pool factors (default 2 3)")
+    parser.add_argument("--fit-seconds", type=float, default=FIT_SECONDS,
+                        help="seconds of fit_slide per section and pool factor for the c3diff_fitted rows")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=None, help="markdown output (default docs/benchmarks/...)")
     args = parser.parse_args()
+    FIT_SECONDS = args.fit_seconds
     sections = find_sections(args.data, args.sections)
     records = []
     for name, folder in sections.items():
-        records += run_section(name, folder, args.methods)
+        records += run_section(name, folder, args.methods, tuple(args.pools))
     command = "OMP_NUM_THREADS=1 python benchmarks/real_pool_recover.py" + (
-        f" --sections {' '.join(args.sections)}" if args.sections else "")
+        f" --sections {' '.join(args.sections)}" if args.sections else "") + (
+        f" --pools {' '.join(map(str, args.pools))}" if tuple(args.pools) != POOLS else "") + (
+        f" --fit-seconds {args.fit_seconds:g}" if args.fit_seconds != FIT_SECONDS_DEFAULT else "")
     text = report(records, list(sections), command)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
