@@ -23,8 +23,9 @@ a ridge regression of 12 H&E colour and texture features fitted to the pseudo-sp
 (the pseudo-spots as a SpatialData from :func:`c3diff.io.spots_from_arrays`, per member spot, with a total-counts
 channel; :func:`c3diff.tl.super_resolve` with ``method="bicubic"`` and ``calibration="lr_pixel"`` at 10 um, read
 back at the spots by :func:`c3diff.tl.sample_at_spots` and normalised by the read-back total counts).
-``c3diff_fitted``: :func:`c3diff.tl.fit_slide` on those pseudo-spots and the H&E (it pools the pseudo-spots 2 x 2
-again for its own inputs and learns to predict the pseudo-spots; it never sees the original spots) for
+``c3diff_fitted``: :func:`c3diff.tl.fit_slide` on those pseudo-spots (each a disc ``f`` times the spot diameter,
+the area of its ``f x f`` member discs) and the H&E (it pools the pseudo-spots 2 x 2 again for its own inputs and
+learns to predict the pseudo-spots; it never sees the original spots) for
 ``--fit-seconds`` (default 180), then ``super_resolve`` of the pseudo-spots with the fitted model (its expected
 map, ``mode="mean"``, ``calibration="lr_pixel"``), read back and normalised as ``c3diff_bicubic``.
 ``c3diff_fitted_calibrated``: the same counts at the spots, scaled per pseudo-spot and gene (and library) so that
@@ -272,17 +273,22 @@ _FITTED: list = [None, None, 0.0]
 _REUSED_SECONDS: list[float] = [0.0]
 
 
-def _pseudo_sdata(pseudo: PseudoSpots, hne: Histology):
-    """The pseudo-spots as spot data with the H&E and a total-counts channel: counts per member spot on the member
-    spots' disc (the pseudo-spot's density), array coordinates = the block index."""
+def _pseudo_sdata(pseudo: PseudoSpots, hne: Histology, *, block_disc: bool = False):
+    """The pseudo-spots as spot data with the H&E and a total-counts channel, array coordinates = the block index.
+
+    Each pseudo-spot keeps its members' density (counts per um^2 of spot): by default as counts per member spot on
+    the member spots' disc; with ``block_disc`` as a disc ``pool`` times wider (the area of the ``pool x pool``
+    member discs) holding ``pool**2`` members' worth, so that a footprint at the pseudo-spot's centre (which lies
+    between its members) overlaps the members instead of the gap between them."""
     import c3diff as c3
 
     genes = list(pseudo.genes) + [LIBRARY]
-    per_member = np.column_stack([pseudo.counts, pseudo.library]) / pseudo.members[:, None]
+    widen = pseudo.pool if block_disc else 1
+    per_member = np.column_stack([pseudo.counts, pseudo.library]) / pseudo.members[:, None] * widen**2
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*not whole numbers.*")
         return c3.io.spots_from_arrays(
-            per_member, pseudo.centres, genes=genes, spot_diameter=pseudo.spot_diameter,
+            per_member, pseudo.centres, genes=genes, spot_diameter=pseudo.spot_diameter * widen,
             pitch=pseudo.spot_pitch * pseudo.pool, image=hne.rgb, pixel_size=hne.pixel_size,
             obs={"total_counts": per_member[:, -1], "array_x": pseudo.block_index[:, 0],
                  "array_y": pseudo.block_index[:, 1]},
@@ -290,7 +296,8 @@ def _pseudo_sdata(pseudo: PseudoSpots, hne: Histology):
 
 
 def _fitted_counts(pseudo: PseudoSpots, hne: Histology, targets: Targets) -> tuple[np.ndarray, float]:
-    """c3diff fitted on the pseudo-spots (:func:`c3diff.tl.fit_slide`, which pools them again for its inputs), then
+    """c3diff fitted on the pseudo-spots (:func:`c3diff.tl.fit_slide`, which pools them again for its inputs; each
+    pseudo-spot a disc of the area of its block's member discs, see :func:`_pseudo_sdata`), then
     :func:`c3diff.tl.super_resolve` of the pseudo-spots with it (mode "mean", calibration "lr_pixel": the fitted
     expected map), read back at the spots as counts ``(m, genes + library)``; cached per section and pool factor so
     that both rows share one fit (its seconds are counted in each row)."""
@@ -300,7 +307,7 @@ def _fitted_counts(pseudo: PseudoSpots, hne: Histology, targets: Targets) -> tup
         _REUSED_SECONDS[0] = _FITTED[2]
         return _FITTED[1], _FITTED[2]
     start = time.perf_counter()
-    sdata, genes = _pseudo_sdata(pseudo, hne)
+    sdata, genes = _pseudo_sdata(pseudo, hne, block_disc=True)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*not whole numbers.*")
         model = c3.tl.fit_slide(sdata, "hne", table_key="table", genes=genes, pool=2, steps=100_000,
