@@ -180,3 +180,12 @@ def test_cli_fit_writes_a_model_folder(section, tmp_path, capsys):
                  "--out", str(tmp_path / "m"), "--quiet"]) == 0
     assert "model in" in capsys.readouterr().out
     assert c3.models.from_pretrained(str(tmp_path / "m")).config.mean_fitted is True
+
+
+def test_same_seed_same_fit(section):
+    import torch
+
+    a, b = (c3.tl.fit_slide(section, "hne", table_key="visium_table", genes=GENES[:2], steps=2, seed=3, progress=False)
+            for _ in range(2))
+    assert a.fit_history == b.fit_history
+    assert all(torch.equal(x, y) for x, y in zip(a.mean_net.parameters(), b.mean_net.parameters(), strict=True))

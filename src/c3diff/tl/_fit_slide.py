@@ -365,6 +365,7 @@ def fit_slide(
             f"give {len(pooled.counts)} pseudo-spot(s) of {pool}x{pool} blocks with >= 2 spots; fit_slide needs at "
             f"least {MIN_PSEUDO_SPOTS}. Use a smaller `pool` or a larger section."
         )
+    torch.manual_seed(seed)  # a fresh preset's initialisation
     start_model, start_name = _start_model(model, list(genes))
 
     # --- inputs: histology at 10 um, the pseudo-spots' LR raster on the same corner -------------------------------
@@ -397,12 +398,12 @@ def fit_slide(
         for c in range(0, max(hist_grid.width - size, 0) + lr_factor, lr_factor):
             inside = (sy - r_px >= r) & (sy + r_px <= r + size) & (sx - r_px >= c) & (sx + r_px <= c + size)
             inside &= (sy + r_px <= hist_grid.height) & (sx + r_px <= hist_grid.width)
-            if inside.sum() >= 2 and tissue[r : r + size, c : c + size].any():
+            if inside.any() and tissue[r : r + size, c : c + size].any():
                 origins.append((r, c, np.flatnonzero(inside)))
     if not origins:
         raise ValueError(
-            f"No {size * hist_px:g} um tile of `image_key={image_key!r}` holds two whole spots of "
-            f"`table_key={table_key!r}` on tissue: check that the spots and the H&E are registered."
+            f"No {size * hist_px:g} um tile of `image_key={image_key!r}` holds a whole spot of "
+            f"`table_key={table_key!r}` ({diameter:g} um) on tissue: check that the spots and the H&E are registered."
         )
 
     def window(array: np.ndarray, row: int, col: int, n: int, fill: float) -> np.ndarray:
@@ -411,7 +412,6 @@ def fit_slide(
         return np.pad(part, pad, mode="constant", constant_values=fill)
 
     # --- optimisation ---------------------------------------------------------------------------------------------
-    torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     fitted = start_model
     fitted.train()
