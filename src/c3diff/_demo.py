@@ -44,8 +44,8 @@ def run_demo(
     output: Path,
     seed: int = 1000,
     size: float = 1920.0,
-    steps: int = 10,
-    n_samples: int = 4,
+    steps: int = 5,
+    n_samples: int = 2,
     model: str | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:

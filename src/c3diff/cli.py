@@ -70,10 +70,10 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=1000, help="seed of the simulated section (default: %(default)s)")
     demo.add_argument("--size", type=float, default=1920.0,
                       help="edge of the simulated square section in micrometres (default: %(default)s)")
-    demo.add_argument("--steps", type=_positive_int, default=10,
+    demo.add_argument("--steps", type=_positive_int, default=5,
                       help="DDIM steps of the residual samples behind the 10x uncertainty layer (default: "
                            "%(default)s)")
-    demo.add_argument("--samples", type=_non_negative_int, default=4,
+    demo.add_argument("--samples", type=_non_negative_int, default=2,
                       help="mean + residual samples drawn at 10x for the uncertainty layer; 0 = the conditional "
                            "mean alone (a model without a mean stage averages this many samples; default: "
                            "%(default)s)")
