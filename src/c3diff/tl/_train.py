@@ -584,6 +584,8 @@ def train(
 
     formulation = net.config.get("formulation", "paper")
     stages = STAGES[formulation]
+    if net.config.get("mean_fitted", False) and "mean" in stages:
+        stages = tuple(s for s in stages if s != "mean")  # a fitted mean is kept: only its residual trains
     show = progress and accelerator.is_main_process
     net.to(accelerator.device)
     val_loader = None
@@ -612,7 +614,8 @@ def train(
             return None
         return max_time * mean_time_fraction if stage == "mean" else max_time
 
-    for stage in stages[stages.index(state["stage"]):]:
+    first_stage = stages.index(state["stage"]) if state["stage"] in stages else 0
+    for stage in stages[first_stage:]:
         if state["stage"] != stage:  # a new stage: fresh progress counters, the step count runs on
             state.update(stage=stage, epoch=0, step_in_epoch=0, stage_step=0)
         fresh = resume_state is None or resume_state.get("stage") != stage
@@ -724,8 +727,10 @@ def train(
         last_stage = stage == stages[-1]
         finished = (max_steps is not None and state["global_step"] >= max_steps) or (
             max_time is not None and time.perf_counter() - start_time >= max_time)
-        if stage == "mean" and (best_dir / "config.json").exists():
-            _restore_weights(net, best_dir)  # the residual stage refines the best mean, not the last
+        if stage == "mean" and not finished:  # (stopped by the run's budget, the mean stage continues on resume)
+            if (best_dir / "config.json").exists():
+                _restore_weights(net, best_dir)  # the residual stage refines the best mean, not the last
+            net.register_to_config(mean_fitted=True)
         if not last_stage and not finished:
             state.update(stage=stages[stages.index(stage) + 1], epoch=0, step_in_epoch=0, stage_step=0)
             resume_state = None
