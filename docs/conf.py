@@ -94,7 +94,7 @@ html_static_path = ["_static"] if (HERE / "_static").is_dir() else []
 html_show_sourcelink = False
 
 # -- Pages made at build time ------------------------------------------------------------------------------------
-CLI_COMMANDS = ("", "demo", "predict", "train")
+CLI_COMMANDS = ("", "demo", "predict", "train", "fit")
 CLI_DIR = HERE / "api" / "generated" / "cli"
 TUTORIAL_SOURCE = ROOT / "tutorials" / "c3diff_tutorial.ipynb"
 TUTORIAL_COPY = HERE / "tutorials" / "c3diff_tutorial.ipynb"
