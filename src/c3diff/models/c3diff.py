@@ -150,7 +150,7 @@ class C3DiffModel(ModelMixin, ConfigMixin):
         :func:`~c3diff.models.from_ldm`); :func:`c3diff.tl.train` pretrains it (:meth:`fit_backbone`) when not.
     formulation
         ``"paper"``: the diffusion generates the whole normalised HR map (the paper). ``"residual"``: a
-        deterministic conditional-mean stage (:class:`~c3diff.models.conditional_mean.ConditionalMeanNet`, on the
+        deterministic conditional-mean stage (:class:`~c3diff.models.ConditionalMeanNet`, on the
         same hint) predicts where each LR pixel's counts go, and the ControlNet diffusion models only the residual
         (truth minus mean, in within-LR-pixel share units), with the mean's share map as an extra hint; a sample is
         mean + sampled residual (CorrDiff's regression-then-residual-diffusion pattern).
@@ -766,9 +766,9 @@ class C3DiffModel(ModelMixin, ConfigMixin):
         batch
             As for :meth:`compute_losses`, plus ``"hr_counts"`` ``(B, 1, H, H)``: the observed counts.
         loss
-            ``"multinomial"``: :func:`~c3diff.models.conditional_mean.multinomial_nll` of the counts inside each LR
+            ``"multinomial"``: :func:`~c3diff.models.multinomial_nll` of the counts inside each LR
             pixel given its total (calibrated, exactly LR-consistent). ``"poisson"``:
-            :func:`~c3diff.models.conditional_mean.poisson_nll` of rates relative to the LR pixel's density.
+            :func:`~c3diff.models.poisson_nll` of rates relative to the LR pixel's density.
         generator
             Seeds the feature augmentation.
         """
