@@ -33,7 +33,7 @@ def _dark_share(model, batch, dark) -> float:
     model.eval()
     with torch.no_grad():
         histology, lr, gene_index, missing = model._check_batch(batch)
-        log_shares, _, _ = model._mean_and_hint(histology, lr, gene_index, missing)
+        _, _, log_shares = model._hint(histology, lr, gene_index, missing, contrastive=False, with_mean=True)
     model.train()
     shares = log_shares.exp()
     return float((shares * dark).sum() / shares.sum())

@@ -25,6 +25,7 @@ from c3diff.models.conditional_mean import (
     ConditionalMeanNet,
     block_log_softmax,
     block_pixel_counts,
+    block_totals,
     multinomial_nll,
     poisson_nll,
     pool_log_shares,
@@ -167,11 +168,11 @@ class C3DiffModel(ModelMixin, ConfigMixin):
     >>> import torch, c3diff
     >>> model = c3diff.models.build_model("tiny", genes=["EPCAM", "PTPRC"])
     >>> batch = {"histology": torch.rand(4, 3, 64, 64), "lr": torch.rand(4, 1, 7, 7),
-    ...          "hr": torch.rand(4, 1, 64, 64) * 2 - 1, "gene_index": torch.tensor([0, 1, 0, 1]),
-    ...          "lr_missing": torch.tensor([False, False, False, True])}
-    >>> losses = model.compute_losses(batch, generator=torch.Generator().manual_seed(0))
+    ...          "hr": torch.rand(4, 1, 64, 64) * 2 - 1, "hr_counts": torch.poisson(torch.ones(4, 1, 64, 64)),
+    ...          "gene_index": torch.tensor([0, 1, 0, 1]), "lr_missing": torch.tensor([False, False, False, True])}
+    >>> losses = model.compute_mean_losses(batch, generator=torch.Generator().manual_seed(0))
     >>> sorted(losses.as_dict())
-    ['content', 'inter_sphere', 'modal', 'mse', 'total']
+    ['content', 'inter_sphere', 'mean', 'modal', 'mse', 'total']
     >>> mean, std = model.predict(torch.rand(1, 3, 64, 64), torch.rand(1, 2, 7, 7), num_inference_steps=2)
     >>> tuple(mean.shape), std is None
     ((1, 2, 64, 64), True)
@@ -397,7 +398,7 @@ class C3DiffModel(ModelMixin, ConfigMixin):
         --------
         >>> import c3diff
         >>> model = c3diff.models.build_model("tiny", genes=["A"])
-        >>> n = sum(p.numel() for p in model.trainable_parameters())
+        >>> n = sum(p.numel() for stage in ("mean", "diffusion") for p in model.trainable_parameters(stage))
         >>> n == sum(p.numel() for p in model.parameters() if p.requires_grad)
         True
         """
@@ -677,12 +678,17 @@ class C3DiffModel(ModelMixin, ConfigMixin):
         *,
         generator: torch.Generator | None = None,
         contrastive: bool = True,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The ControlNet hint of a training batch (one item per tile) and the contrastive losses."""
+        with_mean: bool = False,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
+        """The ControlNet hint of a training batch (one item per tile), the contrastive losses and, ``with_mean``,
+        the mean's log-shares (see :meth:`mean_log_shares`) from the same features."""
         h_hint, st_hint, inverse, losses, _ = self._features(histology, lr, gene_index, missing,
                                                              generator=generator, contrastive=contrastive)
         hint = self.hint_encoders.assemble(h_hint.expand(inverse), st_hint, gene_index, num_genes=self.num_genes)
-        return hint, losses
+        log_shares = None
+        if with_mean:
+            log_shares = self.mean_log_shares(self.mean_logits(h_hint, histology, st_hint, lr, gene_index, inverse))
+        return hint, losses, log_shares
 
     def _require_mean(self) -> ConditionalMeanNet:
         if self.mean_net is None:
@@ -746,10 +752,15 @@ class C3DiffModel(ModelMixin, ConfigMixin):
         The LR value is floored at 1e-3 so that an LR pixel at the tile's minimum keeps its predicted pattern through
         the calibration that maps these values to counts.
         """
+        return self.shares_in_lr_units(share_map(log_shares, self.output_block(scale)), lr, scale)
+
+    def shares_in_lr_units(self, shares: torch.Tensor, lr: torch.Tensor, scale: int | None = None) -> torch.Tensor:
+        """Share maps ``n_L pi_p`` (or samples of them) ``(B, 1, H, H)`` times each LR pixel's normalised value
+        (floored at 1e-3, see :meth:`expected_map`)."""
         block = self.output_block(scale)
-        size = log_shares.shape[-1]
+        size = shares.shape[-1]
         lr_block = lr.clamp_min(1e-3).repeat_interleave(block, dim=-2).repeat_interleave(block, dim=-1)
-        return share_map(log_shares, block) * lr_block[..., :size, :size]
+        return shares * lr_block[..., :size, :size]
 
     def compute_mean_losses(
         self,
@@ -788,7 +799,9 @@ class C3DiffModel(ModelMixin, ConfigMixin):
             factor = self.config.image_size // self.output_size()
             # rates add up over the factor x factor image pixels of an output pixel
             pooled = pool_log_shares(logits, factor) - 2 * math.log(factor)
-            nll = poisson_nll(pooled, counts, _block_density(counts, self.output_block()))
+            block = self.output_block()
+            density = block_totals(counts, block) / block_pixel_counts(*counts.shape[-2:], block, device=counts.device)
+            nll = poisson_nll(pooled, counts, density)
         weights = LossWeights(
             mse=0.0, modal=self.config.lambda_modal, content=self.config.lambda_content,
             inter_sphere=self.config.lambda_inter_sphere,
@@ -797,31 +810,14 @@ class C3DiffModel(ModelMixin, ConfigMixin):
         return LossOutput(total=out.total + nll, mse=out.mse, content=out.content, modal=out.modal,
                           inter_sphere=out.inter_sphere, mean=nll)
 
-    def _mean_and_hint(
-        self,
-        histology: torch.Tensor,
-        lr: torch.Tensor,
-        gene_index: torch.Tensor,
-        missing: torch.Tensor,
-        *,
-        generator: torch.Generator | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """Log-shares of the mean, the ControlNet hint and (zero) contrastive losses of a batch of items."""
-        h_hint, st_hint, inverse, losses, _ = self._features(histology, lr, gene_index, missing,
-                                                             generator=generator, contrastive=False)
-        logits = self.mean_logits(h_hint, histology, st_hint, lr, gene_index, inverse)
-        hint = self.hint_encoders.assemble(h_hint.expand(inverse), st_hint, gene_index, num_genes=self.num_genes)
-        return self.mean_log_shares(logits), hint, losses
-
     def residual_target(self, log_shares: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """What the residual diffusion learns: observed minus expected, in share units ``n_L y_p / Y_L - n_L pi_p``
         (0 in LR pixels without counts)."""
         block = self.output_block()
         expected = share_map(log_shares, block)
-        totals = _block_density(counts, block) * block_pixel_counts(*counts.shape[-2:], block, device=counts.device)
-        observed = torch.where(totals > 0, counts * block_pixel_counts(*counts.shape[-2:], block,
-                                                                     device=counts.device) / totals.clamp_min(1e-12),
-                               expected)
+        totals = block_totals(counts, block)
+        n_l = block_pixel_counts(*counts.shape[-2:], block, device=counts.device)
+        observed = torch.where(totals > 0, counts * n_l / totals.clamp_min(1e-12), expected)
         return observed - expected
 
     def _mean_hint(self, shares: torch.Tensor) -> torch.Tensor:
@@ -861,14 +857,14 @@ class C3DiffModel(ModelMixin, ConfigMixin):
         histology, lr, gene_index, missing = self._check_batch(batch)
         device = self.device
         if self.mean_net is None:
-            hint, contrastive = self._hint(histology, lr, gene_index, missing, generator=generator)
+            hint, contrastive, _ = self._hint(histology, lr, gene_index, missing, generator=generator)
             x0 = self.encode_images(self.target_image(batch["hr"].to(device)))
         else:
             if "hr_counts" not in batch:
                 raise KeyError("`batch` lacks 'hr_counts', which the residual diffusion needs.")
             with torch.no_grad():
-                log_shares, hint, contrastive = self._mean_and_hint(histology, lr, gene_index, missing,
-                                                                    generator=generator)
+                hint, contrastive, log_shares = self._hint(histology, lr, gene_index, missing,
+                                                           generator=generator, contrastive=False, with_mean=True)
                 residual = self.residual_target(log_shares, batch["hr_counts"].to(device, self.dtype))
                 hint = torch.cat([hint, self._mean_hint(share_map(log_shares, self.output_block()))], dim=1)
             x0 = self.encode_images(self.target_image(residual))
@@ -1066,16 +1062,6 @@ def _rebuild_model(cls, config, state, scheduler, training):
     name, scheduler_config = scheduler
     model.noise_scheduler = getattr(diffusers, name).from_config(scheduler_config)
     return model.train(training)
-
-
-def _block_density(counts: torch.Tensor, block: int) -> torch.Tensor:
-    """Each pixel's LR-cell total over the cell's visible pixels (``block x block`` cells anchored at (0, 0))."""
-    h, w = counts.shape[-2:]
-    ny, nx = -(-h // block), -(-w // block)
-    padded = F.pad(counts, (0, nx * block - w, 0, ny * block - h))
-    totals = F.avg_pool2d(padded, block) * block**2
-    totals = totals.repeat_interleave(block, dim=-2).repeat_interleave(block, dim=-1)[..., :h, :w]
-    return totals / block_pixel_counts(h, w, block, device=counts.device)
 
 
 def config_kwargs(config: Mapping[str, Any]) -> dict[str, Any]:

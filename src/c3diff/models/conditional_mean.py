@@ -22,7 +22,16 @@ import torch.nn.functional as F
 from diffusers import UNet2DModel
 from torch import nn
 
-__all__ = ["ConditionalMeanNet", "block_log_softmax", "multinomial_nll", "poisson_nll", "share_map"]
+__all__ = [
+    "ConditionalMeanNet",
+    "block_log_softmax",
+    "block_pixel_counts",
+    "block_totals",
+    "multinomial_nll",
+    "poisson_nll",
+    "pool_log_shares",
+    "share_map",
+]
 
 #: Floor of the LR image under the log prior (an LR pixel at the tile's minimum still gets a finite logit).
 _PRIOR_FLOOR = 1e-2
@@ -166,6 +175,23 @@ def block_pixel_counts(h: int, w: int, block: int, *, device: torch.device | Non
     rows = torch.clamp(h - torch.arange(h, device=device) // block * block, max=block)
     cols = torch.clamp(w - torch.arange(w, device=device) // block * block, max=block)
     return (rows[:, None] * cols[None, :]).float()
+
+
+def block_totals(counts: torch.Tensor, block: int) -> torch.Tensor:
+    """Each pixel's LR-cell total: the sum of ``counts`` over its ``block x block`` cell (cells anchored at (0, 0),
+    those cut by the edge summed over their visible pixels).
+
+    Examples
+    --------
+    >>> import torch
+    >>> block_totals(torch.arange(9.0).view(1, 1, 3, 3), 2)[0, 0].tolist()
+    [[8.0, 8.0, 7.0], [8.0, 8.0, 7.0], [13.0, 13.0, 8.0]]
+    """
+    h, w = counts.shape[-2:]
+    ny, nx = -(-h // block), -(-w // block)
+    padded = F.pad(counts, (0, nx * block - w, 0, ny * block - h))
+    totals = F.avg_pool2d(padded, block) * block**2
+    return totals.repeat_interleave(block, dim=-2).repeat_interleave(block, dim=-1)[..., :h, :w]
 
 
 def multinomial_nll(log_pi: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

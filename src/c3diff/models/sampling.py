@@ -87,7 +87,7 @@ def sample(
     >>> import torch, c3diff
     >>> model = c3diff.models.build_model("tiny", genes=["A", "B", "C"])
     >>> mean, std = sample(model, torch.rand(2, 3, 64, 64), torch.rand(2, 2, 7, 7), gene_indices=[2, 0],
-    ...                    num_inference_steps=2, n_samples=2, scale=5)
+    ...                    num_inference_steps=2, n_samples=2, scale=5, mode="sample")
     >>> tuple(mean.shape), tuple(std.shape)
     ((2, 2, 32, 32), (2, 2, 32, 32))
     """
@@ -173,10 +173,7 @@ def sample(
                 if residual:  # a sample: the mean's shares plus a sampled residual, never negative
                     images = _fit_output(images, model)
                     images = (shares.repeat_interleave(n_samples, dim=0) + images).clamp_min(0.0)
-                    block = model.output_block()
-                    lr_block = lr_maps.clamp_min(1e-3).repeat_interleave(block, -2).repeat_interleave(block, -1)
-                    images = images * lr_block[..., : images.shape[-2], : images.shape[-1]].repeat_interleave(
-                        n_samples, dim=0)
+                    images = model.shares_in_lr_units(images, lr_maps.repeat_interleave(n_samples, dim=0))
                     images = _to_scale(images, model, scale)
                 elif scale == 5:
                     images = F.avg_pool2d(images, 2)

@@ -349,7 +349,7 @@ def _stage_maps(net: C3DiffModel, patches: PatchSet, *, genes: list[str], seed: 
             items = [dataset[index[(int(p), int(g))]] for p, g in pairs[start : start + 64]]
             batch = torch.utils.data.default_collate(items)
             histology, lr, gene_index, missing = net._check_batch(batch)
-            log_shares, _, _ = net._mean_and_hint(histology, lr, gene_index, missing)
+            _, _, log_shares = net._hint(histology, lr, gene_index, missing, contrastive=False, with_mean=True)
             maps.append(net.residual_target(log_shares, batch["hr_counts"].to(net.device, net.dtype)).cpu())
     net.train(was_training)
     return torch.cat(maps)
