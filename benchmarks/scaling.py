@@ -94,7 +94,8 @@ def main() -> None:
     lines = [
         "### Whole-slide scaling (`benchmarks/scaling.py`)",
         "",
-        f"`c3.tl.super_resolve` with the tiny preset ({args.genes} genes, its conditional mean (one forward pass per tile and gene batch), 64 px tiles, "
+        f"`c3.tl.super_resolve` with the tiny preset ({args.genes} genes, its conditional mean (one forward pass per "
+        "tile and gene batch), 64 px tiles, "
         "output streamed to zarr), each size in a fresh process reading the section lazily from zarr.",
         "",
         "| area | section (mm) | tissue (mm^2) | tiles | time (s) | s / tile | peak memory above start (MiB) |",
