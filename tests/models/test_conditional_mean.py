@@ -61,7 +61,9 @@ def test_likelihoods_prefer_the_true_placement():
 
 def test_mean_stage_learns_a_histology_pattern_the_lr_cannot_give():
     torch.manual_seed(0)
-    model = c3diff.models.build_model("tiny", genes=["A", "B"])
+    # without the darkness prior, which would already put the counts on the dark pixels: this tests learning
+    config = {**c3diff.models.PRESETS["tiny"]["mean_net_config"], "histology_prior": False}
+    model = c3diff.models.build_model("tiny", genes=["A", "B"], mean_net_config=config)
     generator = torch.Generator().manual_seed(0)
     held_out, held_dark = _toy_batch(torch.Generator().manual_seed(99))
     before = _dark_share(model, held_out, held_dark)
@@ -76,6 +78,27 @@ def test_mean_stage_learns_a_histology_pattern_the_lr_cannot_give():
     after = _dark_share(model, held_out, held_dark)
     assert before < 0.45  # the bicubic prior spreads counts over dark and light pixels alike (30 % dark)
     assert after > 0.55, (before, after)  # most of each LR pixel's count now sits on the dark pixels
+
+
+def test_histology_prior_starts_from_bicubic_times_squared_darkness():
+    torch.manual_seed(0)
+    model = c3diff.models.build_model("tiny", genes=["A", "B"])
+    batch, dark = _toy_batch(torch.Generator().manual_seed(3))
+    # an untrained model already puts most of each LR pixel's count on the dark pixels (30 % of them)
+    assert _dark_share(model, batch, dark) > 0.8
+    net = model.mean_net
+    gene_index = torch.tensor([0, 1])
+    histology, lr_image = batch["histology"][:2], torch.rand(2, 1, 64, 64)
+    width = net.head_mid.in_channels
+    features = torch.randn(2, width, 16, 16)
+    st = torch.randn(2, net.head_in.in_channels - width - 4 * net.fold**2, 16, 16)
+    logits = net.head(features, st, lr_image, gene_index, histology)
+    darkness = 1 - histology.mean(dim=1, keepdim=True)
+    expected = torch.log(lr_image + 1e-2) + 2 * torch.log(darkness.clamp_min(1e-2))
+    torch.testing.assert_close(logits, expected)  # the learned correction and exponent start at 0 and 2
+    # the exponent is per gene and trainable: a gene can learn to follow the cells more, less, or avoid them
+    assert net.prior_exponent.weight.shape == (2, 1)
+    assert any(p is net.prior_exponent.weight for p in model.trainable_parameters("mean"))
 
 
 def test_mean_is_lr_consistent_and_deterministic():

@@ -157,7 +157,9 @@ class C3DiffModel(ModelMixin, ConfigMixin):
         mean + sampled residual (CorrDiff's regression-then-residual-diffusion pattern).
     mean_net_config
         ``"residual"`` only: ``block_out_channels``, ``layers_per_block`` and ``norm_num_groups`` of the mean
-        network's histology trunk (a U-Net) and ``head_channels``, the width of its gene head.
+        network's histology trunk (a U-Net), ``head_channels``, the width of its gene head, and ``histology_prior``
+        (start the logits from bicubic times the squared H&E darkness, with a learned exponent per gene; see
+        :class:`~c3diff.models.ConditionalMeanNet`).
     mean_fitted
         Whether the conditional-mean stage has been trained; :func:`c3diff.tl.train` trains it first when not.
     training_data
@@ -295,7 +297,7 @@ class C3DiffModel(ModelMixin, ConfigMixin):
         if formulation == "residual":
             mean_net_config = {"block_out_channels": [32, 64], "layers_per_block": 1, "norm_num_groups": 8,
                                "head_channels": 32, **dict(mean_net_config or {})}
-            allowed = {"block_out_channels", "layers_per_block", "norm_num_groups", "head_channels"}
+            allowed = {"block_out_channels", "layers_per_block", "norm_num_groups", "head_channels", "histology_prior"}
             unknown = sorted(set(mean_net_config) - allowed)
             if unknown:
                 raise ValueError(f"`mean_net_config` has unknown entries {unknown}; use {sorted(allowed)}.")

@@ -9,8 +9,8 @@ once per tile and a light gene head once per (tile, gene), so predicting many ge
 learns only the placement that per-LR-pixel calibration leaves open (the method page, "Conditional mean").
 
 Count likelihoods (:func:`multinomial_nll`, :func:`poisson_nll`) train it on observed 10 um (or 20 um) counts. The
-logits start from the log of the bicubic LR image, so an untrained network already spreads each count like bicubic
-interpolation and training learns the histology's correction.
+logits start from the log of the bicubic LR image (times the squared darkness of the H&E with ``histology_prior``),
+so an untrained network already spreads each count like a simple baseline and training learns the correction.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ __all__ = [
     "block_log_softmax",
     "block_pixel_counts",
     "block_totals",
+    "log_darkness",
     "multinomial_nll",
     "poisson_nll",
     "pool_log_shares",
@@ -35,6 +36,26 @@ __all__ = [
 
 #: Floor of the LR image under the log prior (an LR pixel at the tile's minimum still gets a finite logit).
 _PRIOR_FLOOR = 1e-2
+#: Floor of the H&E darkness under the histology prior (white background keeps a finite logit).
+_DARKNESS_FLOOR = 1e-2
+#: Initial exponent of the histology prior: counts spread like the squared darkness of the H&E (a one-line heuristic
+#: that places counts where the nuclei are and beats bicubic on the benchmarks).
+_PRIOR_EXPONENT_INIT = 2.0
+
+
+def log_darkness(histology: torch.Tensor) -> torch.Tensor:
+    """``log(1 - mean RGB)`` of an H&E batch ``(B, 3, S, S)`` in [0, 1], floored: ``(B, 1, S, S)``.
+
+    Dark pixels are nuclei, so darkness is a proxy of cell density: where a spot's counts most likely come from.
+
+    Examples
+    --------
+    >>> import torch
+    >>> x = log_darkness(torch.tensor([0.0, 0.5, 1.0]).view(1, 3, 1, 1).expand(1, 3, 1, 2))
+    >>> [round(v, 4) for v in x.exp().flatten().tolist()]
+    [0.5, 0.5]
+    """
+    return torch.log((1 - histology.mean(dim=1, keepdim=True)).clamp_min(_DARKNESS_FLOOR))
 
 
 class ConditionalMeanNet(nn.Module):
@@ -59,6 +80,11 @@ class ConditionalMeanNet(nn.Module):
         The trunk U-Net's width, depth and GroupNorm groups (plain blocks, no attention).
     head_channels
         Width of the trunk's output and of the gene head.
+    histology_prior
+        Add ``a_g log(darkness)`` to the logits, with a learned exponent ``a_g`` per gene starting at 2: an untrained
+        network then spreads each count like bicubic interpolation times the squared darkness of the H&E, and
+        training learns the correction (and how strongly each gene follows the cells). ``False`` keeps the bicubic
+        prior alone (models saved before this option).
 
     Examples
     --------
@@ -83,9 +109,14 @@ class ConditionalMeanNet(nn.Module):
         layers_per_block: int = 1,
         norm_num_groups: int = 8,
         head_channels: int = 32,
+        histology_prior: bool = False,
     ) -> None:
         super().__init__()
         self.fold = int(fold)
+        self.prior_exponent = None
+        if histology_prior:
+            self.prior_exponent = nn.Embedding(num_genes, 1)
+            nn.init.constant_(self.prior_exponent.weight, _PRIOR_EXPONENT_INIT)
         n = len(block_out_channels)
         self.trunk_unet = UNet2DModel(
             in_channels=histology_hint_channels + 3 * self.fold**2,
@@ -130,7 +161,11 @@ class ConditionalMeanNet(nn.Module):
                        F.pixel_unshuffle(histology * 2 - 1, self.fold)], dim=1)
         h = self.head_out(F.silu(self.head_mid(F.silu(self.head_in(h)))))
         correction = F.pixel_shuffle(h, self.fold) if self.fold > 1 else h
-        return correction + torch.log(lr_image.clamp_min(0) + _PRIOR_FLOOR)
+        prior = torch.log(lr_image.clamp_min(0) + _PRIOR_FLOOR)
+        if self.prior_exponent is not None:
+            exponents = self.prior_exponent(gene_index)[:, :, None, None]
+            prior = prior + (exponents * log_darkness(histology)).sum(dim=1, keepdim=True)
+        return correction + prior
 
 
 def block_log_softmax(logits: torch.Tensor, block: int) -> torch.Tensor:
