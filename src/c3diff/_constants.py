@@ -46,6 +46,10 @@ VISIUM_PITCH = 100.0
 LEGACY_ST_SPOT_DIAMETER = 100.0
 LEGACY_ST_PITCH = 200.0
 
+#: Values of the coverage mask written next to an LR grid (``{lr_key}_mask``): outside every spot, under a measured
+#: spot, filled from neighbouring spots (:func:`c3diff.pp.spots_to_grid`).
+MASK_OUTSIDE, MASK_MEASURED, MASK_FILLED = 0, 1, 2
+
 #: Immune cell types of the cell-type map (METHOD.md section 8), in the paper's order.
 IMMUNE_TYPES = (
     "B cell",

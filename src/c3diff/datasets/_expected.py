@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from c3diff._constants import Key
-from c3diff._validation import check_genes, get_element, raster_geometry, scale0
+from c3diff._geometry import grid_for, raster_geometry, scale0
+from c3diff._validation import check_genes, get_element
 
 if TYPE_CHECKING:  # pragma: no cover
     from spatialdata import SpatialData
@@ -92,7 +93,6 @@ def expected_counts(
 
     from c3diff.datasets._celltypes import CELL_TYPES
     from c3diff.datasets._expression import CYTOPLASM_TRIES, NUCLEUS_FILL, VACUOLE_INNER, nucleus_share
-    from c3diff.pp._binning import grid_for
 
     if isinstance(pixel_size, bool) or not isinstance(pixel_size, int | float | np.number) \
             or not math.isfinite(pixel_size) or pixel_size <= 0:

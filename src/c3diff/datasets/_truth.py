@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from c3diff._constants import ATTRS_KEY, COORDINATE_SYSTEM, Key
-from c3diff._validation import get_element, raster_geometry, scale0
+from c3diff._geometry import raster_geometry, scale0
+from c3diff._validation import get_element
 
 if TYPE_CHECKING:  # pragma: no cover
     import xarray as xr

@@ -12,7 +12,8 @@ import numpy as np
 
 from c3diff._constants import ATTRS_KEY, COORDINATE_SYSTEM, RGB_CHANNELS, Key
 from c3diff._provenance import _plain
-from c3diff._validation import RasterGeometry, hne_to_uint8
+from c3diff._geometry import RasterGeometry
+from c3diff._validation import hne_to_uint8
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd

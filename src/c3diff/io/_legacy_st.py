@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from c3diff._constants import LEGACY_ST_PITCH, LEGACY_ST_SPOT_DIAMETER, Key
-from c3diff._validation import check_counts, raster_geometry
+from c3diff._geometry import raster_geometry
+from c3diff._validation import check_counts
 from c3diff.io._common import (
     build_sdata,
     check_on_image,

@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 from c3diff._constants import HISTOLOGY_PIXEL_SIZE, VISIUM_PITCH, VISIUM_SPOT_DIAMETER, Key
-from c3diff._validation import check_counts, raster_geometry
+from c3diff._geometry import raster_geometry
+from c3diff._validation import check_counts
 from c3diff.io._common import (
     as_rgb,
     build_sdata,

@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from c3diff._constants import COORDINATE_SYSTEM, Key
-from c3diff._validation import check_counts, raster_geometry
+from c3diff._geometry import raster_geometry
+from c3diff._validation import check_counts
 from c3diff.io._common import (
     as_rgb,
     IMAGE_CHUNK,

@@ -15,8 +15,17 @@ Examples
 """
 
 from c3diff.metrics._maps import pcc, rmse, score_maps, ssim, summarize_scores
-from c3diff.metrics._spots import aggregate_to_spots, lr_consistency, sum_over_spots
+from c3diff.metrics._spots import aggregate_to_spots, compare_spots, lr_consistency, spot_footprint, sum_over_spots
 
 __all__ = [
-    "aggregate_to_spots", "lr_consistency", "pcc", "rmse", "score_maps", "ssim", "sum_over_spots", "summarize_scores",
+    "aggregate_to_spots",
+    "compare_spots",
+    "lr_consistency",
+    "pcc",
+    "rmse",
+    "score_maps",
+    "spot_footprint",
+    "ssim",
+    "sum_over_spots",
+    "summarize_scores",
 ]

@@ -242,6 +242,7 @@ def score_maps(
     genes: Sequence[str],
     mask: np.ndarray | None = None,
     normalize: bool = True,
+    warn: bool = True,
 ) -> pd.DataFrame:
     """RMSE, PCC and SSIM for every (item, gene): the paper's per patch-gene scores.
 
@@ -256,6 +257,9 @@ def score_maps(
         Boolean pixels to score: ``(height, width)`` for all items, or ``(n_items, height, width)``.
     normalize
         Min-max each map to [0, 1] before the RMSE (see :func:`rmse`).
+    warn
+        Warn about skipped maps (their count). Pass ``False`` when scoring many pieces of one map and counting the
+        ``status`` column afterwards, as :func:`c3diff.tl.evaluate` does per tile.
 
     Returns
     -------
@@ -273,7 +277,8 @@ def score_maps(
     [[0.0, 1.0, 1.0]]
     """
     frame, status = _score_frame(pred, truth, genes=genes, mask=mask, normalize=normalize)
-    _warn_skipped(status, "score_maps")
+    if warn:
+        _warn_skipped(status, "score_maps")
     return frame
 
 

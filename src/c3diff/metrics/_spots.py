@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from c3diff._validation import RasterGeometry
+from c3diff._geometry import RasterGeometry
 from c3diff.metrics._maps import SCORED, _as_maps, _pcc, _rmse, _status, _warn_skipped
 
 
@@ -102,7 +102,7 @@ def aggregate_to_spots(
     Examples
     --------
     >>> import numpy as np
-    >>> from c3diff._validation import RasterGeometry
+    >>> from c3diff._geometry import RasterGeometry
     >>> from c3diff.metrics import aggregate_to_spots
     >>> grid = RasterGeometry(y0=0, x0=0, sy=10, sx=10, height=10, width=10)
     >>> aggregate_to_spots(np.ones((1, 10, 10)), grid, np.array([[50.0, 50.0]]), 55.0).tolist()
@@ -160,7 +160,7 @@ def lr_consistency(
     Examples
     --------
     >>> import numpy as np
-    >>> from c3diff._validation import RasterGeometry
+    >>> from c3diff._geometry import RasterGeometry
     >>> from c3diff.metrics import lr_consistency
     >>> grid = RasterGeometry(y0=0, x0=0, sy=10, sx=10, height=20, width=20)
     >>> pred = np.zeros((1, 20, 20)); pred[0, :, 10:] = 5.0
@@ -184,6 +184,47 @@ def lr_consistency(
         )
     agg = aggregate_to_spots(pred_raster, pred_geometry, centres, spot_diameter_um)
     return _compare_spots(agg, counts, genes, stacklevel=3)
+
+
+def compare_spots(spot_values: np.ndarray, spot_counts: np.ndarray, *, genes: Sequence[str]) -> pd.DataFrame:
+    """Per-gene agreement of values brought onto spots with the spots' measured counts: the second half of
+    :func:`lr_consistency`, for predictions already aggregated (e.g. with :func:`aggregate_to_spots`, gene chunk by
+    gene chunk on a large slide).
+
+    Parameters
+    ----------
+    spot_values
+        ``(n_spots, n_genes)`` prediction per spot; spots that are NaN for every gene (off the prediction) are left
+        out, with a warning that counts them.
+    spot_counts
+        ``(n_spots, n_genes)`` measured counts (numpy or scipy sparse).
+    genes
+        Names of the ``n_genes`` columns.
+
+    Returns
+    -------
+    One row per gene (index ``gene``) with ``rmse``, ``pcc``, ``n_spots`` and ``status``, scored as in
+    :func:`lr_consistency`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from c3diff.metrics import compare_spots
+    >>> values = np.array([[1.0, 2.0], [2.0, 1.0], [3.0, 0.5]])
+    >>> compare_spots(values, 10 * values, genes=["A", "B"])["pcc"].round(6).tolist()
+    [1.0, 1.0]
+    """
+    from scipy import sparse
+
+    genes = [str(g) for g in genes]
+    values = np.asarray(spot_values, dtype=np.float64)
+    counts = spot_counts.toarray() if sparse.issparse(spot_counts) else np.asarray(spot_counts)
+    if values.ndim != 2 or values.shape[1] != len(genes) or counts.shape != values.shape:
+        raise ValueError(
+            f"`spot_values` and `spot_counts` must both have shape (n_spots, n_genes={len(genes)}), got "
+            f"{values.shape} and {counts.shape}."
+        )
+    return _compare_spots(values, counts, genes, stacklevel=3)
 
 
 def _compare_spots(agg: np.ndarray, counts: np.ndarray, genes: list[str], *, stacklevel: int = 2) -> pd.DataFrame:
@@ -231,7 +272,33 @@ def spot_footprint(
     geometry: RasterGeometry, spot_centres_um: np.ndarray, spot_radius_um: float
 ) -> object:
     """Sparse ``(n_spots, height * width)`` matrix: the fraction of each pixel's area that lies inside each spot's
-    disc (exact, from the disc's area integral; pixels outside the raster are absent)."""
+    disc (exact, from the disc's area integral; pixels outside the raster are absent).
+
+    Multiplying it with a raster of amounts per pixel, flattened to ``(height * width, n_genes)``, gives the amounts
+    of each spot (:func:`sum_over_spots`).
+
+    Parameters
+    ----------
+    geometry
+        Placement of the raster in micrometres.
+    spot_centres_um
+        ``(n_spots, 2)`` spot centres ``(y, x)`` in micrometres, as :attr:`c3diff.pp.Spots.centres`.
+    spot_radius_um
+        Spot radius in micrometres.
+
+    Returns
+    -------
+    A ``scipy.sparse.csr_matrix`` of shape ``(n_spots, height * width)`` with values in (0, 1].
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from c3diff._geometry import RasterGeometry
+    >>> from c3diff.metrics import spot_footprint
+    >>> grid = RasterGeometry(y0=0, x0=0, sy=10, sx=10, height=20, width=20)
+    >>> round(float(spot_footprint(grid, np.array([[100.0, 100.0]]), 50.0).sum()), 4)  # pi * 50**2 / 10**2
+    78.5398
+    """
     from scipy import sparse
 
     if not (np.isfinite(spot_radius_um) and spot_radius_um > 0):
@@ -286,7 +353,7 @@ def sum_over_spots(
     --------
     >>> import numpy as np
     >>> import c3diff as c3
-    >>> grid = c3._validation.RasterGeometry(y0=0, x0=0, sy=10, sx=10, height=20, width=20)
+    >>> grid = c3._geometry.RasterGeometry(y0=0, x0=0, sy=10, sx=10, height=20, width=20)
     >>> sums, covered = c3.metrics.sum_over_spots(np.ones((1, 20, 20)), grid, np.array([[100.0, 100.0]]), 100.0)
     >>> round(float(sums[0, 0]), 4), float(covered[0])  # pi * 50**2 / 10**2
     (78.5398, 1.0)

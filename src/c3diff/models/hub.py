@@ -16,7 +16,6 @@ error, never silently re-initialised.
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import re
@@ -54,6 +53,8 @@ _PICKLE_WEIGHTS_NAME = "model.bin"
 CARD_NAME = "README.md"
 #: Public module that exports the model classes; recorded in config.json (checkpoints depend on it staying stable).
 _PUBLIC_MODULE = "c3diff.models"
+#: The model classes a config.json may name (its ``_class_name``); nothing else is resolved or imported.
+MODEL_CLASSES: dict[str, type] = {"C3DiffModel": C3DiffModel}
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
 
@@ -517,11 +518,11 @@ def _resolve_folder(
 
 
 def _model_class(config: dict) -> type:
-    """The model class recorded in a config (only classes of c3diff itself are resolved)."""
+    """The model class recorded in a config, looked up in :data:`MODEL_CLASSES` (no module is imported)."""
     name, module = config.get("_class_name", "C3DiffModel"), config.get("_module", _PUBLIC_MODULE)
     if not (module == "c3diff" or module.startswith("c3diff.")):
         raise ValueError(f"config.json names the class {module}.{name}, which is not part of c3diff.")
-    cls = getattr(importlib.import_module(module), name, None)
+    cls = MODEL_CLASSES.get(str(name))
     if cls is None:
         raise ValueError(
             f"config.json names the class {module}.{name}, which this c3diff version ({__version__}) does not have; "

@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from c3diff._constants import ATTRS_KEY
-from c3diff._validation import get_element, raster_geometry
+from c3diff._geometry import raster_geometry
+from c3diff._validation import get_element
 from c3diff.pl._render import crop, imshow_extent, rgb, set_view
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from c3diff._validation import RasterGeometry, level_geometries
+from c3diff._geometry import RasterGeometry, level_geometries
 
 #: ``(ymin, xmin, ymax, xmax)`` in micrometres.
 Extent = tuple[float, float, float, float]

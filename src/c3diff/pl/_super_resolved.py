@@ -7,9 +7,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from c3diff._validation import check_genes, get_element, raster_geometry
+from c3diff._geometry import raster_channels, raster_geometry
+from c3diff._validation import check_genes, get_element
 from c3diff.pl._render import Extent, colour_limits, crop, imshow_extent, rgb, set_view
-from c3diff.tl._evaluate import raster_channels
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure

@@ -10,59 +10,20 @@ import numpy as np
 import pandas as pd
 
 from c3diff._constants import COORDINATE_SYSTEM
-from c3diff._validation import RasterGeometry, check_genes, get_element, raster_geometry, transform_matrix
+from c3diff._geometry import (
+    RasterGeometry,
+    grid_for,
+    points_feature_key,
+    points_genes,
+    raster_geometry,
+    transform_matrix,
+)
 from c3diff._provenance import record
+from c3diff._validation import check_genes, get_element
 
 if TYPE_CHECKING:  # pragma: no cover
     import xarray as xr
     from spatialdata import SpatialData
-
-
-def points_feature_key(points: Any, *, arg: str = "points_key") -> str:
-    """The column of a PointsModel element that names each point's gene."""
-    key = points.attrs.get("spatialdata_attrs", {}).get("feature_key")
-    if key is None:
-        if "gene" in points.columns:
-            return "gene"
-        raise ValueError(
-            f"`{arg}` has no feature key: parse the points with `PointsModel.parse(..., feature_key='gene')` so "
-            "c3diff knows which column holds the gene names."
-        )
-    return key
-
-
-def points_genes(points: Any, feature_key: str) -> list[str]:
-    """Gene names of a points element, in category order when the column is categorical."""
-    column = points[feature_key]
-    if hasattr(column, "cat") and column.cat.known:
-        return [str(g) for g in column.cat.categories]
-    return sorted(str(g) for g in column.unique().compute())
-
-
-def grid_for(
-    *,
-    bin_size: float,
-    image_geometry: RasterGeometry | None,
-    origin: tuple[float, float] | None,
-    data_extent: tuple[float, float, float, float] | None,
-) -> RasterGeometry:
-    """A grid of ``bin_size`` squares: anchored at ``origin`` (or the image's corner, else the coordinate origin or
-    the data's minimum snapped to the bin size) and covering the image (or else the data)."""
-    if image_geometry is not None:
-        ymin, xmin, ymax, xmax = image_geometry.extent
-        y0, x0 = origin if origin is not None else (ymin, xmin)
-    else:
-        if data_extent is None:
-            raise ValueError("A grid needs an image or data to cover.")
-        ymin, xmin, ymax, xmax = data_extent
-        if origin is not None:
-            y0, x0 = origin
-        else:
-            y0 = 0.0 if ymin >= 0 else math.floor(ymin / bin_size) * bin_size
-            x0 = 0.0 if xmin >= 0 else math.floor(xmin / bin_size) * bin_size
-    height = max(1, math.ceil((ymax - y0) / bin_size - 1e-9))
-    width = max(1, math.ceil((xmax - x0) / bin_size - 1e-9))
-    return RasterGeometry(y0=float(y0), x0=float(x0), sy=bin_size, sx=bin_size, height=height, width=width)
 
 
 def _gene_codes(column, gene_index: dict[str, int]) -> np.ndarray:

@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from c3diff._constants import COORDINATE_SYSTEM, HISTOLOGY_PIXEL_SIZE
-from c3diff._validation import RasterGeometry, get_element, hne_to_uint8, raster_geometry, scale0
-from c3diff.pp._binning import grid_for
+from c3diff._geometry import RasterGeometry, grid_for, raster_geometry, scale0
+from c3diff._validation import get_element, hne_to_uint8
 from c3diff.pp._resample import resample_raster
 
 if TYPE_CHECKING:  # pragma: no cover

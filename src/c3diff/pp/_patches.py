@@ -10,12 +10,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from c3diff._constants import ATTRS_KEY, COORDINATE_SYSTEM, HISTOLOGY_PIXEL_SIZE, LR_PIXEL_SIZE
-from c3diff._validation import RasterGeometry, check_genes, get_element, raster_geometry, scale0
+from c3diff._constants import ATTRS_KEY, COORDINATE_SYSTEM, HISTOLOGY_PIXEL_SIZE, LR_PIXEL_SIZE, MASK_OUTSIDE
+from c3diff._geometry import RasterGeometry, raster_geometry, scale0
+from c3diff._validation import check_genes, get_element
 from c3diff.pp._binning import bin_transcripts
 from c3diff.pp._histology import detect_tissue, histology_raster
 from c3diff.pp._normalize import minmax_denormalize, minmax_normalize
-from c3diff.pp._spots import MASK_OUTSIDE, spots_to_grid
+from c3diff.pp._spots import spots_to_grid
 
 if TYPE_CHECKING:  # pragma: no cover
     from spatialdata import SpatialData

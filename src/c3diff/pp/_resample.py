@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from c3diff._constants import COORDINATE_SYSTEM
-from c3diff._validation import RasterGeometry, is_integer, level_geometries
+from c3diff._geometry import RasterGeometry, is_integer, level_geometries
 
 
 def _choose_level(levels: list[tuple[Any, RasterGeometry]], grid: RasterGeometry) -> tuple[Any, RasterGeometry, bool]:

@@ -9,20 +9,22 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from c3diff._constants import ATTRS_KEY, COORDINATE_SYSTEM, LR_PIXEL_SIZE
+from c3diff._constants import (
+    ATTRS_KEY,
+    COORDINATE_SYSTEM,
+    LR_PIXEL_SIZE,
+    MASK_FILLED,
+    MASK_MEASURED,
+    MASK_OUTSIDE,
+)
+from c3diff._geometry import grid_for, raster_geometry, transform_matrix
 from c3diff._provenance import record
-from c3diff._validation import check_genes, get_element, raster_geometry, transform_matrix
-from c3diff._validation import check_table_counts
-from c3diff.pp._binning import grid_for
+from c3diff._validation import check_genes, check_table_counts, get_element
 
 if TYPE_CHECKING:  # pragma: no cover
     import xarray as xr
     from anndata import AnnData
     from spatialdata import SpatialData
-
-#: Values of the coverage mask written next to an LR grid.
-MASK_OUTSIDE, MASK_MEASURED, MASK_FILLED = 0, 1, 2
-
 
 @dataclass(frozen=True)
 class Spots:

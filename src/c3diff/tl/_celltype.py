@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from c3diff._constants import IMMUNE_MARKERS_HUMAN, IMMUNE_MARKERS_MOUSE, UNASSIGNED
-from c3diff._validation import case_mismatches, get_element, scale0, species_hint
-from c3diff.tl._evaluate import raster_channels
+from c3diff._geometry import raster_channels, raster_levels, scale0
+from c3diff._validation import case_mismatches, get_element, species_hint
 
 if TYPE_CHECKING:  # pragma: no cover
     from spatialdata import SpatialData
@@ -160,8 +160,6 @@ def _compute(data: Any, used: dict[str, list[str]], min_score: float | None) -> 
 
 def _scale_factors(element: Any) -> list[int] | None:
     """Downscale factors between consecutive pyramid levels of a multiscale element (None for a single scale)."""
-    from c3diff._validation import raster_levels
-
     levels = raster_levels(element)
     if len(levels) < 2:
         return None

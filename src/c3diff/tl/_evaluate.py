@@ -12,15 +12,8 @@ import numpy as np
 import pandas as pd
 
 from c3diff._constants import COORDINATE_SYSTEM
-from c3diff._validation import (
-    RasterGeometry,
-    check_genes,
-    get_element,
-    is_integer,
-    level_geometries,
-    raster_geometry,
-    scale0,
-)
+from c3diff._geometry import RasterGeometry, is_integer, level_geometries, raster_channels, raster_geometry, scale0
+from c3diff._validation import check_genes, get_element
 
 if TYPE_CHECKING:  # pragma: no cover
     from spatialdata import SpatialData
@@ -31,14 +24,6 @@ _COLUMNS = [
     "protocol", "tile", "tile_row", "tile_col", "y0_um", "x0_um", "gene", "rmse", "pcc", "ssim", "n_pixels", "status",
 ]
 _TOL = 1e-6
-
-
-def raster_channels(element: Any) -> list[str]:
-    """Channel (gene) names of an image element."""
-    data = scale0(element)
-    if "c" not in data.dims:
-        raise ValueError(f"Expected an image with a channel dimension 'c', got dims {data.dims}.")
-    return [str(c) for c in data.coords["c"].values]
 
 
 @dataclass(frozen=True)
@@ -162,7 +147,7 @@ def _score_tiles(
 ) -> tuple[pd.DataFrame, dict[str, int]]:
     from tqdm.auto import tqdm
 
-    from c3diff.metrics._maps import _score_frame
+    from c3diff.metrics import score_maps
 
     (r0, r1), (c0, c1) = align.rows, align.cols
     step_y = r1 - r0 if tile_size is None else tile_size
@@ -181,7 +166,7 @@ def _score_tiles(
         truth = np.asarray(truth_data[:, tr : tr + (re - r) * align.fy, tc : tc + (ce - c) * align.fx], np.float64)
         if align.fy > 1 or align.fx > 1:  # counts of the finer bins add up to the prediction's bins
             truth = truth.reshape(len(genes), re - r, align.fy, ce - c, align.fx).sum(axis=(2, 4))
-        frame, _ = _score_frame(pred, truth, genes=genes, mask=mask)
+        frame = score_maps(pred, truth, genes=genes, mask=mask, warn=False)  # evaluate counts the skipped rows
         frame = frame.drop(columns="item")
         frame.insert(0, "tile", tile)
         frame.insert(1, "tile_row", (r - r0) // step_y)
@@ -204,7 +189,7 @@ def _score_tiles(
 def _score_spots(pred_data: Any, grid: RasterGeometry, spots: Any) -> pd.DataFrame:
     from tqdm.auto import tqdm
 
-    from c3diff.metrics._spots import _compare_spots, aggregate_to_spots
+    from c3diff.metrics import aggregate_to_spots, compare_spots
 
     genes = spots.genes
     # genes in chunks of about 256 MiB of float64 pixels
@@ -214,7 +199,7 @@ def _score_spots(pred_data: Any, grid: RasterGeometry, spots: Any) -> pd.DataFra
     for start in tqdm(starts, desc="evaluate: spots", disable=len(starts) < 4):
         values = np.asarray(pred_data[start : start + per_chunk], dtype=np.float64)
         agg.append(aggregate_to_spots(values, grid, spots.centres, 2 * spots.radius))
-    return _compare_spots(np.concatenate(agg, axis=1), spots.counts, genes, stacklevel=4).reset_index()
+    return compare_spots(np.concatenate(agg, axis=1), spots.counts, genes=genes).reset_index()
 
 
 def _plain_summary(frame: pd.DataFrame) -> dict[str, Any]:
@@ -472,7 +457,7 @@ def sample_at_spots(
     import anndata as ad
     from scipy import sparse
 
-    from c3diff.metrics._spots import sum_over_spots
+    from c3diff.metrics import sum_over_spots
     from c3diff.pp import spots_from_table
 
     element = get_element(sdata, layer_key, "images", arg="layer_key")

@@ -176,7 +176,7 @@ def spot_windows(
     """Each spot's disc footprint on ``grid`` as a dense window: ``rows``, ``cols`` ``(n, k)`` (absolute pixel
     indices) and ``weights`` ``(n, k)`` (the exact fraction of each pixel inside the disc; 0 in padding), plus the
     disc's area in pixels ``(n,)`` for reference. ``lambda_s = sum_k weights[s, k] * mu[rows[s, k], cols[s, k]]``."""
-    from c3diff.metrics._spots import spot_footprint
+    from c3diff.metrics import spot_footprint
 
     matrix = spot_footprint(grid, centres, diameter / 2).tocsr()
     n = matrix.shape[0]
@@ -332,9 +332,7 @@ def fit_slide(
     import torch
     from tqdm.auto import tqdm
 
-    from c3diff.pp._histology import detect_tissue, histology_raster
-    from c3diff.pp._normalize import minmax_normalize
-    from c3diff.pp._spots import spots_to_grid
+    from c3diff.pp import detect_tissue, histology_raster, minmax_normalize, spots_to_grid
 
     # --- checks, before any work ---------------------------------------------------------------------------------
     image = get_element(sdata, image_key, "images", arg="image_key")

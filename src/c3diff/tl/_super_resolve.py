@@ -9,13 +9,11 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from c3diff._constants import COORDINATE_SYSTEM, HISTOLOGY_PIXEL_SIZE, LR_PIXEL_SIZE
+from c3diff._constants import COORDINATE_SYSTEM, HISTOLOGY_PIXEL_SIZE, LR_PIXEL_SIZE, MASK_MEASURED, MASK_OUTSIDE
+from c3diff._geometry import RasterGeometry, points_feature_key, points_genes, raster_geometry
 from c3diff._provenance import record
-from c3diff._validation import RasterGeometry, check_genes, get_element, raster_geometry
-from c3diff.pp._binning import bin_transcripts, points_feature_key, points_genes
-from c3diff.pp._histology import detect_tissue, histology_raster
-from c3diff.pp._normalize import minmax_normalize
-from c3diff.pp._spots import MASK_MEASURED, MASK_OUTSIDE, spots_to_grid
+from c3diff._validation import check_genes, get_element
+from c3diff.pp import bin_transcripts, detect_tissue, histology_raster, minmax_normalize, spots_to_grid
 from c3diff.tl._execution import active_client, chunked, run_tasks
 from c3diff.tl._predictors import (
     BicubicPredictor,

@@ -16,8 +16,7 @@ import numpy as np
 import torch
 
 from c3diff._constants import ATTRS_KEY
-from c3diff.pp._patches import PatchSet, make_patches
-from c3diff.pp._splits import split_samples
+from c3diff.pp import PatchSet, make_patches, split_samples
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
