@@ -1,7 +1,7 @@
 """The paper's "U-Net" baseline: a deterministic U-Net regressor given exactly C3-Diff's inputs, trained with MSE.
 
 Inputs per sample (one gene per sample, as C3-Diff): the histology patch ``(3, S, S)`` in [0, 1], the gene's LR map
-upsampled x10 bicubic and cropped to ``S`` with :func:`c3diff.models.lr_condition_image` (the geometry C3-Diff uses:
+upsampled x10 bicubic and cropped to ``S`` with ``models.hint_encoders.lr_condition_image`` (the geometry C3-Diff uses:
 LR pixel ``(0, 0)`` and histology pixel ``(0, 0)`` share the top-left corner; overshoot clipped to [0, 1]), both
 mapped to [-1, 1], and the gene's identity as a learned embedding (diffusers' ``UNet2DModel`` class embedding, added
 to its time embedding; the time input is fixed to 0). The network predicts the HR map in [0, 1] at ``S x S``; at 5x
@@ -31,7 +31,7 @@ from diffusers import ModelMixin, UNet2DModel
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 
 from c3diff._validation import check_genes
-from c3diff.models import lr_condition_image
+from c3diff.models.hint_encoders import lr_condition_image
 
 if TYPE_CHECKING:  # pragma: no cover
     from c3diff.pp import PatchSet
@@ -410,7 +410,7 @@ def predict_unet_regressor(
 
 def bicubic_predict(patches: PatchSet) -> np.ndarray:
     """The bicubic baseline on patches: each LR map upsampled x10 bicubic with C3-Diff's geometry
-    (:func:`c3diff.models.lr_condition_image`), 2 x 2 mean-pooled at 5x. float32 ``(N, G, H, H)`` in [0, 1]."""
+    (``models.hint_encoders.lr_condition_image``), 2 x 2 mean-pooled at 5x. float32 ``(N, G, H, H)`` in [0, 1]."""
     factor = _check_geometry(patches, scale=patches.scale, arg="patches")
     lr = torch.from_numpy(np.ascontiguousarray(patches.lr.reshape(-1, 1, *patches.lr.shape[-2:])))
     up = lr_condition_image(lr, image_size=patches.histology.shape[-1], upsample_factor=factor, channels=1)

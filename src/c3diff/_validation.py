@@ -154,7 +154,7 @@ def hne_to_uint8(values: Any, *, dtype: Any = None, arg: str = "image") -> Any:
     fix = "Convert it to uint8 (0..255 per channel) first; docs/reliability.md lists the pixel types c3diff reads."
     if dtype == np.uint8:
         return values if values.dtype == np.uint8 else np.clip(np.rint(values), 0, 255).astype(np.uint8)
-    if dtype == bool or not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)):
+    if dtype.kind == "b" or not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)):
         raise TypeError(f"`{arg}`: the H&E has pixel type {dtype}; c3diff reads uint8, uint16 and float H&E images. "
                         f"{fix}")
     lo, hi = _value_range(values)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from c3diff.models import autoencoder_loss, build_autoencoder, fit_autoencoder
+from c3diff.models.autoencoder import autoencoder_loss, build_autoencoder, fit_autoencoder
 
 CONFIG = {
     "block_out_channels": [16, 16],

@@ -7,8 +7,16 @@ import math
 import pytest
 import torch
 
-from c3diff.models import LossWeights, content_loss, inter_sphere_loss, modal_loss, overall_loss
-from c3diff.models.losses import diffusion_mse, info_nce, min_snr_weights
+from c3diff.models.losses import (
+    LossWeights,
+    content_loss,
+    diffusion_mse,
+    info_nce,
+    inter_sphere_loss,
+    min_snr_weights,
+    modal_loss,
+    overall_loss,
+)
 
 
 def _features(n=8, d=64, seed=0):

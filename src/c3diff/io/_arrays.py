@@ -10,8 +10,15 @@ import numpy as np
 from c3diff._constants import Key
 from c3diff._geometry import raster_geometry
 from c3diff._validation import check_counts
-from c3diff.io._common import as_rgb, build_sdata, check_on_image, index_transform, neighbour_distances, parse_rgb
-from c3diff.io._common import spot_elements
+from c3diff.io._common import (
+    as_rgb,
+    build_sdata,
+    check_on_image,
+    index_transform,
+    neighbour_distances,
+    parse_rgb,
+    spot_elements,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from spatialdata import SpatialData

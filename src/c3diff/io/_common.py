@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from c3diff._constants import ATTRS_KEY, COORDINATE_SYSTEM, RGB_CHANNELS, Key
-from c3diff._provenance import _plain
 from c3diff._geometry import RasterGeometry
+from c3diff._provenance import _plain
 from c3diff._validation import hne_to_uint8
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -145,7 +145,7 @@ def read_tiff_level0(path: Path, *, arg: str) -> tuple[Any, str, str]:
             ome = tif.ome_metadata or ""
             end = max(
                 (offset + count for page in tif.series[0].levels[0].pages if page is not None
-                 for offset, count in zip(page.dataoffsets, page.databytecounts)),
+                 for offset, count in zip(page.dataoffsets, page.databytecounts, strict=True)),
                 default=0,
             )
         store = tifffile.imread(path, aszarr=True, series=0, level=0)  # the store keeps its own file handle
@@ -309,7 +309,8 @@ def check_on_image(
         )
     if n_out:
         warnings.warn(
-            f"{n_out} of {n} {what} centres fall outside the image ({str(arg)}); they are kept, with no image under them.",
+            f"{n_out} of {n} {what} centres fall outside the image ({str(arg)}); they are kept, with no image under "
+            "them.",
             UserWarning,
             stacklevel=3,
         )
@@ -346,10 +347,9 @@ def spot_elements(
 
     ``adata`` holds the raw counts (spots x genes); it is copied, its ``obs_names`` (barcodes / array ids) kept.
     """
+    import pandas as pd
     from spatialdata.models import ShapesModel, TableModel
     from spatialdata.transformations import Identity
-
-    import pandas as pd
 
     n = adata.n_obs
     spot_id = np.arange(n, dtype=np.int64)
@@ -377,10 +377,9 @@ def cell_elements(adata: AnnData, centres_um: np.ndarray, *, radius_um: np.ndarr
 
     ``adata`` holds the raw counts (cells x genes); it is copied, its ``obs_names`` kept.
     """
+    import pandas as pd
     from spatialdata.models import ShapesModel, TableModel
     from spatialdata.transformations import Identity
-
-    import pandas as pd
 
     n = adata.n_obs
     cell_id = np.arange(1, n + 1, dtype=np.int64)

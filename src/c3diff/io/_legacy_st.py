@@ -206,8 +206,6 @@ def read_legacy_st(
 
 def _read_counts(path: Path) -> pd.DataFrame:
     """Counts as spots x genes with ``"<x>x<y>"`` row ids (transposed when the spots are the columns)."""
-    import pandas as pd
-
     sep = "," if ".csv" in path.suffixes else "\t"
     frame = read_table(path, arg="counts", sep=sep, index_col=0)
     rows = frame.index.astype(str).str.strip().str.fullmatch(_SPOT_ID.pattern)
@@ -260,9 +258,9 @@ def _read_spot_file(path: Path) -> pd.DataFrame:
                if c.value not in columns]
     if missing:
         raise ValueError(
-            f"`spots`: {str(path)!r} lacks the column(s) {missing} (found {list(frame.columns)}); a spot file needs the "
-            "array coordinates x, y and the H&E pixel centres pixel_x, pixel_y: without pixel centres the image has "
-            "no calibration."
+            f"`spots`: {str(path)!r} lacks the column(s) {missing} (found {list(frame.columns)}); a spot file needs "
+            "the array coordinates x, y and the H&E pixel centres pixel_x, pixel_y: without pixel centres the image "
+            "has no calibration."
         )
     out = pd.DataFrame(
         {
@@ -319,7 +317,7 @@ def _check_array_step(
     count_step_x = _array_step(ids[:, 0], ids[:, 1])
     count_step_y = _array_step(ids[:, 1], ids[:, 0])
     if len(ids) >= 3 and (count_step_x < step_x or count_step_y < step_y):
-        known = set(zip(spots["x"].tolist(), spots["y"].tolist()))
+        known = set(zip(spots["x"].tolist(), spots["y"].tolist(), strict=True))
         absent = [f"{x}x{y}" for x, y in ids.tolist() if (x, y) not in known]
         raise ValueError(
             f"`spots`: the spot file {str(spots_path)!r} spaces its positions {step_x} array units apart (read as the "

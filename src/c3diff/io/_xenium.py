@@ -14,9 +14,9 @@ from c3diff._constants import COORDINATE_SYSTEM, Key
 from c3diff._geometry import raster_geometry
 from c3diff._validation import check_counts
 from c3diff.io._common import (
-    as_rgb,
     IMAGE_CHUNK,
     MAX_OUTSIDE_FRACTION,
+    as_rgb,
     build_sdata,
     cell_elements,
     check_on_image,

@@ -1,13 +1,14 @@
 """c3diff.models: the C3-Diff networks, their losses, sampling, presets and Hub persistence.
 
-Where things live:
+The package exports what a user needs (``__all__``: the model, its presets, persistence, the demo model); the
+building blocks are imported from the module that defines them. Where things live:
 
 ============================  ==========================================================================
 module                        content
 ============================  ==========================================================================
 ``presets``                   ``paper`` / ``tiny`` configs and :func:`build_model`
-``autoencoder``               first stage (diffusers ``VQModel``): build, loss, :func:`fit_autoencoder`
-``controlnet``                :class:`UNet2DControlNetModel` and the UNet forward with residuals
+``autoencoder``               first stage (diffusers ``VQModel``): build, loss, :func:`~.autoencoder.fit_autoencoder`
+``controlnet``                :class:`~.controlnet.UNet2DControlNetModel`, the UNet forward with residuals
 ``hint_encoders``             the four hint encoders, gene code, LR conditioning image, ST augmentation
 ``losses``                    ``L_content``, ``L_modal``, ``L_inter-sphere``, ``L_mse``, ``L_overall``
 ``imputation``                ST features of samples without LR ST (batch and memory bank)
@@ -16,6 +17,7 @@ module                        content
 ``sampling``                  the mean and diffusion samples (tiles x genes x samples)
 ``hub``                       save / load / push, :func:`from_ldm`
 ``model_card``                the README.md model card
+``bundled``                   the demo model shipped in the package
 ============================  ==========================================================================
 
 Examples
@@ -26,64 +28,25 @@ Examples
 (64, 10)
 """
 
-from c3diff.models.autoencoder import autoencoder_loss, build_autoencoder, fit_autoencoder
 from c3diff.models.bundled import demo_model_path, load_demo_model
 from c3diff.models.c3diff import C3DiffModel
-from c3diff.models.conditional_mean import ConditionalMeanNet, multinomial_nll, poisson_nll
-from c3diff.models.controlnet import UNet2DControlNetModel, unet_forward_with_residuals
-from c3diff.models.hint_encoders import (
-    HintEncoder,
-    HintEncoders,
-    gene_code_map,
-    lr_condition_image,
-    sphere_noise_augment,
-)
 from c3diff.models.hub import from_ldm, from_pretrained, push_to_hub, save_pretrained
-from c3diff.models.imputation import FeatureImputer, impute_features
-from c3diff.models.losses import (
-    LossOutput,
-    LossWeights,
-    content_loss,
-    diffusion_mse,
-    inter_sphere_loss,
-    modal_loss,
-    overall_loss,
-)
-from c3diff.models.model_card import make_model_card
+from c3diff.models.losses import LossWeights
 from c3diff.models.presets import PRESETS, build_model, preset_config
 
+# What a user needs: the model, its presets, its loss weights (`c3diff.tl.train(loss_weights=...)`), persistence and
+# the bundled demo model. The networks, losses and helpers are imported from the modules that define them (table
+# above), e.g. `from c3diff.models.losses import content_loss`.
 __all__ = [
     "PRESETS",
     "C3DiffModel",
-    "ConditionalMeanNet",
-    "FeatureImputer",
-    "HintEncoder",
-    "HintEncoders",
-    "LossOutput",
     "LossWeights",
-    "UNet2DControlNetModel",
-    "autoencoder_loss",
-    "build_autoencoder",
     "build_model",
-    "content_loss",
     "demo_model_path",
-    "diffusion_mse",
-    "fit_autoencoder",
     "from_ldm",
     "from_pretrained",
-    "gene_code_map",
-    "impute_features",
-    "inter_sphere_loss",
     "load_demo_model",
-    "lr_condition_image",
-    "make_model_card",
-    "modal_loss",
-    "multinomial_nll",
-    "overall_loss",
-    "poisson_nll",
     "preset_config",
     "push_to_hub",
     "save_pretrained",
-    "sphere_noise_augment",
-    "unet_forward_with_residuals",
 ]

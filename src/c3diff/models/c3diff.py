@@ -151,7 +151,7 @@ class C3DiffModel(ModelMixin, ConfigMixin):
         :func:`~c3diff.models.from_ldm`); :func:`c3diff.tl.train` pretrains it (:meth:`fit_backbone`) when not.
     formulation
         ``"paper"``: the diffusion generates the whole normalised HR map (the paper). ``"residual"``: a
-        deterministic conditional-mean stage (:class:`~c3diff.models.ConditionalMeanNet`, on the
+        deterministic conditional-mean stage (:class:`~c3diff.models.conditional_mean.ConditionalMeanNet`, on the
         same hint) predicts where each LR pixel's counts go, and the ControlNet diffusion models only the residual
         (truth minus mean, in within-LR-pixel share units), with the mean's share map as an extra hint; a sample is
         mean + sampled residual (CorrDiff's regression-then-residual-diffusion pattern).
@@ -159,7 +159,7 @@ class C3DiffModel(ModelMixin, ConfigMixin):
         ``"residual"`` only: ``block_out_channels``, ``layers_per_block`` and ``norm_num_groups`` of the mean
         network's histology trunk (a U-Net), ``head_channels``, the width of its gene head, and ``histology_prior``
         (start the logits from bicubic times the squared H&E darkness, with a learned exponent per gene; see
-        :class:`~c3diff.models.ConditionalMeanNet`).
+        :class:`~c3diff.models.conditional_mean.ConditionalMeanNet`).
     mean_fitted
         Whether the conditional-mean stage has been trained; :func:`c3diff.tl.train` trains it first when not.
     training_data
@@ -491,8 +491,8 @@ class C3DiffModel(ModelMixin, ConfigMixin):
     ) -> None:
         """Fit the first stage to training maps, then freeze it; marks ``config.first_stage_fitted``.
 
-        With a VQ autoencoder: :func:`~c3diff.models.fit_autoencoder` (reconstruction of single-gene maps, then the
-        latent scaling factor). In pixel space: ``latent_shift`` is the mean of the (folded) maps and
+        With a VQ autoencoder: :func:`~c3diff.models.autoencoder.fit_autoencoder` (reconstruction of single-gene maps,
+        then the latent scaling factor). In pixel space: ``latent_shift`` is the mean of the (folded) maps and
         ``latent_scale`` one over their standard deviation (``latent_scaling="std"``) or 1 (``"range"``).
 
         Parameters
@@ -779,9 +779,9 @@ class C3DiffModel(ModelMixin, ConfigMixin):
         batch
             As for :meth:`compute_losses`, plus ``"hr_counts"`` ``(B, 1, H, H)``: the observed counts.
         loss
-            ``"multinomial"``: :func:`~c3diff.models.multinomial_nll` of the counts inside each LR
+            ``"multinomial"``: :func:`~c3diff.models.conditional_mean.multinomial_nll` of the counts inside each LR
             pixel given its total (calibrated, exactly LR-consistent). ``"poisson"``:
-            :func:`~c3diff.models.poisson_nll` of rates relative to the LR pixel's density.
+            :func:`~c3diff.models.conditional_mean.poisson_nll` of rates relative to the LR pixel's density.
         generator
             Seeds the feature augmentation.
         """

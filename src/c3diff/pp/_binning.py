@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from c3diff._constants import COORDINATE_SYSTEM
 from c3diff._geometry import (
-    RasterGeometry,
     grid_for,
     points_feature_key,
     points_genes,

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Literal
-
-import warnings
 
 import numpy as np
 
@@ -79,7 +78,9 @@ def select_genes(
     --------
     >>> import c3diff as c3
     >>> sdata = c3.datasets.simulate_section(seed=0)  # doctest: +SKIP
-    >>> genes = c3.pp.select_genes(sdata, table_key="cell_table", n_top_genes=200, include=["CD8A", "FOXP3"])  # doctest: +SKIP
+    >>> genes = c3.pp.select_genes(
+    ...     sdata, table_key="cell_table", n_top_genes=200, include=["CD8A", "FOXP3"]
+    ... )  # doctest: +SKIP
     """
     import scanpy as sc
 

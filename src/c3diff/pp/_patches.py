@@ -360,7 +360,9 @@ def make_patches(
     if hr_data is not None:
         hr_dy, hr_dx = _offset(hr_data[1], hist_grid, arg="the HR source")
         if (hr_dy - lr_dy) % hr_factor or (hr_dx - lr_dx) % hr_factor:
-            raise ValueError("The HR and LR grids are not aligned with each other; build both with the same `image_key`.")
+            raise ValueError(
+                "The HR and LR grids are not aligned with each other; build both with the same `image_key`."
+            )
     rows = range(phase_y, hist_grid.height - patch_size + 1, stride)
     cols = range(phase_x, hist_grid.width - patch_size + 1, stride)
     if len(rows) == 0 or len(cols) == 0:

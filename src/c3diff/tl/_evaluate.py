@@ -335,8 +335,8 @@ def evaluate(
         n_small = int(((frame["status"] == "scored") & frame["ssim"].isna()).sum())
         if n_small:
             warnings.warn(
-                f"evaluate: SSIM is undefined for {n_small} (tile, gene) map(s) of edge tiles smaller than the 11-pixel "
-                "Gaussian window; their RMSE and PCC are kept.",
+                f"evaluate: SSIM is undefined for {n_small} (tile, gene) map(s) of edge tiles smaller than the "
+                "11-pixel Gaussian window; their RMSE and PCC are kept.",
                 UserWarning,
                 stacklevel=2,
             )

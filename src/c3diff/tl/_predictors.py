@@ -16,7 +16,8 @@ import numpy as np
 
 @dataclass(frozen=True)
 class TileBatch:
-    """Inputs of a batch of tiles: histology ``(B, 3, S, S)`` uint8, normalised LR ``(B, G, L, L)``, one seed per tile."""
+    """Inputs of a batch of tiles: histology ``(B, 3, S, S)`` uint8, normalised LR ``(B, G, L, L)``, one seed per
+    tile."""
 
     histology: np.ndarray
     lr: np.ndarray
@@ -127,7 +128,10 @@ class ModelPredictor:
                 scale=self.scale,
                 mode=self.mode,
             )
-        to_numpy = lambda t: None if t is None else (t.detach().cpu().numpy() if hasattr(t, "detach") else np.asarray(t))  # noqa: E731
+
+        def to_numpy(t):
+            return None if t is None else (t.detach().cpu().numpy() if hasattr(t, "detach") else np.asarray(t))
+
         return to_numpy(mean).astype(np.float32), (None if std is None else to_numpy(std).astype(np.float32))
 
 
