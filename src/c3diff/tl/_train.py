@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import random
+import re
+import shutil
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -36,6 +40,8 @@ PAPER_RECIPE = {
 }
 
 _STATE_FILE = "trainer_state.json"
+_RNG_FILE = "rng_state.pt"
+_CHECKPOINT_NAME = re.compile(r"step-(\d+)")
 
 
 @dataclass
@@ -210,8 +216,72 @@ def _check_output_dir(output_dir: str | Path) -> Path:
 
 
 def _latest_checkpoint(output_dir: Path) -> Path | None:
-    checkpoints = sorted((output_dir / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
-    return checkpoints[-1] if checkpoints else None
+    """The newest complete checkpoint (``checkpoints/step-N`` with its state file), after cleaning up after a
+    killed run (see :func:`_clean_checkpoints`)."""
+    _clean_checkpoints(output_dir / "checkpoints")
+    steps = [(int(m.group(1)), p) for p in (output_dir / "checkpoints").glob("step-*")
+             if (m := _CHECKPOINT_NAME.fullmatch(p.name)) and p.is_dir()]
+    incomplete = [p.name for _, p in steps if not (p / _STATE_FILE).exists()]
+    if incomplete:
+        warnings.warn(f"`resume='latest'`: ignoring incomplete checkpoint folder(s) {sorted(incomplete)} under "
+                      f"{str(output_dir / 'checkpoints')!r} (no {_STATE_FILE}; written by a run that was killed); "
+                      "delete them to silence this warning.", UserWarning, stacklevel=3)
+    complete = sorted((n, p) for n, p in steps if (p / _STATE_FILE).exists())
+    return complete[-1][1] if complete else None
+
+
+def _write_folder_atomically(final: Path, write) -> None:
+    """Write a folder with ``write(folder)`` into a temporary sibling (``.tmp-<name>-<pid>``) and rename it to
+    ``final`` only when complete, so that a killed process leaves either the old folder or the new one, never a
+    half-written one. An existing ``final`` is moved aside (``.old-<name>-<pid>``) for the rename and then deleted;
+    :func:`_clean_checkpoints` puts it back if the process died in between."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    write(tmp)
+    old = None
+    if final.exists():
+        old = final.parent / f".old-{final.name}-{os.getpid()}"
+        if old.exists():
+            shutil.rmtree(old)
+        final.rename(old)
+    tmp.rename(final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _clean_checkpoints(folder: Path) -> None:
+    """Undo what a killed :func:`_write_folder_atomically` left in ``folder``: temporary folders are deleted, a
+    folder moved aside whose replacement never arrived is put back."""
+    if not folder.is_dir():
+        return
+    for path in sorted(folder.glob(".old-*")):
+        name = path.name[len(".old-"):].rsplit("-", 1)[0]
+        if not (folder / name).exists():
+            path.rename(folder / name)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+    for path in folder.glob(".tmp-*"):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _trim_log(log_path: Path, step: int) -> None:
+    """Keep the rows of ``log.jsonl`` up to ``step`` (the checkpoint a run resumes from): rows a killed or stopped
+    run wrote after it, and a row cut short by a kill, are dropped, so the log reads as one run."""
+    if not log_path.exists():
+        return
+    kept = []
+    for line in log_path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and int(row.get("step", 0)) <= step:
+            kept.append(line + "\n")
+    tmp = log_path.with_name(f".{log_path.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, log_path)
 
 
 def _mixed_precision(value: str) -> str:
@@ -293,23 +363,63 @@ def validation_scores(
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
+def _global_rng_state() -> dict[str, Any]:
+    """The process-wide random streams (torch CPU and CUDA, numpy, python), to be saved with a checkpoint."""
+    numpy_state = np.random.get_state(legacy=False)
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"key": torch.from_numpy(numpy_state["state"]["key"].astype(np.int64)),
+                  "pos": int(numpy_state["state"]["pos"]), "has_gauss": int(numpy_state["has_gauss"]),
+                  "gauss": float(numpy_state["gauss"])},
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_global_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    numpy_state = state["numpy"]
+    np.random.set_state({"bit_generator": "MT19937",
+                         "state": {"key": numpy_state["key"].numpy().astype(np.uint32), "pos": numpy_state["pos"]},
+                         "has_gauss": numpy_state["has_gauss"], "gauss": numpy_state["gauss"]})
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 def _save_checkpoint(path: Path, *, model, optimizer, generator, state: dict[str, Any]) -> None:
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(path / "model"))
-    torch.save(optimizer.state_dict(), path / "optimizer.pt")
-    torch.save(generator.get_state(), path / "generator.pt")
-    (path / _STATE_FILE).write_text(json.dumps(state, indent=1))
+    """Write a checkpoint folder atomically (see :func:`_write_folder_atomically`): the model, the optimizer, the
+    training noise generator and the process-wide random streams, then the progress state (written last)."""
+
+    def write(folder: Path) -> None:
+        folder.mkdir(parents=True)
+        model.save_pretrained(str(folder / "model"))
+        torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+        torch.save(generator.get_state(), folder / "generator.pt")
+        torch.save(_global_rng_state(), folder / _RNG_FILE)
+        (folder / _STATE_FILE).write_text(json.dumps(state, indent=1))
+
+    _write_folder_atomically(path, write)
 
 
-def _load_checkpoint(path: Path) -> tuple[C3DiffModel, dict, Any, dict[str, Any]]:
+def _load_checkpoint(path: Path) -> tuple[C3DiffModel, dict, Any, dict[str, Any] | None, dict[str, Any]]:
     from c3diff.models import from_pretrained
 
+    if not path.is_dir():
+        raise FileNotFoundError(f"`resume`: no checkpoint folder at {str(path)!r}; pass 'latest' or a "
+                                "`checkpoints/step-N` folder of the run's `output_dir`.")
     if not (path / _STATE_FILE).exists():
-        raise FileNotFoundError(f"`resume`: {str(path)!r} is not a c3diff checkpoint (no {_STATE_FILE}).")
+        raise FileNotFoundError(f"`resume`: {str(path)!r} is not a c3diff checkpoint (no {_STATE_FILE}); it may have "
+                                "been cut short by a killed run. Pass resume='latest' to take the newest complete one.")
     model = from_pretrained(str(path / "model"))
     optimizer_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
     generator_state = torch.load(path / "generator.pt", map_location="cpu", weights_only=True)
-    return model, optimizer_state, generator_state, json.loads((path / _STATE_FILE).read_text())
+    rng_state = (torch.load(path / _RNG_FILE, map_location="cpu", weights_only=True)
+                 if (path / _RNG_FILE).exists() else None)  # (checkpoints of c3diff <= 0.1 have no global streams)
+    return model, optimizer_state, generator_state, rng_state, json.loads((path / _STATE_FILE).read_text())
 
 
 class _LossModule(torch.nn.Module):
@@ -539,12 +649,12 @@ def train(
     output_dir = _check_output_dir(output_dir)
 
     set_seed(seed)
-    resume_state = None
+    resume_state = rng_state = None
     if resume is not None:
         checkpoint = _latest_checkpoint(output_dir) if str(resume) == "latest" else Path(resume)
         if checkpoint is None:
             raise FileNotFoundError(f"`resume='latest'`: no checkpoint under {str(output_dir / 'checkpoints')!r}.")
-        net, optimizer_state, generator_state, resume_state = _load_checkpoint(checkpoint)
+        net, optimizer_state, generator_state, rng_state, resume_state = _load_checkpoint(checkpoint)
     else:
         first = next(iter(_as_list(data)))
         if genes is None and isinstance(first, PatchSet) and isinstance(model, str) and model in _preset_names():
@@ -596,10 +706,24 @@ def train(
     state: dict[str, Any] = {"stage": stages[0], "epoch": 0, "step_in_epoch": 0, "global_step": 0,
                              "stage_step": 0, "best_pcc": -math.inf, "best_loss": math.inf, "elapsed": 0.0,
                              "history": []}
+    data_order = {"items": len(dataset), "batch_size": int(batch_size), "seed": int(seed),
+                  "mean_genes_per_patch": int(mean_genes_per_patch)}
+    log_path = output_dir / "log.jsonl"
     if resume_state is not None:
+        saved_order = resume_state.get("data_order", data_order)
+        changed = {k: (saved_order[k], v) for k, v in data_order.items() if saved_order.get(k, v) != v}
+        if changed:
+            found = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items())
+            raise ValueError(
+                f"`resume`: the checkpoint {str(checkpoint)!r} was trained with a different data order ({found}); "
+                "an exact resume needs the same `data`, `batch_size`, `seed` and `mean_genes_per_patch`. Pass the "
+                "values of the interrupted run, or start a new run in another `output_dir`."
+            )
         generator.set_state(generator_state)
         state.update(resume_state)
-    log_path = output_dir / "log.jsonl"
+        if accelerator.is_main_process:
+            _trim_log(log_path, int(state["global_step"]))
+    state["data_order"] = data_order
     best_dir = output_dir / "best"
     start_time = time.perf_counter() - float(state["elapsed"])
 
@@ -665,13 +789,16 @@ def train(
                     if better:
                         state["best_pcc"] = row["val_pcc"]
                 if better:
-                    net.save_pretrained(str(best_dir), training_data=_describe(train_patches))
+                    _write_folder_atomically(best_dir, lambda folder: net.save_pretrained(
+                        str(folder), training_data=_describe(train_patches)))
                     row["best"] = True
             state["history"].append(row)
             log(row)
 
         stop = False
         net.train()
+        if rng_state is not None and not fresh:  # the process-wide streams as they were at the checkpoint
+            _set_global_rng_state(rng_state)
         deadline = stage_deadline(stage)
         stage_start = time.perf_counter()
         step_budget = mean_max_steps if stage == "mean" and mean_max_steps is not None else max_steps
@@ -688,6 +815,8 @@ def train(
             epoch = state["epoch"]
             sampler.set_epoch(epoch)
             dataset.set_epoch(epoch)
+            if hasattr(loader, "set_epoch"):  # accelerate's loader re-seeds the sampler with its own epoch count
+                loader.set_epoch(epoch)  # (from 0 in a resumed run), and a skipping loader inherits it
             epoch_loader = (accelerator.skip_first_batches(loader, state["step_in_epoch"]) if state["step_in_epoch"]
                             else loader)
             bar = tqdm(epoch_loader, total=len(sampler) - state["step_in_epoch"],
