@@ -1,4 +1,4 @@
-"""c3diff.tl.celltype_map (METHOD.md section 8)."""
+"""c3diff.tl.celltype_map (docs/method.md, Cell-type map)."""
 
 from __future__ import annotations
 
@@ -197,8 +197,8 @@ def test_multiscale_source_gives_the_same_pyramid():
 
 
 def test_recovers_simulated_immune_types_from_true_transcript_rasters():
-    """End to end on the simulator: the markers of METHOD.md section 8 on the true 10 um transcript counts (all 280
-    genes) call the true immune type of most immune pixels (chance: 1 in 7)."""
+    """End to end on the simulator: the markers of docs/method.md (Cell-type map) on the true 10 um transcript counts
+    (all 280 genes) call the true immune type of most immune pixels (chance: 1 in 7)."""
     import warnings
 
     import c3diff as c3

@@ -1,4 +1,4 @@
-"""c3diff.metrics: map scores (METHOD.md section 7) and the spot-level external validation."""
+"""c3diff.metrics: map scores (docs/method.md, Metrics and protocols) and the spot-level external validation."""
 
 from __future__ import annotations
 

@@ -99,7 +99,7 @@ def test_elements_models_and_transforms(section):
     kinds = attrs["gene_kinds"]
     assert sorted(g for genes in kinds.values() for g in genes) == sorted(table.var_names)
     assert len(kinds["spatial_field"]) >= 5
-    # the immune markers of METHOD.md section 8 are all type-linked
+    # the immune markers (docs/method.md, Cell-type map) are all type-linked
     markers = {
         "MS4A1", "CD79A", "CD79B", "CD19", "BANK1", "TCL1A", "CD4", "CD3E", "CD3G", "TRAC", "IL7R", "CCR7", "LTB",
         "TCF7",

@@ -35,7 +35,7 @@ class Key(str, Enum):
 #: Key of ``sdata.attrs`` / ``adata.uns`` under which c3diff records parameters and provenance.
 ATTRS_KEY = "c3diff"
 
-#: Paper geometry (METHOD.md section 1), in micrometres.
+#: Paper geometry (:doc:`/method`, *Geometry*), in micrometres.
 HR_PIXEL_SIZE_10X = 10.0
 HR_PIXEL_SIZE_5X = 20.0
 LR_PIXEL_SIZE = 100.0
@@ -50,7 +50,7 @@ LEGACY_ST_PITCH = 200.0
 #: spot, filled from neighbouring spots (:func:`c3diff.pp.spots_to_grid`).
 MASK_OUTSIDE, MASK_MEASURED, MASK_FILLED = 0, 1, 2
 
-#: Immune cell types of the cell-type map (METHOD.md section 8), in the paper's order.
+#: Immune cell types of the cell-type map (:doc:`/method`, *Cell-type map*), in the paper's order.
 IMMUNE_TYPES = (
     "B cell",
     "T cell CD4",
@@ -61,8 +61,8 @@ IMMUNE_TYPES = (
     "plasma cell",
 )
 
-#: Marker genes of the seven immune types (METHOD.md section 8), human gene symbols (upper case), from the Xenium
-#: breast panel; the default of :func:`c3diff.tl.celltype_map` (``markers="human"``).
+#: Marker genes of the seven immune types (:doc:`/method`, *Cell-type map*), human gene symbols (upper case), from the
+#: Xenium breast panel; the default of :func:`c3diff.tl.celltype_map` (``markers="human"``).
 IMMUNE_MARKERS_HUMAN: dict[str, tuple[str, ...]] = {
     "B cell": ("MS4A1", "CD79A", "CD79B", "CD19", "BANK1", "TCL1A"),
     "T cell CD4": ("CD4", "CD3E", "CD3G", "TRAC", "IL7R", "CCR7", "LTB", "TCF7"),

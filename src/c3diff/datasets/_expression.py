@@ -3,9 +3,9 @@
 Genes come in three kinds:
 
 ``type_linked``
-    Expression depends on the cell type (from the panel's ``group`` column, the immune markers of METHOD.md section 8
-    and known biology), so histology predicts them partly. A few tumour genes also vary between nests (clones) and the
-    proliferation genes switch on in cycling tumour cells (whose nuclei are drawn darker).
+    Expression depends on the cell type (from the panel's ``group`` column, the immune markers of :doc:`/method`,
+    *Cell-type map*, and known biology), so histology predicts them partly. A few tumour genes also vary between nests
+    (clones) and the proliferation genes switch on in cycling tumour cells (whose nuclei are drawn darker).
 ``spatial_field``
     The same in every cell type, modulated by smooth random fields that have nothing to do with the tissue structure:
     histology cannot predict them; only the low-resolution counts can.
@@ -50,8 +50,8 @@ GROUP_TYPES: dict[str, dict[str, float]] = {
 }
 
 _T_CELL = {"T cell CD4": 1.0, "T cell CD8": 1.0, "Tregs": 1.0}
-#: Explicit programmes (override the group): the immune markers of METHOD.md section 8, specific enough that a
-#: marker-average argmax recovers the immune types, plus genes whose panel group is empty but whose biology is known.
+#: Explicit programmes (override the group): the immune markers (:doc:`/method`, *Cell-type map*), specific enough that
+#: a marker-average argmax recovers the immune types, plus genes whose panel group is empty but whose biology is known.
 GENE_TYPES: dict[str, dict[str, float]] = {
     # B cell
     **{g: {"B cell": 1.0} for g in ("MS4A1", "CD19", "BANK1", "TCL1A")},
@@ -115,7 +115,7 @@ SPATIAL_GENES: tuple[str, ...] = (
 CLONAL_GENES: tuple[str, ...] = ("ESR1", "PGR", "ERBB2", "FOXA1", "GATA3", "AR", "KRT7", "CEACAM6", "TACSTD2", "CCND1")
 #: Proliferation genes, high in cycling tumour cells.
 CYCLING_GENES: tuple[str, ...] = ("MKI67", "TOP2A", "CENPF", "PCLAF")
-#: Markers of METHOD.md section 8 get a higher base level so they are well sampled.
+#: The immune markers (:doc:`/method`, *Cell-type map*) get a higher base level so they are well sampled.
 _MARKER_BOOST = 3.0
 _LEAK = 0.01  # every gene is detected at a low level in every type (ambient RNA, mis-assignment)
 N_SPATIAL_FIELDS = 3

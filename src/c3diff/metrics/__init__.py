@@ -1,4 +1,4 @@
-"""Scores of super-resolved gene maps (METHOD.md section 7).
+"""Scores of super-resolved gene maps (:doc:`/method`, *Metrics and protocols*).
 
 Map scores, per (item, gene) on [0, 1]-normalised maps: :func:`rmse` (divided by the ground-truth range),
 :func:`pcc` (``|Pearson r|``) and :func:`ssim` (Gaussian, sigma 1.5); :func:`score_maps` gives all three as a

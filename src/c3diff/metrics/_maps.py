@@ -1,4 +1,5 @@
-"""Map-to-map scores of METHOD.md section 7: range-normalised RMSE, |PCC| and Gaussian SSIM per (item, gene)."""
+"""Map-to-map scores (:doc:`/method`, *Metrics and protocols*): range-normalised RMSE, |PCC| and Gaussian SSIM per
+(item, gene)."""
 
 from __future__ import annotations
 
@@ -146,9 +147,9 @@ def rmse(
     mask
         Boolean pixels to score (e.g. tissue), broadcastable to the maps. Non-finite pixels are never scored.
     normalize
-        Min-max each map (prediction and truth separately, over the scored pixels) to [0, 1] first, as in the
-        paper (METHOD.md section 7). The truth's range is then 1. With ``False`` the RMSE is in the maps' units,
-        divided by the truth's range (a normalised RMSE).
+        Min-max each map (prediction and truth separately, over the scored pixels) to [0, 1] first, as in the paper
+        (:doc:`/method`, *Metrics and protocols*). The truth's range is then 1. With ``False`` the RMSE is in the maps'
+        units, divided by the truth's range (a normalised RMSE).
 
     Returns
     -------

@@ -1,4 +1,5 @@
-"""External validation (METHOD.md section 7): compare a prediction with the measured spots at the spots only."""
+"""External validation (:doc:`/method`, *Metrics and protocols*): compare a prediction with the measured spots at the
+spots only."""
 
 from __future__ import annotations
 

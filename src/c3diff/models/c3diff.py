@@ -445,7 +445,7 @@ class C3DiffModel(ModelMixin, ConfigMixin):
                 f"`hr` must be (B, 1, {expected}, {expected}) for this {self.config.scale}x model with "
                 f"{size} px tiles, got {tuple(hr.shape)}."
             )
-        if expected != size:  # 5x: nearest upsampling to the network's size (METHOD.md section 1)
+        if expected != size:  # 5x: nearest upsampling to the network's size (docs/method.md, Geometry)
             hr = F.interpolate(hr, size=(size, size), mode="nearest")
         return hr.expand(-1, self._image_channels, -1, -1)
 
@@ -532,8 +532,8 @@ class C3DiffModel(ModelMixin, ConfigMixin):
         """Pretrain the denoiser as an unconditional diffusion model of gene maps, then copy its encoder into the
         ControlNet; marks ``config.backbone_fitted``.
 
-        C3-Diff builds on a pretrained unconditional LDM whose UNet encoder is frozen (METHOD.md section 3). Without
-        one (no network, or a preset trained from scratch), this stage provides it: the whole UNet learns
+        C3-Diff builds on a pretrained unconditional LDM whose UNet encoder is frozen (:doc:`/method`, *Architecture*).
+        Without one (no network, or a preset trained from scratch), this stage provides it: the whole UNet learns
         epsilon-prediction on HR maps (no hint), AdamW, uniform timesteps.
 
         Parameters

@@ -1,8 +1,8 @@
 """C3-Diff's hint encoders, the gene code, the LR conditioning image and the on-sphere ST feature augmentation.
 
-Four small CNNs trained from scratch (METHOD.md section 3) map a ``3 x S x S`` input to feature maps at the latent
-size: ``E_h^c(h) = C_h`` and ``E_h^m(h) = M_h`` from histology, ``E_y^c(y) = C_y`` and ``E_y^m(y) = M_y`` from the
-upsampled LR ST map. Each encoder is a conv3x3 stack with SiLU and stride-2 steps down to the latent size, ending in
+Four small CNNs trained from scratch (:doc:`/method`, *Architecture*) map a ``3 x S x S`` input to feature maps at the
+latent size: ``E_h^c(h) = C_h`` and ``E_h^m(h) = M_h`` from histology, ``E_y^c(y) = C_y`` and ``E_y^m(y) = M_y`` from
+the upsampled LR ST map. Each encoder is a conv3x3 stack with SiLU and stride-2 steps down to the latent size, ending in
 a zero-initialised conv (so the hint starts as a no-op, as a ControlNet's zero convs do).
 
 Where the contrastive losses read the features

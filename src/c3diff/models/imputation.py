@@ -1,4 +1,4 @@
-"""Imputation of ST features for modality-incomplete samples (histology without LR ST; METHOD.md section 5).
+"""Imputation of ST features for samples without LR ST (:doc:`/method`, *Patches without low-resolution ST*).
 
 Training
     For a sample ``m`` without LR ST, ``C_y^m = alpha * sum_k softmax_k(<C_h^m, C_h^k> / tau) C_y^k`` and

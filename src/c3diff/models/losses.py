@@ -1,10 +1,10 @@
-"""C3-Diff's losses (METHOD.md section 4): three contrastive InfoNCE losses, the diffusion MSE and their sum.
+"""C3-Diff's losses (:doc:`/method`, *Losses*): three contrastive InfoNCE losses, the diffusion MSE and their sum.
 
 Every feature map is flattened and L2-normalised onto a unit hypersphere; similarities are ``<a, b> / tau`` with
 ``tau = 0.07`` and negatives come from the batch. Each loss is a masked log-softmax InfoNCE: a row's candidates are
 all entries except excluded ones (the anchor itself), and the loss is the mean negative log-probability of the row's
-positives. Unlike the authors' code (METHOD.md section 10) the logits stay in the autograd graph, the pair masks
-follow the paper's definitions, and every component enters the total exactly once.
+positives. Unlike the authors' code (:doc:`/method`, *Differences from the authors' code*) the logits stay in the
+autograd graph, the pair masks follow the paper's definitions, and every component enters the total exactly once.
 """
 
 from __future__ import annotations
@@ -226,7 +226,7 @@ def diffusion_mse(
         ``(B, ...)`` predicted and true target: the noise (the paper), or the velocity for a v-prediction model
         (see :meth:`c3diff.models.C3DiffModel.diffusion_target`).
     weights
-        ``(B,)`` per-sample weights (e.g. :func:`min_snr_weights`); ``None``: the plain mean (METHOD.md).
+        ``(B,)`` per-sample weights (e.g. :func:`min_snr_weights`); ``None``: the plain mean (:doc:`/method`, *Losses*).
 
     Examples
     --------

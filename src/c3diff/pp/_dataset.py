@@ -18,13 +18,13 @@ except ImportError:  # pragma: no cover
 
 
 class PatchDataset(_TorchDataset):
-    """One item per (patch, gene): the paper trains one gene map per sample (METHOD.md section 3).
+    """One item per (patch, gene): the paper trains one gene map per sample (:doc:`/method`, *Architecture*).
 
     Each item is a dict of tensors: ``histology`` float32 ``(3, S, S)`` in [0, 1]; ``lr`` float32 ``(1, L, L)`` in
     [0, 1]; ``hr`` float32 ``(1, H, H)`` in [-1, 1] (when the patches have ground truth); ``gene_index`` int64 (the
-    gene's index in ``genes``, the model's order); ``lr_missing`` bool (a modality-incomplete sample, METHOD.md
-    section 5); ``patch_index`` int64; with ground truth also ``hr_counts`` float32 ``(1, H, H)``, the observed counts
-    (what the conditional-mean stage's count likelihood needs).
+    gene's index in ``genes``, the model's order); ``lr_missing`` bool (a modality-incomplete sample, :doc:`/method`,
+    *Patches without low-resolution ST*); ``patch_index`` int64; with ground truth also ``hr_counts`` float32
+    ``(1, H, H)``, the observed counts (what the conditional-mean stage's count likelihood needs).
 
     Parameters
     ----------

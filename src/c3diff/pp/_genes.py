@@ -45,9 +45,9 @@ def select_genes(
 ) -> list[str]:
     """Select the genes to super-resolve: the top ``n_top_genes`` highly variable genes (scanpy), markers forced in.
 
-    The paper keeps the top 200 HVGs of a 280-gene panel (METHOD.md section 1). Marker genes needed downstream (e.g.
-    by :func:`~c3diff.tl.celltype_map`) can be forced in with ``include``; they take the places of the lowest-ranked
-    HVGs, so the result still has ``n_top_genes`` genes.
+    The paper keeps the top 200 HVGs of a 280-gene panel (:doc:`/method`, *Geometry*). Marker genes needed downstream
+    (e.g. by :func:`~c3diff.tl.celltype_map`) can be forced in with ``include``; they take the places of the
+    lowest-ranked HVGs, so the result still has ``n_top_genes`` genes.
 
     Parameters
     ----------

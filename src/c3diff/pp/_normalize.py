@@ -1,4 +1,4 @@
-"""Per-map min-max normalisation (METHOD.md section 2) and its inverse."""
+"""Per-map min-max normalisation (:doc:`/method`, *Normalisation and units*) and its inverse."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""SpatialData -> the paper's training tensors (METHOD.md sections 1-2): histology, LR and HR patches."""
+"""SpatialData -> the paper's training tensors: histology, LR and HR patches (:doc:`/method`, *Geometry*)."""
 
 from __future__ import annotations
 
@@ -224,7 +224,7 @@ def make_patches(
     The histology is resampled from the H&E (through its transform) to 10 um/px; a patch is ``patch_size`` pixels
     square (the paper: 256 px = 2.56 mm). Its LR map is the ``ceil(patch_size * 10 / 100)`` LR pixels (100 um)
     starting at the same corner; its HR map covers the patch at 10 um (``scale=10``) or 20 um (``scale=5``).
-    Maps are min-max normalised per (patch, gene) (METHOD.md section 2), the ranges kept.
+    Maps are min-max normalised per (patch, gene) (:doc:`/method`, *Normalisation and units*), the ranges kept.
 
     Parameters
     ----------

@@ -1,4 +1,4 @@
-"""Cell-type map from super-resolved marker genes (METHOD.md section 8)."""
+"""Cell-type map from super-resolved marker genes (:doc:`/method`, *Cell-type map*)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 logger = logging.getLogger(__name__)
 
-#: Marker genes of the paper's seven immune types (METHOD.md section 8; names as
+#: Marker genes of the paper's seven immune types (:doc:`/method`, *Cell-type map*; names as
 #: :data:`c3diff._constants.IMMUNE_TYPES`), human gene symbols. Copy, replace or extend it and pass it as ``markers``.
 DEFAULT_MARKERS: dict[str, tuple[str, ...]] = IMMUNE_MARKERS_HUMAN
 #: The same types with mouse gene symbols (``markers="mouse"``).
@@ -137,7 +137,7 @@ def _compute(data: Any, used: dict[str, list[str]], min_score: float | None) -> 
     span = hi - lo
     constant = [g for g, s in zip(union, span, strict=True) if not (np.isfinite(s) and s > 0)]
     ok = np.isfinite(span) & (span > 0)
-    # per marker min-max over the whole region; a constant marker carries no signal and becomes 0 (METHOD.md 2)
+    # per marker min-max over the whole region; a constant marker carries no signal and becomes 0 (docs/method.md)
     scale = np.where(ok, 1.0 / np.where(ok, span, 1.0), 0.0).astype(np.float32)
     offset = np.where(np.isfinite(lo), lo, 0.0).astype(np.float32)
     normed = (values - offset[:, None, None]) * scale[:, None, None]
@@ -217,7 +217,7 @@ def celltype_map(
     min_score: float | None = DEFAULT_MIN_SCORE,
     inplace: bool = True,
 ) -> CelltypeMap | None:
-    """Call a cell type per pixel from super-resolved marker genes (METHOD.md section 8), or leave it unassigned.
+    """Call a cell type per pixel from super-resolved markers, or leave it unassigned (:doc:`/method`, *Cell-type map*).
 
     Each marker's map is min-max normalised to [0, 1] over the whole layer; a type's score is the mean of its
     markers' normalised maps; each pixel gets the type of highest score (the first type wins ties), and the score

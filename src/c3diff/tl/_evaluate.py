@@ -233,9 +233,9 @@ def evaluate(
 ) -> pd.DataFrame:
     """Score a super-resolved gene raster: against a high-resolution truth, and/or against the measured spots.
 
-    With ``truth_key`` (METHOD.md section 7): the prediction and the truth are matched through their transforms and
-    cut into ``tile_size`` x ``tile_size`` tiles (the paper's 256 x 256 patches); each (tile, gene) gets the
-    range-normalised RMSE, ``|PCC|`` and Gaussian SSIM of :func:`c3diff.metrics.score_maps`, on maps min-max
+    With ``truth_key`` (:doc:`/method`, *Metrics and protocols*): the prediction and the truth are matched through their
+    transforms and cut into ``tile_size`` x ``tile_size`` tiles (the paper's 256 x 256 patches); each (tile, gene) gets
+    the range-normalised RMSE, ``|PCC|`` and Gaussian SSIM of :func:`c3diff.metrics.score_maps`, on maps min-max
     normalised per tile and gene. A truth on a finer grid that nests in the prediction's (e.g. 10 um bins for a
     20 um prediction) is sum-pooled onto it.
 

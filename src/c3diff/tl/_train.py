@@ -327,9 +327,9 @@ def validation_scores(
     n_samples: int = 4,
     seed: int = 0,
 ) -> dict[str, float]:
-    """RMSE / PCC (METHOD.md section 7) of the model's maps, on up to ``max_patches`` patches and ``max_genes`` genes
-    (the most variable in the validation truth), in the model's scale: the conditional mean of a residual model, or
-    the mean of ``n_samples`` maps sampled with ``steps`` DDIM steps (paper formulation).
+    """RMSE / PCC (:doc:`/method`, *Metrics and protocols*) of the model's maps, on up to ``max_patches`` patches and
+    ``max_genes`` genes (the most variable in the validation truth), in the model's scale: the conditional mean of a
+    residual model, or the mean of ``n_samples`` maps sampled with ``steps`` DDIM steps (paper formulation).
 
     One sample of sparse counts correlates little with the truth even for a perfect model (two Poisson draws of the
     same intensity); the mean of a few samples tracks the intensity, which is what the score should select on.
@@ -557,7 +557,8 @@ def train(
     loss_weights
         Overrides of ``{"mse": 2, "modal": 1, "content": 1, "inter_sphere": 1}`` (0 turns a loss off).
     lr_missing_fraction
-        Fraction of samples whose LR ST is withheld each epoch (trained through imputation; METHOD.md section 5).
+        Fraction of samples whose LR ST is withheld each epoch (trained through imputation; :doc:`/method`, *Patches
+        without low-resolution ST*).
     skip_constant
         Skip (patch, gene) pairs whose HR map is constant.
     gradient_accumulation_steps, mixed_precision, device
