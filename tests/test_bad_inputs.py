@@ -345,6 +345,29 @@ def test_revision_with_a_local_folder_warns(model_folder):
         from_pretrained(model_folder, revision="v1")
 
 
+def test_pinned_revision_offline_fails_fast_and_names_the_revision(tmp_path, monkeypatch):
+    import socket
+    import time
+
+    import huggingface_hub
+
+    from c3diff.models import from_pretrained
+
+    def no_dns(*args, **kwargs):  # a machine without network: no host name resolves
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # (conftest sets it for other tests)
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    start = time.perf_counter()
+    with pytest.raises(OSError, match="not in the local Hugging Face cache and the Hub cannot be reached") as info:
+        from_pretrained("someone/c3diff-absent", revision=commit, cache_dir=tmp_path)
+    assert time.perf_counter() - start < 5  # was ~25 s of retries
+    message = str(info.value)
+    assert f"--revision {commit}" in message
+    assert f"snapshot_download('someone/c3diff-absent', revision={commit!r})" in message
+
+
 # --------------------------------------------------------------------------------------------- command line
 def test_cli_corrupt_model_is_one_line_and_the_store_is_unchanged(tmp_path, model_folder, capsys):
     store = tmp_path / "section.zarr"

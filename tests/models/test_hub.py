@@ -77,6 +77,7 @@ def test_repo_id_goes_through_snapshot_download(saved, monkeypatch):
         return str(folder)
 
     monkeypatch.setattr(hub, "snapshot_download", fake_snapshot_download)
+    monkeypatch.setattr(hub, "_check_hub_reachable", lambda *args, **kwargs: None)  # (no network in tests)
     model = c3diff.models.from_pretrained("someone/c3diff-tiny", revision=COMMIT, cache_dir="/nowhere", token="t")
     assert model.genes == saved[0].genes
     ((repo_id, kwargs),) = calls
@@ -101,6 +102,7 @@ def test_offline_and_not_cached_gives_a_clear_error(tmp_path, monkeypatch):
         raise LocalEntryNotFoundError("not cached")
 
     monkeypatch.setattr(hub, "snapshot_download", raise_not_cached)
+    monkeypatch.setattr(hub, "_check_hub_reachable", lambda *args, **kwargs: None)  # (no network in tests)
     with pytest.raises(OSError, match="snapshot_download"):
         c3diff.models.from_pretrained("someone/absent", revision=COMMIT)
 

@@ -28,6 +28,7 @@ import torch
 from diffusers import UNet2DModel, VQModel
 from huggingface_hub import HfApi, snapshot_download
 from huggingface_hub.errors import (
+    HfHubHTTPError,
     HFValidationError,
     LocalEntryNotFoundError,
     RepositoryNotFoundError,
@@ -489,33 +490,61 @@ def _resolve_folder(
             UserWarning,
             stacklevel=3,
         )
+    pinned = revision is not None and _COMMIT.match(revision) is not None
+    download = {"repo_id": repo_id, "revision": revision, "cache_dir": cache_dir, "token": token,
+                "allow_patterns": allow_patterns, "library_name": "c3diff", "library_version": __version__}
+    if pinned and not local_files_only and not _snapshot_cached(repo_id, revision, cache_dir):
+        _check_hub_reachable(repo_id, revision, token=token, what=what)
     try:
-        folder = snapshot_download(
-            repo_id,
-            revision=revision,
-            cache_dir=cache_dir,
-            token=token,
-            local_files_only=local_files_only,
-            allow_patterns=allow_patterns,
-            library_name="c3diff",
-            library_version=__version__,
-        )
+        folder = snapshot_download(**download, local_files_only=local_files_only)
     except LocalEntryNotFoundError as err:
-        raise OSError(
-            f"The {what} {repo_id!r} (revision {revision or 'default'}) is not in the local Hugging Face cache and "
-            "the Hub cannot be reached (offline, HF_HUB_OFFLINE=1 or local_files_only=True). On a machine with "
-            f"internet, download it first: `huggingface-cli download {repo_id}"
-            f"{f' --revision {revision}' if revision else ''}` or `huggingface_hub.snapshot_download({repo_id!r})` "
-            "(with the same cache_dir / HF_HOME), or copy its files to a folder and pass that folder instead."
-        ) from err
-    except RevisionNotFoundError as err:
-        raise OSError(f"Revision {revision!r} does not exist in the Hub repository {repo_id!r}.") from err
-    except RepositoryNotFoundError as err:
-        raise OSError(
-            f"The Hub repository {repo_id!r} does not exist or is private/gated (pass `token=` with access)."
-        ) from err
+        raise OSError(_offline_message(what, repo_id, revision, None)) from err
+    except (RevisionNotFoundError, RepositoryNotFoundError) as err:
+        raise _not_found(err, repo_id, revision) from err
     return Path(folder)
 
+
+def _snapshot_cached(repo_id: str, revision: str, cache_dir: str | Path | None) -> bool:
+    """Whether the cache holds a snapshot of the commit ``revision`` (a look at the cache folder, no network)."""
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    root = Path(cache_dir) if cache_dir is not None else Path(constants.HF_HUB_CACHE)
+    return (root / repo_folder_name(repo_id=repo_id, repo_type="model") / "snapshots" / revision).is_dir()
+
+
+def _check_hub_reachable(repo_id: str, revision: str, *, token: str | bool | None, what: str) -> None:
+    """One look-up of a pinned commit that is not cached, so that an unreachable Hub fails at once:
+    ``snapshot_download`` skips its first request for a commit and lists the commit's files with ~25 s of retries
+    before giving up."""
+    try:
+        HfApi(token=token, library_name="c3diff", library_version=__version__).repo_info(
+            repo_id, revision=revision, timeout=10)
+    except (RevisionNotFoundError, RepositoryNotFoundError) as err:
+        raise _not_found(err, repo_id, revision) from err
+    except HfHubHTTPError:
+        pass  # the Hub answered: the download reports what it has to
+    except Exception as err:  # connection refused, DNS, timeout, proxy, HF_HUB_OFFLINE=1
+        raise OSError(_offline_message(what, repo_id, revision, f"{type(err).__name__}: {err}")) from err
+
+
+def _not_found(err: Exception, repo_id: str, revision: str | None) -> OSError:
+    """The error for a Hub repository or revision that does not exist."""
+    if isinstance(err, RevisionNotFoundError):
+        return OSError(f"Revision {revision!r} does not exist in the Hub repository {repo_id!r}.")
+    return OSError(f"The Hub repository {repo_id!r} does not exist or is private/gated (pass `token=` with access).")
+
+def _offline_message(what: str, repo_id: str, revision: str | None, reason: str | None) -> str:
+    """The error for a Hub model that is neither cached nor reachable; the download commands name the revision."""
+    cli_revision = f" --revision {revision}" if revision else ""
+    py_revision = f", revision={revision!r}" if revision else ""
+    return (
+        f"The {what} {repo_id!r} (revision {revision or 'default'}) is not in the local Hugging Face cache and "
+        f"the Hub cannot be reached ({reason or 'offline, HF_HUB_OFFLINE=1 or local_files_only=True'}). On a "
+        f"machine with internet, download it first: `huggingface-cli download {repo_id}{cli_revision}` or "
+        f"`huggingface_hub.snapshot_download({repo_id!r}{py_revision})` (with the same cache_dir / HF_HOME), or copy "
+        "its files to a folder and pass that folder instead."
+    )
 
 def _model_class(config: dict) -> type:
     """The model class recorded in a config, looked up in :data:`MODEL_CLASSES` (no module is imported)."""
