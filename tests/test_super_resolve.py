@@ -222,7 +222,9 @@ def test_lr_pixel_calibration_through_super_resolve_matches_lr_counts():
     lr = lr[:, :n_y, :n_x]
     error = {k: np.abs(v - lr).sum() / lr.sum() for k, v in out.items()}
     assert error["lr_pixel"] < 0.05  # cross-faded tiles each honour the LR pixels (blending within cut LR pixels)
-    assert error["lr_pixel"] < error["tile"] / 3
+    # the tile calibration alone misses the bins by more; the layer's footprint correction (test_footprint.py) then
+    # makes every bin wholly on tissue add up, so only bins at the tissue's edge (partly masked) still differ
+    assert error["tile"] < 0.1
     with pytest.raises(ValueError, match="calibration"):
         super_resolve(sdata, "hne", points_key="transcripts", method="bicubic", calibration="spot", progress=False)
 

@@ -15,6 +15,8 @@ from c3diff._provenance import record
 from c3diff._validation import check_genes, get_element
 from c3diff.pp import bin_transcripts, detect_tissue, histology_raster, minmax_normalize, spots_to_grid
 from c3diff.tl._execution import active_client, chunked, run_tasks
+from c3diff.tl._footprints import bin_footprints, match_footprints, spot_footprints
+from c3diff.tl._memory import bytes_per_gene, check_memory
 from c3diff.tl._predictors import (
     BicubicPredictor,
     ModelPayload,
@@ -24,13 +26,17 @@ from c3diff.tl._predictors import (
     run_predictor,
 )
 from c3diff.tl._tiling import BlendAccumulator, blend_window, plan_tiles
+from c3diff.tl._tissue import layer_tissue_mask, zero_off_tissue
 
 if TYPE_CHECKING:  # pragma: no cover
     from spatialdata import SpatialData
 
 #: What the values of a super-resolved layer mean (also recorded with each layer).
 UNITS = (
-    "expected transcript counts per output pixel, calibrated to the LR counts: with calibration='lr_pixel' the "
+    "expected transcript counts per output pixel: the expected count of that square as if all tissue had been "
+    "measured, so summed over each measured spot's disc (or 100 um transcript bin) the layer gives that spot's count "
+    "(within 0.5 %), and 0 off the tissue mask. Tiles are first calibrated to the LR counts: with "
+    "calibration='lr_pixel' the "
     "prediction summed over each measured (or gap-filled) 100 um LR pixel equals its count; with calibration='tile' "
     "one factor per tile and gene makes the sum over the tile's measured LR pixels equal theirs"
 )
@@ -240,7 +246,12 @@ def super_resolve(
     and the histology at 10 um/px, both anchored at the H&E's corner. The tissue (detected in the H&E) is covered
     with overlapping tiles of the model's size (2.56 mm for the paper preset); each tile's LR maps are min-max
     normalised, the model predicts the HR maps, the predictions are mapped to expression units (:data:`UNITS`) and
-    overlapping tiles are cross-faded (no seams). Tiles run as dask tasks on the active scheduler - a
+    overlapping tiles are cross-faded (no seams). A pixel value is the expected count of that 10 um (20 um at
+    ``scale=5``) square as if all tissue had been measured: the finished layer is 0 off the tissue (the H&E's tissue
+    where the counts have data, one mask for every method) and a smooth correction makes its sum over each spot's
+    disc (or 100 um transcript bin) equal that spot's count (``sdata.attrs["c3diff"][key_added]["params"]
+    ["footprints"]`` records how closely). Before allocating, the memory the run needs is estimated; more genes than
+    fit raise a MemoryError saying how many fit. Tiles run as dask tasks on the active scheduler - a
     ``dask.distributed.Client`` included (a model given by path or repo id is loaded once per worker; a model object
     is scattered once to each worker) - and results are blended as they arrive, so memory is bounded by the tile
     batch (plus the output, unless ``store`` streams it to disk). Nothing is written unless everything succeeded.
@@ -403,6 +414,14 @@ def super_resolve(
 
     # --- inputs on the H&E-anchored grids -------------------------------------------------------------------
     rgb, hist_grid = histology_raster(sdata, image_key, pixel_size=hist_px, coordinate_system=coordinate_system)
+    per_gene = bytes_per_gene(  # checked before the LR rasters and the output are allocated
+        out_shape=(math.ceil(hist_grid.height / out_factor), math.ceil(hist_grid.width / out_factor)),
+        lr_shape=(math.ceil(hist_grid.height / lr_factor), math.ceil(hist_grid.width / lr_factor)),
+        n_tiles=len(plan_tiles(hist_grid.height, hist_grid.width, size=size, stride=stride)), lr_tile=lr_size,
+        out_tile=size // out_factor, n_layers=2 if n_samples > 1 and method == "c3diff" else 1,
+        streamed=store is not None,
+    )
+    check_memory(len(genes), per_gene, streamed=store is not None)
     if source_kind == "table":
         raster, mask = spots_to_grid(
             sdata, table_key=source_key, genes=genes, image_key=image_key, inplace=False,
@@ -496,9 +515,17 @@ def super_resolve(
     bar.close()
 
     transformations = _transformations_like(image, out_grid, coordinate_system)
-    layers = {"mean": _parse_layer(mean_acc.result(), genes, transformations), "std": None}
+    results = [acc.result() for acc in (mean_acc, std_acc) if acc is not None]
+    arrays = tuple(acc.values if acc.store is not None else r  # in place: the store, or the in-memory result
+                   for acc, r in zip((mean_acc, std_acc), results, strict=False))
+    on_tissue = layer_tissue_mask(tissue, out_factor, (out_grid.height, out_grid.width))  # one mask, every method
+    zero_off_tissue(arrays, on_tissue)
+    footprints = (spot_footprints(sdata, source_key, genes, out_grid, coordinate_system=coordinate_system)
+                  if source_kind == "table" else bin_footprints(lr_full, LR_PIXEL_SIZE, out_grid))
+    footprint_fit = match_footprints(arrays[0], out_grid, footprints, on_tissue, others=arrays[1:])
+    layers = {"mean": _parse_layer(results[0], genes, transformations), "std": None}
     if std_acc is not None:
-        layers["std"] = _parse_layer(std_acc.result(), genes, transformations)
+        layers["std"] = _parse_layer(results[1], genes, transformations)
     if not inplace:
         return layers
 
@@ -511,6 +538,7 @@ def super_resolve(
         model=model_id if model_id is not None else (type(model_obj).__name__ if model_obj is not None else None),
         revision=revision, scale=scale, mode=mode, steps=steps, eta=eta, n_samples=n_samples, seed=seed, tile_size=size,
         overlap=size - stride, n_tiles=len(plan), genes=genes, units=UNITS, calibration=calibration,
-        pixel_size_um=out_grid.sy, std_key=f"{key}_std" if layers["std"] is not None else None,
+        pixel_size_um=out_grid.sy, footprints=footprint_fit,
+        std_key=f"{key}_std" if layers["std"] is not None else None,
     )
     return None
