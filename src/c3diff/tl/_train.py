@@ -239,7 +239,11 @@ def _write_folder_atomically(final: Path, write) -> None:
     tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    write(tmp)
+    try:
+        write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     old = None
     if final.exists():
         old = final.parent / f".old-{final.name}-{os.getpid()}"

@@ -1,0 +1,204 @@
+"""Fault injection: runs killed with SIGKILL (in a subprocess) after and during a write, then resumed or rerun.
+
+Each test checks what the user sees (the error type and the words that say what to do) and that nothing already on
+disk changed; a resumed training run must equal the uninterrupted run bit for bit (CPU).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from toy_sections import make_toy_section
+
+import c3diff as c3
+from c3diff.tl._train import _clean_checkpoints, _latest_checkpoint, _write_folder_atomically, train
+
+GENES = ["GENE_A", "GENE_B", "GENE_C"]
+#: 2 sections x 4 patches x 3 genes: 2 mean-stage and 4 residual steps per epoch (checkpoints at steps 2, 4, 8, 12)
+RUN = dict(model="tiny", genes=GENES, epochs=2, batch_size=4, learning_rate=1e-3, seed=1, backbone_steps=2,
+           autoencoder_steps=2, val_fraction=0, progress=False, log_every=1)
+
+#: A training run that SIGKILLs itself at a chosen point of a checkpoint write (argv: patch files, output dir, mode,
+#: step, number of torch threads).
+TRAIN_SCRIPT = textwrap.dedent("""
+    import io, json, os, signal, sys, warnings
+    import torch
+    import c3diff.tl._train as T
+    from c3diff.pp import PatchSet
+
+    warnings.simplefilter("ignore")
+    patch_files, out, mode = sys.argv[1].split(","), sys.argv[2], sys.argv[3]
+    step, threads = int(sys.argv[4]), int(sys.argv[5])
+    torch.set_num_threads(threads)
+    kill = lambda: os.kill(os.getpid(), signal.SIGKILL)
+    if mode == "after":  # killed right after step-N was renamed into place
+        original = T._write_folder_atomically
+        def write(final, fn):
+            original(final, fn)
+            if final.name == f"step-{step}":
+                kill()
+        T._write_folder_atomically = write
+    else:  # killed half-way through writing step-N's optimizer state
+        save = torch.save
+        def partial_save(obj, path, *args, **kwargs):
+            if f"step-{step}-" in str(path) and str(path).endswith("optimizer.pt"):
+                buffer = io.BytesIO()
+                save(obj, buffer)
+                with open(path, "wb") as fh:
+                    fh.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+                kill()
+            return save(obj, path, *args, **kwargs)
+        T.torch.save = partial_save
+    kwargs = json.loads(os.environ["C3DIFF_TEST_RUN"])
+    T.train([PatchSet.load(f) for f in patch_files], output_dir=out, **kwargs)
+""")
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    """Every file under ``folder`` (hidden ones too) with the sha1 of its bytes."""
+    return {str(p.relative_to(folder)): hashlib.sha1(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _weights(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _assert_same_weights(a, b) -> None:
+    a, b = _weights(a), _weights(b)
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+def _log_steps(folder: Path) -> list[tuple[str, int]]:
+    return [(row["type"], row["step"]) for row in map(json.loads, (folder / "log.jsonl").read_text().splitlines())]
+
+
+@pytest.fixture(scope="module")
+def patch_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("patches")
+    files = []
+    for seed in range(2):
+        section = make_toy_section(seed=seed, height=1400, width=1400, pixel_size=4.0, n_transcripts=40_000)
+        patches = c3.pp.make_patches(section, genes=GENES, points_key="transcripts", patch_size=64, min_tissue=0.3)
+        files.append(folder / f"toy{seed}.npz")
+        patches.save(files[-1])
+    return files
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(patch_files, tmp_path_factory):
+    """The reference: the whole run without interruption."""
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    with pytest.warns(UserWarning, match="no validation data"):
+        result = train([str(f) for f in patch_files], output_dir=folder, **RUN)
+    return result, folder
+
+
+def _killed_run(patch_files, out: Path, mode: str, step: int) -> None:
+    env = {**os.environ, "C3DIFF_TEST_RUN": json.dumps(RUN), "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    done = subprocess.run(
+        [sys.executable, "-c", TRAIN_SCRIPT, ",".join(map(str, patch_files)), str(out), mode, str(step),
+         str(torch.get_num_threads())],
+        env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+
+
+# ------------------------------------------------------------------------------------------------ training
+def test_killed_after_a_checkpoint_resumes_exactly(patch_files, uninterrupted, tmp_path):
+    reference, reference_dir = uninterrupted
+    out = tmp_path / "run"
+    _killed_run(patch_files, out, "after", 8)  # in the residual stage, after its first epoch's checkpoint
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2", "step-4", "step-8"]
+    before = _digest(out / "checkpoints")
+    with pytest.warns(UserWarning, match="no validation data"):
+        resumed = train([str(f) for f in patch_files], output_dir=out, resume="latest", **RUN)
+    _assert_same_weights(reference.model, resumed.model)
+    after = _digest(out / "checkpoints")
+    assert {k: v for k, v in after.items() if k in before} == before  # the checkpoints it resumed from are intact
+    assert _log_steps(out) == _log_steps(reference_dir)  # one row per step: nothing of the dead run past step 8
+    assert resumed.history.drop(columns="time").equals(reference.history.drop(columns="time"))
+
+
+def test_killed_during_a_checkpoint_write_resumes_from_the_last_complete_one(patch_files, uninterrupted, tmp_path):
+    reference, reference_dir = uninterrupted
+    out = tmp_path / "run"
+    _killed_run(patch_files, out, "during", 8)
+    names = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert "step-8" not in names and any(n.startswith(".tmp-step-8-") for n in names)  # never visible half-written
+    partial = next((out / "checkpoints").glob(".tmp-step-8-*"))
+    before = _digest(out)
+    # the half-written folder is refused by name, with the way out, and nothing is changed
+    with pytest.raises(FileNotFoundError, match="not a c3diff checkpoint .* resume='latest'"):
+        train([str(f) for f in patch_files], output_dir=out, resume=partial, **RUN)
+    assert _digest(out) == before
+    rows = _log_steps(out)
+    assert max(step for _, step in rows) == 8  # the dead run logged past its last complete checkpoint (step 4)
+    with pytest.warns(UserWarning, match="no validation data"):
+        resumed = train([str(f) for f in patch_files], output_dir=out, resume="latest", **RUN)
+    _assert_same_weights(reference.model, resumed.model)
+    assert not list((out / "checkpoints").glob(".tmp-*"))  # cleaned up
+    assert _log_steps(out) == _log_steps(reference_dir)
+    after = _digest(out)
+    complete = {k: v for k, v in before.items() if k.startswith("checkpoints/step-")}  # step-2 and step-4
+    assert {k: after.get(k) for k in complete} == complete
+
+
+def test_clean_stop_mid_epoch_resumes_exactly_and_the_data_order_is_checked(patch_files, uninterrupted, tmp_path):
+    reference, _ = uninterrupted
+    out = tmp_path / "run"
+    files = [str(f) for f in patch_files]
+    with pytest.warns(UserWarning, match="no validation data"):
+        train(files, output_dir=out, max_steps=10, **RUN)  # inside the residual stage's second epoch
+    before = _digest(out)
+    with pytest.raises(ValueError, match=r"different data order \(batch_size 4 -> 2\).*same `data`, `batch_size`"), \
+            pytest.warns(UserWarning, match="no validation data"):
+        train(files, output_dir=out, resume="latest", **{**RUN, "batch_size": 2})
+    assert _digest(out) == before
+    with pytest.warns(UserWarning, match="no validation data"):
+        resumed = train(files, output_dir=out, resume="latest", **RUN)
+    _assert_same_weights(reference.model, resumed.model)
+    steps = [step for kind, step in _log_steps(out) if kind == "step"]
+    assert steps == list(range(1, 13))
+
+
+def _complete(folder: Path, text: str = "{}") -> None:
+    folder.mkdir()
+    (folder / "trainer_state.json").write_text(text)
+
+
+def test_latest_ignores_incomplete_checkpoints_and_undoes_a_killed_replace(tmp_path):
+    checkpoints = tmp_path / "checkpoints"
+    for step in (3, 12):
+        _write_folder_atomically(checkpoints / f"step-{step}", _complete)
+    (checkpoints / "step-20" / "model").mkdir(parents=True)  # written in place by an older version, then killed
+    (checkpoints / ".tmp-step-30-123").mkdir()  # a write killed before its rename
+    with pytest.warns(UserWarning, match=r"ignoring incomplete checkpoint folder\(s\) \['step-20'\]"):
+        assert _latest_checkpoint(tmp_path) == checkpoints / "step-12"
+    assert not (checkpoints / ".tmp-step-30-123").exists()
+    # killed between moving the old folder aside and renaming the new one in: the old one comes back
+    (checkpoints / "step-12").rename(checkpoints / ".old-step-12-456")
+    _clean_checkpoints(checkpoints)
+    assert (checkpoints / "step-12" / "trainer_state.json").exists()
+
+    def failing(folder: Path) -> None:
+        _complete(folder, '{"new": true}')
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):  # a replace that fails while writing changes nothing
+        _write_folder_atomically(checkpoints / "step-12", failing)
+    assert (checkpoints / "step-12" / "trainer_state.json").read_text() == "{}"
+    _write_folder_atomically(checkpoints / "step-12", lambda folder: _complete(folder, '{"new": true}'))
+    assert (checkpoints / "step-12" / "trainer_state.json").read_text() == '{"new": true}'
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-12", "step-20", "step-3"]  # nothing left over
