@@ -11,6 +11,10 @@ MEMORY_SHARE = 0.8
 #: Bytes of one float32 value.
 FLOAT_BYTES = 4
 
+#: Bytes per LR pixel and gene of spots_to_grid's thin-plate RBF fill: 3 x 3 sub-samples per pixel, float64, about
+#: four arrays of them alive at once (surface, clipped, expm1, product).
+RBF_BYTES_PER_LR_PIXEL = 3 * 3 * 8 * 4
+
 
 def available_memory() -> int | None:
     """Bytes of memory available to new allocations now (``psutil`` when installed, else ``sysconf``), or None."""
@@ -28,16 +32,18 @@ def available_memory() -> int | None:
 
 def bytes_per_gene(
     *, out_shape: tuple[int, int], lr_shape: tuple[int, int], n_tiles: int, lr_tile: int, out_tile: int,
-    n_layers: int, streamed: bool,
+    n_layers: int, streamed: bool, spots: bool = False,
 ) -> int:
-    """Bytes super_resolve holds per gene: the LR raster, the tiles' LR inputs and predictions, and - unless the
-    output is streamed to a store - each output layer twice (the weighted sums and the blended result)."""
+    """Bytes super_resolve holds per gene: the LR raster (and, from ``spots``, its RBF fill), the tiles' LR inputs
+    and predictions, and - unless the output is streamed to a store - each output layer twice (the weighted sums and
+    the blended result)."""
     per_gene = lr_shape[0] * lr_shape[1] * 2  # the LR raster and its normalised copy
     per_gene += n_tiles * lr_tile * lr_tile  # the tiles' normalised LR inputs, made up front
     per_gene += 4 * out_tile * out_tile  # a tile's prediction, counts and factors
     if not streamed:
         per_gene += 2 * n_layers * out_shape[0] * out_shape[1]
-    return FLOAT_BYTES * per_gene
+    rbf = RBF_BYTES_PER_LR_PIXEL * lr_shape[0] * lr_shape[1] if spots else 0
+    return FLOAT_BYTES * per_gene + rbf
 
 
 def check_memory(n_genes: int, per_gene: int, *, streamed: bool = False, arg: str = "genes") -> None:

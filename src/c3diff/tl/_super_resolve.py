@@ -77,7 +77,10 @@ def _choose_lr_source(sdata: SpatialData, table_key: str | None, points_key: str
 
 def _load_model(model: Any, revision: str | None):
     if model is None:
-        raise ValueError("`model` is required with method='c3diff': a local folder, a Hub repo id or a model object.")
+        from c3diff.models.bundled import MODEL_CHOICES
+
+        raise ValueError(f"`model` is required with method='c3diff', got None. Pass {MODEL_CHOICES}; or use "
+                         "method='bicubic', which needs no model.")
     if isinstance(model, str | Path):
         from c3diff.models import from_pretrained
 
@@ -367,6 +370,9 @@ def super_resolve(
     model_obj = model_id = None
     if method == "c3diff":
         model_obj, model_id = _load_model(model, revision)
+        from c3diff.models.bundled import warn_demo_on_real_data
+
+        warn_demo_on_real_data(model_obj, sdata)  # once: the demo model knows simulated tissue only
         geometry = _model_geometry(model_obj)
         has_mean = getattr(model_obj, "mean_net", None) is not None
         if mode == "mean" and not has_mean:
@@ -419,7 +425,7 @@ def super_resolve(
         lr_shape=(math.ceil(hist_grid.height / lr_factor), math.ceil(hist_grid.width / lr_factor)),
         n_tiles=len(plan_tiles(hist_grid.height, hist_grid.width, size=size, stride=stride)), lr_tile=lr_size,
         out_tile=size // out_factor, n_layers=2 if n_samples > 1 and method == "c3diff" else 1,
-        streamed=store is not None,
+        streamed=store is not None, spots=source_kind == "table",
     )
     check_memory(len(genes), per_gene, streamed=store is not None)
     if source_kind == "table":
