@@ -73,8 +73,8 @@ def test_spot_footprint_sums_equal_the_spot_counts(section, fitted, method, tabl
 @pytest.mark.parametrize("method", ["bicubic", "c3diff"])
 def test_bin_footprint_sums_equal_the_binned_transcripts(section, fitted, method):
     key = _run(section, method, fitted, points_key="transcripts")
-    c3.pp.bin_transcripts(section, bin_size=100.0, genes=GENES, image_key="hne", key_added="bins_100")
-    bins = _layer(section, "bins_100")
+    grid = c3.pp.bin_transcripts(section, bin_size=100.0, genes=GENES, image_key="hne", inplace=False)
+    bins = np.asarray(scale0(grid).values, dtype=np.float64)
     layer = _layer(section, key)
     ny, nx = layer.shape[1] // 10, layer.shape[2] // 10
     sums = layer[:, : ny * 10, : nx * 10].reshape(len(GENES), ny, 10, nx, 10).sum(axis=(2, 4))
