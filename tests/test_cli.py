@@ -27,6 +27,7 @@ def test_help_explains_every_command(capsys):
     assert main([]) == 2
 
 
+@pytest.mark.slow
 def test_predict_writes_new_layers_into_the_store(tmp_path, capsys):
     import spatialdata as sd
 
@@ -55,6 +56,7 @@ def test_predict_errors_are_clear(tmp_path, capsys):
     assert "table_key='nope'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_train_from_a_config_file(tmp_path, capsys):
     import yaml
 

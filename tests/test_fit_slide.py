@@ -167,6 +167,7 @@ def test_fitted_model_round_trips_and_super_resolves(section, fitted, tmp_path):
                                np.asarray(layers["loaded"]["scale0"]["image"].data), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_cli_fit_writes_a_model_folder(section, tmp_path, capsys):
     from c3diff.cli import main
 
@@ -183,6 +184,7 @@ def test_cli_fit_writes_a_model_folder(section, tmp_path, capsys):
     assert c3.models.from_pretrained(str(tmp_path / "m")).config.mean_fitted is True
 
 
+@pytest.mark.slow
 def test_same_seed_same_fit(section):
     import torch
 

@@ -138,6 +138,7 @@ def test_store_streams_to_zarr_and_matches_memory(tmp_path):
     np.testing.assert_allclose(scale0(disk).values, scale0(mem).values, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_distributed_client_gives_the_same_result():
     distributed = pytest.importorskip("distributed")
     sdata = make_toy_section()
@@ -282,6 +283,7 @@ def test_c3diff_samples_write_an_uncertainty_layer_beside_the_exact_mean():
     assert set(sdata.images) == before
 
 
+@pytest.mark.slow
 def test_distributed_client_with_a_model_object():
     import pickle
 

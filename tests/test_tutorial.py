@@ -61,6 +61,7 @@ def test_notebook_is_valid_and_fast_by_default():
     assert "FAST = True" in setup.source  # CI and newcomers run the small version
 
 
+@pytest.mark.slow
 def test_notebook_executes_and_reports(executed):
     code = [c for c in executed.cells if c.cell_type == "code"]
     errors = [o for c in code for o in c.get("outputs", []) if o.get("output_type") == "error"]
