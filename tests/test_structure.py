@@ -95,3 +95,23 @@ def test_patch_dataset_is_still_reachable_from_pp():
             "print(issubclass(pp.PatchDataset, tud.Dataset), 'PatchDataset' in dir(pp))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["True", "True"]
+
+
+def test_a_model_folder_names_its_class_from_the_registry_only(tmp_path):
+    """config.json's ``_class_name`` is looked up in ``MODEL_CLASSES``; a module it names is never imported."""
+    import json
+
+    import c3diff
+    from c3diff.models.hub import MODEL_CLASSES
+
+    model = c3diff.models.build_model("tiny", genes=["EPCAM", "PTPRC"], scale=10)
+    c3diff.models.save_pretrained(model, tmp_path)
+    config_path = tmp_path / "config.json"
+    config = json.loads(config_path.read_text())
+    assert MODEL_CLASSES[config["_class_name"]] is type(model)
+    assert type(c3diff.models.from_pretrained(tmp_path)) is type(model)
+    for name, module, message in [("PatchDataset", "c3diff.pp", "does not have"),
+                                  ("Popen", "subprocess", "not part of c3diff")]:
+        config_path.write_text(json.dumps({**config, "_class_name": name, "_module": module}))
+        with pytest.raises(ValueError, match=message):
+            c3diff.models.from_pretrained(tmp_path)
