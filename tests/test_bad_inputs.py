@@ -368,6 +368,55 @@ def test_pinned_revision_offline_fails_fast_and_names_the_revision(tmp_path, mon
     assert f"snapshot_download('someone/c3diff-absent', revision={commit!r})" in message
 
 
+# ----------------------------------------------------------------------------------------- no silent overwrite
+def test_key_added_never_replaces_an_element_without_overwrite_nor_the_input():
+    sdata = make_toy_section()
+    hne, attrs = sdata.images["hne"], json.dumps(sdata.attrs, default=str)
+    for overwrite in (False, True):  # the input H&E (or the counts) never, even with overwrite=True
+        for key in ("hne", "table"):
+            with pytest.raises(ValueError, match=f"`key_added` would write '{key}', which is an input of this call"):
+                c3.tl.super_resolve(sdata, "hne", table_key="table", method="bicubic", key_added=key,
+                                    overwrite=overwrite, progress=False)
+    assert sdata.images["hne"] is hne and json.dumps(sdata.attrs, default=str) == attrs
+    c3.tl.super_resolve(sdata, "hne", table_key="table", method="bicubic", key_added="sr", progress=False)
+    layer, entry = sdata.images["sr"], json.dumps(sdata.attrs["c3diff"]["sr"])
+    with pytest.raises(ValueError, match=r"`key_added`: sdata.images\['sr'\] already exists; nothing was changed. "
+                                         r"Pass another `key_added`, or overwrite=True to replace it."):
+        c3.tl.super_resolve(sdata, "hne", table_key="table", method="bicubic", key_added="sr", genes=["GENE_A"],
+                            progress=False)
+    assert sdata.images["sr"] is layer and json.dumps(sdata.attrs["c3diff"]["sr"]) == entry
+    c3.tl.super_resolve(sdata, "hne", table_key="table", method="bicubic", key_added="sr", genes=["GENE_A"],
+                        overwrite=True, progress=False)
+    assert list(scale0(sdata.images["sr"]).coords["c"].values) == ["GENE_A"]
+    assert sdata.attrs["c3diff"]["sr"]["params"]["genes"] == ["GENE_A"]  # provenance = the data written
+    with pytest.raises(TypeError, match="`overwrite` must be True or False"):
+        c3.tl.super_resolve(sdata, "hne", table_key="table", method="bicubic", key_added="sr", overwrite="yes",
+                            progress=False)
+
+
+def test_cli_predict_on_a_store_with_the_layer_needs_overwrite(tmp_path, capsys):
+    import spatialdata as sd
+
+    store = tmp_path / "section.zarr"
+    make_toy_section().write(store)
+    argv = ["predict", str(store), "--method", "bicubic", "--table-key", "table", "--quiet"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    before = digest(store)
+    assert main([*argv, "--genes", "GENE_A"]) == 1  # was: "Added []", exit 0, and provenance of 1 gene
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "already has the layer 'hne_bicubic_x10'; nothing was changed" in err
+    assert "--overwrite" in err
+    assert digest(store) == before
+    assert main([*argv, "--genes", "GENE_A", "--overwrite"]) == 0
+    assert "replaced ['hne_bicubic_x10']" in capsys.readouterr().out
+    back = sd.read_zarr(store)
+    assert list(scale0(back.images["hne_bicubic_x10"]).coords["c"].values) == ["GENE_A"]
+    assert back.attrs["c3diff"]["hne_bicubic_x10"]["params"]["genes"] == ["GENE_A"]
+    assert main([*argv, "--key-added", "hne", "--overwrite"]) == 1  # the input image: never
+    assert "input of this call" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------------------------- command line
 def test_cli_corrupt_model_is_one_line_and_the_store_is_unchanged(tmp_path, model_folder, capsys):
     store = tmp_path / "section.zarr"

@@ -114,7 +114,12 @@ def test_min_score_and_nan_pixels_give_no_call():
     np.testing.assert_array_equal(labels[finite] == 0, (max_score[finite] < 0.5) | (max_score[finite] == 0))
     assert sdata.attrs["c3diff"]["types"]["params"]["min_score"] == 0.5
     # without min_score the weak pixels are called B cell
-    celltype_map(sdata, "sr", key_added="types", min_score=None)
+    with pytest.raises(ValueError, match=r"sdata.labels\['types'\], sdata.images\['types_scores'\], "
+                       r"sdata.tables\['types_table'\] already exist; nothing was changed.*overwrite=True"):
+        celltype_map(sdata, "sr", key_added="types", min_score=None)
+    assert sdata.attrs["c3diff"]["types"]["params"]["min_score"] == 0.5
+    celltype_map(sdata, "sr", key_added="types", min_score=None, overwrite=True)
+    assert sdata.attrs["c3diff"]["types"]["params"]["min_score"] is None
     np.testing.assert_array_equal(np.asarray(sdata.labels["types"].data)[1:], expected[1:])
     with pytest.raises(ValueError, match="min_score"):
         celltype_map(sdata, "sr", min_score=2.0)

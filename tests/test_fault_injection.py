@@ -15,11 +15,13 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from toy_sections import make_toy_section
 
 import c3diff as c3
+from c3diff._geometry import scale0
 from c3diff.tl._train import _clean_checkpoints, _latest_checkpoint, _write_folder_atomically, train
 
 GENES = ["GENE_A", "GENE_B", "GENE_C"]
@@ -60,6 +62,26 @@ TRAIN_SCRIPT = textwrap.dedent("""
         T.torch.save = partial_save
     kwargs = json.loads(os.environ["C3DIFF_TEST_RUN"])
     T.train([PatchSet.load(f) for f in patch_files], output_dir=out, **kwargs)
+""")
+
+#: super_resolve to a store that SIGKILLs itself after a number of tiles (argv: store, tests folder, tiles, kwargs).
+SUPER_RESOLVE_SCRIPT = textwrap.dedent("""
+    import json, os, signal, sys, warnings
+    import c3diff as c3
+    from c3diff.tl import _tiling
+
+    sys.path.insert(0, sys.argv[2])
+    from toy_sections import make_toy_section
+
+    warnings.simplefilter("ignore")
+    added, add = [], _tiling.BlendAccumulator.add
+    def add_then_die(self, *args, **kwargs):
+        add(self, *args, **kwargs)
+        added.append(1)
+        if len(added) == int(sys.argv[3]):
+            os.kill(os.getpid(), signal.SIGKILL)
+    _tiling.BlendAccumulator.add = add_then_die
+    c3.tl.super_resolve(make_toy_section(), "hne", store=sys.argv[1], key_added="b", **json.loads(sys.argv[4]))
 """)
 
 
@@ -202,3 +224,40 @@ def test_latest_ignores_incomplete_checkpoints_and_undoes_a_killed_replace(tmp_p
     _write_folder_atomically(checkpoints / "step-12", lambda folder: _complete(folder, '{"new": true}'))
     assert (checkpoints / "step-12" / "trainer_state.json").read_text() == '{"new": true}'
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step-12", "step-20", "step-3"]  # nothing left over
+
+
+# --------------------------------------------------------------------------------------------- super_resolve
+def test_super_resolve_to_a_store_killed_midway_then_rerun(tmp_path):
+    sdata = make_toy_section()
+    kwargs = dict(table_key="table", method="bicubic", tile_size=40, progress=False)  # small tiles: many
+    c3.tl.super_resolve(sdata, "hne", store=tmp_path / "a.zarr", key_added="a", **kwargs)
+    before = _digest(tmp_path)
+    done = subprocess.run([sys.executable, "-c", SUPER_RESOLVE_SCRIPT, str(tmp_path / "b.zarr"),
+                           str(Path(__file__).parent), "5", json.dumps(kwargs)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+    assert not (tmp_path / "b.zarr").exists()  # a partial layer never appears at the store's path
+    (partial,) = tmp_path.glob(".b.zarr.c3diff-tmp-*")
+    assert (partial / "mean").exists()
+    assert {k: v for k, v in _digest(tmp_path).items() if k.startswith("a.zarr")} == before  # the other layer's store
+
+    c3.tl.super_resolve(sdata, "hne", store=tmp_path / "b.zarr", key_added="b", **kwargs)  # rerun
+    assert not partial.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["a.zarr", "b.zarr"]
+    in_memory = c3.tl.super_resolve(sdata, "hne", inplace=False, **kwargs)["mean"]
+    np.testing.assert_array_equal(scale0(sdata.images["b"]).values, scale0(in_memory).values)
+    assert sdata.attrs["c3diff"]["b"]["params"]["store"] == str((tmp_path / "b.zarr").resolve())
+
+    # a store is never shared between layers: refused, nothing on disk or in the SpatialData changes
+    before, images, attrs = _digest(tmp_path), dict(sdata.images), json.dumps(sdata.attrs, default=str)
+    for overwrite in (False, True):
+        with pytest.raises(ValueError, match=r"`store='.*a.zarr'` already exists and holds the layer 'a'. A store "
+                                             r"holds one layer.*Pass a new path for `store`"):
+            c3.tl.super_resolve(sdata, "hne", store=tmp_path / "a.zarr", key_added="c", overwrite=overwrite, **kwargs)
+    assert _digest(tmp_path) == before and dict(sdata.images) == images
+    assert json.dumps(sdata.attrs, default=str) == attrs
+    # the layer's own store, replaced with overwrite=True: the layer and its provenance match the new data
+    c3.tl.super_resolve(sdata, "hne", store=tmp_path / "a.zarr", key_added="a", overwrite=True,
+                        **{**kwargs, "genes": ["GENE_B"]})
+    assert list(scale0(sdata.images["a"]).coords["c"].values) == ["GENE_B"]
+    assert sdata.attrs["c3diff"]["a"]["params"]["genes"] == ["GENE_B"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.zarr", "b.zarr"]

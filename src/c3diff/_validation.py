@@ -40,6 +40,38 @@ def get_element(sdata: SpatialData, key: str, kind: str, *, arg: str) -> Any:
     return elements[key]
 
 
+def check_key_added(
+    sdata: SpatialData,
+    keys: Iterable[str],
+    *,
+    overwrite: bool,
+    inputs: Iterable[str | None] = (),
+    arg: str = "key_added",
+) -> None:
+    """The elements a call is about to write (``keys``) may be written into ``sdata``.
+
+    None of them may be one of the call's ``inputs`` (an input is never replaced, even with ``overwrite=True``), and
+    none may exist already unless ``overwrite`` is True. Raises ``ValueError`` naming the argument, the elements in
+    the way and the way out; checked before any work, so a refused call changes nothing.
+    """
+    keys = list(dict.fromkeys(keys))
+    inputs = {k for k in inputs if k is not None}
+    clash = [k for k in keys if k in inputs]
+    if clash:
+        raise ValueError(
+            f"`{arg}` would write {clash[0]!r}, which is an input of this call; inputs are never replaced, even with "
+            f"overwrite=True. Choose another `{arg}`."
+        )
+    if overwrite is not True and overwrite is not False:
+        raise TypeError(f"`overwrite` must be True or False, got {overwrite!r}.")
+    existing = [f"sdata.{kind}[{k!r}]" for k in keys for kind in _KINDS if k in getattr(sdata, kind)]
+    if existing and not overwrite:
+        raise ValueError(
+            f"`{arg}`: {', '.join(existing)} already exist{'s' if len(existing) == 1 else ''}; nothing was changed. "
+            f"Pass another `{arg}`, or overwrite=True to replace {'it' if len(existing) == 1 else 'them'}."
+        )
+
+
 def _row_ids(ids: Any, rows: np.ndarray, *, shown: int = 5) -> str:
     """The ids of ``rows`` (positions) for a message: the first few, and how many in all."""
     picked = [str(ids[i]) if ids is not None else f"row {i}" for i in rows[:shown]]

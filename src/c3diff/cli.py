@@ -111,6 +111,8 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default: %(default)s)")
     predict.add_argument("--seed", type=int, default=0, help="base seed (default: %(default)s)")
     predict.add_argument("--key-added", default=None, help="name of the new layer (default: IMAGE_KEY_METHOD_xSCALE)")
+    predict.add_argument("--overwrite", action="store_true",
+                         help="replace layers of the same names made before (the input image is never replaced)")
     predict.add_argument("--drop-missing-genes", action="store_true",
                          help="skip model genes absent from the data instead of failing")
     predict.add_argument("--celltypes", action="store_true", help="also run celltype_map on the new layer")
@@ -256,26 +258,36 @@ def _run_predict(args: argparse.Namespace) -> int:
 
     source = Path(args.input)
     sdata = _read_store(source, what="INPUT")
-    before = set(sdata.images) | set(sdata.labels)
+    key = args.key_added or f"{args.image_key}_{args.method}_x{args.scale}"
+    if key in sdata.images and key != args.image_key and not args.overwrite:
+        raise UsageError(f"{str(source)!r} already has the layer {key!r}; nothing was changed. Pass --overwrite to "
+                         "replace it, or --key-added NAME for a new layer.")
+    kinds = ("images", "labels", "tables")
+    before = {(kind, name): id(element) for kind in kinds for name, element in getattr(sdata, kind).items()}
     c3.tl.super_resolve(
         sdata, args.image_key, table_key=args.table_key, points_key=args.points_key, genes=args.genes,
         scale=args.scale, model=args.model, method=args.method, steps=args.steps, eta=args.eta,
         n_samples=args.samples, batch_size=args.batch_size, device=args.device, seed=args.seed,
         drop_missing_genes=args.drop_missing_genes, revision=args.revision, key_added=args.key_added,
-        calibration=args.calibration, progress=not args.quiet,
+        calibration=args.calibration, progress=not args.quiet, overwrite=args.overwrite,
     )
-    key = args.key_added or f"{args.image_key}_{args.method}_x{args.scale}"
     if args.celltypes:
-        c3.tl.celltype_map(sdata, key)
-    new = sorted((set(sdata.images) | set(sdata.labels)) - before)
+        c3.tl.celltype_map(sdata, key, overwrite=args.overwrite)
+    after = {(kind, name): id(element) for kind in kinds for name, element in getattr(sdata, kind).items()}
+    new = sorted(name for (kind, name) in after if (kind, name) not in before)
+    replaced = sorted(name for (kind, name), ident in after.items() if before.get((kind, name), ident) != ident)
+    removed = sorted(name for (kind, name) in before if (kind, name) not in after)  # e.g. a replaced layer's _std
     if args.output:
         sdata.write(args.output, overwrite=False)
-        print(f"Wrote {args.output} with the new elements {new}")
+        print(f"Wrote {args.output} with the new elements {new}" + (f", replaced {replaced}" if replaced else ""))
     else:
-        for element in new:
+        if replaced or removed:  # spatialdata writes over an element of its own store only once it is deleted there
+            sdata.delete_element_from_disk([*replaced, *removed])
+        for element in [*new, *replaced]:
             sdata.write_element(element)
         sdata.write_attrs()
-        print(f"Added {new} to {source}")
+        print(f"Added {new} to {source}" + (f"; replaced {replaced}" if replaced else "")
+              + (f"; removed {removed}" if removed else ""))
     return 0
 
 

@@ -13,7 +13,7 @@ import numpy as np
 
 from c3diff._constants import IMMUNE_MARKERS_HUMAN, IMMUNE_MARKERS_MOUSE, UNASSIGNED
 from c3diff._geometry import raster_channels, raster_levels, scale0
-from c3diff._validation import case_mismatches, get_element, species_hint
+from c3diff._validation import case_mismatches, check_key_added, get_element, species_hint
 
 if TYPE_CHECKING:  # pragma: no cover
     from spatialdata import SpatialData
@@ -215,6 +215,7 @@ def celltype_map(
     markers: Mapping[str, Iterable[str]] | Literal["human", "mouse"] | None = None,
     key_added: str | None = None,
     min_score: float | None = DEFAULT_MIN_SCORE,
+    overwrite: bool = False,
     inplace: bool = True,
 ) -> CelltypeMap | None:
     """Call a cell type per pixel from super-resolved markers, or leave it unassigned (:doc:`/method`, *Cell-type map*).
@@ -241,6 +242,9 @@ def celltype_map(
         Key of the label map in ``sdata.labels``. Default ``f"{sr_key}_celltypes"``. The scores go to
         ``sdata.images[f"{key_added}_scores"]`` and the table naming the labels to
         ``sdata.tables[f"{key_added}_table"]``.
+    overwrite
+        Replace existing elements of these names (a map made before) instead of raising. ``sr_key`` is never
+        replaced.
     min_score
         Leave pixels whose best score is below this (in [0, 1]) unassigned (label 0). The default,
         :data:`DEFAULT_MIN_SCORE` (0.04), has the best macro F1 over the seven types and "unassigned" on simulated
@@ -306,6 +310,7 @@ def celltype_map(
         _check_free(sdata, key, "labels", arg="key_added")
         _check_free(sdata, scores_key, "images", arg="key_added")
         _check_free(sdata, table_key, "tables", arg="key_added")
+        check_key_added(sdata, [key, scores_key, table_key], overwrite=overwrite, inputs=(sr_key,))
 
     if missing:
         listed = "; ".join(f"{t}: {', '.join(gs)}" for t, gs in missing.items())

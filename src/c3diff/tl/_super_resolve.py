@@ -9,10 +9,17 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from c3diff._constants import COORDINATE_SYSTEM, HISTOLOGY_PIXEL_SIZE, LR_PIXEL_SIZE, MASK_MEASURED, MASK_OUTSIDE
+from c3diff._constants import (
+    ATTRS_KEY,
+    COORDINATE_SYSTEM,
+    HISTOLOGY_PIXEL_SIZE,
+    LR_PIXEL_SIZE,
+    MASK_MEASURED,
+    MASK_OUTSIDE,
+)
 from c3diff._geometry import RasterGeometry, points_feature_key, points_genes, raster_geometry
 from c3diff._provenance import record
-from c3diff._validation import check_genes, get_element
+from c3diff._validation import check_genes, check_key_added, get_element
 from c3diff.pp import bin_transcripts, detect_tissue, histology_raster, minmax_normalize, spots_to_grid
 from c3diff.tl._execution import active_client, chunked, run_tasks
 from c3diff.tl._footprints import bin_footprints, match_footprints, spot_footprints
@@ -214,6 +221,61 @@ def _parse_layer(values: Any, genes: list[str], transformations: dict[str, Any])
     )
 
 
+def _temporary_store(store: str | Path, sdata: SpatialData, key: str, *, overwrite: bool) -> Path:
+    """The hidden folder beside ``store`` that receives the tiles until the layer is complete (see ``store`` in
+    :func:`super_resolve`), after refusing a store that already exists and removing what killed or failed calls
+    left; nothing is created yet."""
+    import os
+    import shutil
+
+    final = Path(store).expanduser().absolute()
+    if final.exists() and not (final.is_dir() and not any(final.iterdir())):
+        layers = sdata.attrs.get(ATTRS_KEY, {})
+        owner = [k for k, v in layers.items() if isinstance(v, dict) and v.get("params", {}).get("store") in
+                 (str(final), str(final.resolve()))]
+        if not (overwrite and owner == [key]):
+            held = f" and holds the layer {owner[0]!r}" if owner else ""
+            raise ValueError(
+                f"`store={str(store)!r}` already exists{held}. A store holds one layer: writing another into it would "
+                "change the layer it holds. Pass a new path for `store`"
+                + (", or overwrite=True with that layer's `key_added` to replace it." if owner else
+                   ", or delete the folder if no layer uses it.")
+            )
+    if not final.parent.is_dir():
+        raise FileNotFoundError(f"`store={str(store)!r}`: the folder {str(final.parent)!r} does not exist; create it "
+                                "or choose another path.")
+    for stale in final.parent.glob(f".{final.name}.c3diff-tmp-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid():
+            try:
+                os.kill(int(pid), 0)
+                continue  # another process is writing it
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                continue
+        shutil.rmtree(stale, ignore_errors=True)
+    return final.parent / f".{final.name}.c3diff-tmp-{os.getpid()}"
+
+
+def _publish_store(tmp: Path, final: Path, n_arrays: int) -> list[Any]:
+    """Rename the complete ``tmp`` store to ``final`` (replacing the store of the layer being overwritten) and
+    return its arrays (``mean``, then ``std``) read from there."""
+    import shutil
+
+    import dask.array as da
+
+    final = final.expanduser().absolute()
+    old = None
+    if final.exists():
+        old = final.parent / f"{tmp.name}-replaced"
+        final.rename(old)
+    tmp.rename(final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return [da.from_zarr(str(final / name)) for name in ("mean", "std")[:n_arrays]]
+
+
 def super_resolve(
     sdata: SpatialData,
     image_key: str,
@@ -238,6 +300,7 @@ def super_resolve(
     revision: str | None = None,
     store: str | Path | None = None,
     key_added: str | None = None,
+    overwrite: bool = False,
     inplace: bool = True,
     progress: bool = True,
     coordinate_system: str = COORDINATE_SYSTEM,
@@ -316,9 +379,15 @@ def super_resolve(
         Hub revision (tag, branch or commit) when ``model`` is a repo id; pin it for reproducible results.
     store
         Path of a zarr store that receives the output tile by tile (memory stays flat for whole slides); by default
-        the output is held in memory.
+        the output is held in memory. The tiles go to a hidden folder beside it (``.NAME.c3diff-tmp-PID``), renamed
+        to ``store`` only when the layer is complete, so a killed or failed call never leaves a partial layer there
+        (the next call cleans the hidden folder up). A store holds one layer: a path that already exists is refused,
+        except with ``overwrite=True`` for the store of the layer being replaced.
     key_added
         Name of the new image. Default ``f"{image_key}_{method}_x{scale}"``, e.g. ``"hne_c3diff_x10"``.
+    overwrite
+        Replace an existing element named ``key_added`` (and ``f"{key_added}_std"``) instead of raising. The input
+        H&E and the counts are never replaced.
     inplace
         Write into ``sdata`` (return ``None``); otherwise return ``{"mean": ..., "std": ...}``.
     progress
@@ -406,6 +475,13 @@ def super_resolve(
         warnings.warn(f"super_resolve: dropping {len(missing)} gene(s) absent from the data: {missing}.",
                       UserWarning, stacklevel=2)
         genes = [g for g in genes if g not in set(missing)]
+
+    key = key_added or f"{image_key}_{method}_x{scale}"
+    if inplace:
+        writes_std = n_samples > 1 and method == "c3diff" and mode == "sample"
+        check_key_added(sdata, [key, *([f"{key}_std"] if writes_std else [])], overwrite=overwrite,
+                        inputs=(image_key, source_key))
+    store_tmp = None if store is None else _temporary_store(store, sdata, key, overwrite=overwrite and inplace)
 
     hist_px = HISTOLOGY_PIXEL_SIZE
     lr_factor = round(LR_PIXEL_SIZE / hist_px)
@@ -501,11 +577,11 @@ def super_resolve(
 
     weight = blend_window(out_size, (size - stride) // out_factor)
     mean_acc = BlendAccumulator(len(genes), out_grid.height, out_grid.width, chunk=256,
-                                store=None if store is None else Path(store) / "mean")
+                                store=None if store is None else store_tmp / "mean")
     std_acc = None
     if n_samples > 1 and method == "c3diff" and mode == "sample":
         std_acc = BlendAccumulator(len(genes), out_grid.height, out_grid.width, chunk=256,
-                                   store=None if store is None else Path(store) / "std")
+                                   store=None if store is None else store_tmp / "std")
     bar = tqdm(total=len(plan), desc=f"super_resolve ({method})", unit="tile", disable=not progress)
     for b, (mean, std) in run_tasks(run_predictor, batches, extra_args=(predictor, model_arg)):
         group = groups[b]
@@ -529,16 +605,20 @@ def super_resolve(
     footprints = (spot_footprints(sdata, source_key, genes, out_grid, coordinate_system=coordinate_system)
                   if source_kind == "table" else bin_footprints(lr_full, LR_PIXEL_SIZE, out_grid))
     footprint_fit = match_footprints(arrays[0], out_grid, footprints, on_tissue, others=arrays[1:])
+    if store is not None:  # complete: only now does the layer appear at `store`
+        results = _publish_store(store_tmp, Path(store), len(results))
     layers = {"mean": _parse_layer(results[0], genes, transformations), "std": None}
     if std_acc is not None:
         layers["std"] = _parse_layer(results[1], genes, transformations)
     if not inplace:
         return layers
 
-    key = key_added or f"{image_key}_{method}_x{scale}"
+    replaced_std = sdata.attrs.get(ATTRS_KEY, {}).get(key, {}).get("params", {}).get("std_key")
     sdata.images[key] = layers["mean"]
     if layers["std"] is not None:
         sdata.images[f"{key}_std"] = layers["std"]
+    elif replaced_std is not None and replaced_std in sdata.images:
+        del sdata.images[replaced_std]  # the replaced layer's uncertainty, which would no longer match its layer
     record(
         sdata, key, "super_resolve", image_key=image_key, source=f"{source_kind}:{source_key}", method=method,
         model=model_id if model_id is not None else (type(model_obj).__name__ if model_obj is not None else None),
@@ -546,5 +626,6 @@ def super_resolve(
         overlap=size - stride, n_tiles=len(plan), genes=genes, units=UNITS, calibration=calibration,
         pixel_size_um=out_grid.sy, footprints=footprint_fit,
         std_key=f"{key}_std" if layers["std"] is not None else None,
+        store=None if store is None else str(Path(store).resolve()),
     )
     return None
