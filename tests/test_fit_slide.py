@@ -31,7 +31,7 @@ def _read_at_spots(section, pseudo, model, method="c3diff"):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         c3.tl.super_resolve(pseudo, "hne", table_key="table", genes=GENES, model=model, method=method,
-                            progress=False, key_added="sr")
+                            calibration="lr_pixel", progress=False, key_added="sr")
         section.images["sr"] = pseudo.images["sr"]
         try:
             read = c3.tl.sample_at_spots(section, "sr", table_key="visium_table", genes=GENES)
@@ -153,11 +153,10 @@ def test_start_from_a_pretrained_model_copies_compatible_weights():
 
 def test_fitted_model_round_trips_and_super_resolves(section, fitted, tmp_path):
     assert fitted.config.mean_fitted is True
-    assert fitted.share_calibration == "tile"  # counts move across the tile; super_resolve calibrates per tile
     assert "fit_slide" in fitted.config.training_data and "visium_table" in fitted.config.training_data
     fitted.save_pretrained(str(tmp_path / "model"), training_data=fitted.config.training_data)
     loaded = c3.models.from_pretrained(str(tmp_path / "model"))
-    assert loaded.config.mean_fitted is True and loaded.genes == GENES and loaded.share_calibration == "tile"
+    assert loaded.config.mean_fitted is True and loaded.genes == GENES
     assert "visium_table" in (tmp_path / "model" / "README.md").read_text()
     layers = {}
     for name, model in (("fitted", fitted), ("loaded", loaded)):

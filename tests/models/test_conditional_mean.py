@@ -101,28 +101,6 @@ def test_histology_prior_starts_from_bicubic_times_squared_darkness():
     assert any(p is net.prior_exponent.weight for p in model.trainable_parameters("mean"))
 
 
-def test_tile_shares_move_counts_across_lr_pixels_and_keep_the_tile_total():
-    torch.manual_seed(0)
-    config = {**c3diff.models.PRESETS["tiny"]["mean_net_config"], "share_block": "tile"}
-    model = c3diff.models.build_model("tiny", genes=["A", "B"], mean_net_config=config).eval()
-    assert model.share_calibration == "tile" and model.share_block() == 64 and model.share_block(5) == 32
-    batch, dark = _toy_batch(torch.Generator().manual_seed(5), n_tiles=2)
-    histology, lr, gene_index, missing = model._check_batch(batch)
-    with torch.no_grad():
-        _, _, log_shares = model._hint(histology, lr, gene_index, missing, contrastive=False, with_mean=True)
-    shares = log_shares.exp()
-    torch.testing.assert_close(shares.sum(dim=(-2, -1)), torch.ones(len(shares), 1))  # one cell: the tile
-    # in LR units the tile's mean equals its mean LR value (the tile calibration then matches its counts)
-    expected = model.expected_map(log_shares, lr)
-    lr_pixels = lr.repeat_interleave(10, -2).repeat_interleave(10, -1)[..., :64, :64].clamp_min(1e-3)
-    torch.testing.assert_close(expected.mean(dim=(-2, -1)), lr_pixels.mean(dim=(-2, -1)))
-    # LR pixels no longer keep their own totals: the prior moves counts between them towards the dark pixels
-    per_lr = torch.nn.functional.avg_pool2d(expected[..., :60, :60], 10)
-    assert not torch.allclose(per_lr, lr[..., :6, :6].clamp_min(1e-3), rtol=0.05)
-    with pytest.raises(ValueError, match="share_block"):
-        c3diff.models.build_model("tiny", genes=["A"], mean_net_config={**config, "share_block": "spot"})
-
-
 def test_mean_is_lr_consistent_and_deterministic():
     model = c3diff.models.build_model("tiny", genes=["A", "B", "C"]).eval()
     histology, lr = torch.rand(2, 3, 64, 64), torch.rand(2, 3, 7, 7)

@@ -67,8 +67,6 @@ FORMULATIONS = ("paper", "residual")
 
 #: Count likelihoods of the conditional-mean stage (see :mod:`c3diff.models.conditional_mean`).
 MEAN_LOSSES = ("multinomial", "poisson")
-#: Cells the conditional mean's shares sum to one over: each LR pixel, or the whole tile.
-SHARE_BLOCKS = ("lr_pixel", "tile")
 
 
 class C3DiffModel(ModelMixin, ConfigMixin):
@@ -161,10 +159,7 @@ class C3DiffModel(ModelMixin, ConfigMixin):
         ``"residual"`` only: ``block_out_channels``, ``layers_per_block`` and ``norm_num_groups`` of the mean
         network's histology trunk (a U-Net), ``head_channels``, the width of its gene head, and ``histology_prior``
         (start the logits from bicubic times the squared H&E darkness, with a learned exponent per gene; see
-        :class:`~c3diff.models.conditional_mean.ConditionalMeanNet`), and ``share_block``: over what the shares of the
-        mean sum to one, ``"lr_pixel"`` (the default: each 100 um LR pixel keeps exactly its count, for LR maps
-        measured at 100 um) or ``"tile"`` (counts move freely across the tile, which keeps its total: for LR rasters
-        interpolated from coarser spots, see :func:`c3diff.tl.fit_slide`).
+        :class:`~c3diff.models.conditional_mean.ConditionalMeanNet`).
     mean_fitted
         Whether the conditional-mean stage has been trained; :func:`c3diff.tl.train` trains it first when not.
     training_data
@@ -302,20 +297,15 @@ class C3DiffModel(ModelMixin, ConfigMixin):
         if formulation == "residual":
             mean_net_config = {"block_out_channels": [32, 64], "layers_per_block": 1, "norm_num_groups": 8,
                                "head_channels": 32, **dict(mean_net_config or {})}
-            allowed = {"block_out_channels", "layers_per_block", "norm_num_groups", "head_channels", "histology_prior",
-                       "share_block"}
+            allowed = {"block_out_channels", "layers_per_block", "norm_num_groups", "head_channels", "histology_prior"}
             unknown = sorted(set(mean_net_config) - allowed)
             if unknown:
                 raise ValueError(f"`mean_net_config` has unknown entries {unknown}; use {sorted(allowed)}.")
             mean_net_config["block_out_channels"] = list(mean_net_config["block_out_channels"])
-            if mean_net_config.get("share_block", "lr_pixel") not in SHARE_BLOCKS:
-                raise ValueError(f"`mean_net_config['share_block']` must be one of {SHARE_BLOCKS}, got "
-                                 f"{mean_net_config['share_block']!r}.")
-            net_options = {k: v for k, v in mean_net_config.items() if k != "share_block"}
             self.mean_net = ConditionalMeanNet(
                 histology_hint_channels=2 * hint_channels,
                 st_hint_channels=2 * hint_channels + gene_code_channels,
-                fold=factor, num_genes=len(genes), **net_options,
+                fold=factor, num_genes=len(genes), **mean_net_config,
             )
             mean_hint_channels = factor**2  # the mean's share map, folded to the latent grid
         elif mean_net_config is not None:
@@ -715,17 +705,6 @@ class C3DiffModel(ModelMixin, ConfigMixin):
         scale = self.config.scale if scale is None else scale
         return self.lr_upsample_factor * scale // 10
 
-    @property
-    def share_calibration(self) -> str:
-        """Over what the mean's shares sum to one, ``"lr_pixel"`` or ``"tile"`` (``mean_net_config["share_block"]``),
-        and so the calibration :func:`c3diff.tl.super_resolve` applies by default."""
-        return dict(self.config.mean_net_config or {}).get("share_block", "lr_pixel")
-
-    def share_block(self, scale: int | None = None) -> int:
-        """Output pixels along a side of the cells the mean's shares sum to one over, at ``scale``: an LR pixel
-        (:meth:`output_block`), or the whole tile (:meth:`output_size`) for ``share_block="tile"``."""
-        return self.output_size(scale) if self.share_calibration == "tile" else self.output_block(scale)
-
     def mean_logits(
         self,
         histology_hint: ModalityFeatures,
@@ -765,8 +744,7 @@ class C3DiffModel(ModelMixin, ConfigMixin):
 
     def mean_log_shares(self, logits: torch.Tensor, scale: int | None = None) -> torch.Tensor:
         """``log pi``: each output pixel's share of its LR pixel's count, ``(B, 1, H, H)`` at ``scale``."""
-        log_pi = block_log_softmax(logits, self.config.image_size if self.share_calibration == "tile"
-                                   else self.lr_upsample_factor)
+        log_pi = block_log_softmax(logits, self.lr_upsample_factor)
         return pool_log_shares(log_pi, self.config.image_size // self.output_size(scale))
 
     def expected_map(self, log_shares: torch.Tensor, lr: torch.Tensor, scale: int | None = None) -> torch.Tensor:
@@ -776,7 +754,7 @@ class C3DiffModel(ModelMixin, ConfigMixin):
         The LR value is floored at 1e-3 so that an LR pixel at the tile's minimum keeps its predicted pattern through
         the calibration that maps these values to counts.
         """
-        return self.shares_in_lr_units(share_map(log_shares, self.share_block(scale)), lr, scale)
+        return self.shares_in_lr_units(share_map(log_shares, self.output_block(scale)), lr, scale)
 
     def shares_in_lr_units(self, shares: torch.Tensor, lr: torch.Tensor, scale: int | None = None) -> torch.Tensor:
         """Share maps ``n_L pi_p`` (or samples of them) ``(B, 1, H, H)`` times each LR pixel's normalised value
@@ -784,10 +762,7 @@ class C3DiffModel(ModelMixin, ConfigMixin):
         block = self.output_block(scale)
         size = shares.shape[-1]
         lr_block = lr.clamp_min(1e-3).repeat_interleave(block, dim=-2).repeat_interleave(block, dim=-1)
-        lr_block = lr_block[..., :size, :size]
-        if self.share_calibration == "tile":  # shares of the whole tile: its mean LR value
-            lr_block = lr_block.mean(dim=(-2, -1), keepdim=True)
-        return shares * lr_block
+        return shares * lr_block[..., :size, :size]
 
     def compute_mean_losses(
         self,
@@ -826,7 +801,7 @@ class C3DiffModel(ModelMixin, ConfigMixin):
             factor = self.config.image_size // self.output_size()
             # rates add up over the factor x factor image pixels of an output pixel
             pooled = pool_log_shares(logits, factor) - 2 * math.log(factor)
-            block = self.share_block()
+            block = self.output_block()
             density = block_totals(counts, block) / block_pixel_counts(*counts.shape[-2:], block, device=counts.device)
             nll = poisson_nll(pooled, counts, density)
         weights = LossWeights(
@@ -840,7 +815,7 @@ class C3DiffModel(ModelMixin, ConfigMixin):
     def residual_target(self, log_shares: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """What the residual diffusion learns: observed minus expected, in share units ``n_L y_p / Y_L - n_L pi_p``
         (0 in LR pixels without counts)."""
-        block = self.share_block()
+        block = self.output_block()
         expected = share_map(log_shares, block)
         totals = block_totals(counts, block)
         n_l = block_pixel_counts(*counts.shape[-2:], block, device=counts.device)
@@ -893,7 +868,7 @@ class C3DiffModel(ModelMixin, ConfigMixin):
                 hint, contrastive, log_shares = self._hint(histology, lr, gene_index, missing,
                                                            generator=generator, contrastive=False, with_mean=True)
                 residual = self.residual_target(log_shares, batch["hr_counts"].to(device, self.dtype))
-                hint = torch.cat([hint, self._mean_hint(share_map(log_shares, self.share_block()))], dim=1)
+                hint = torch.cat([hint, self._mean_hint(share_map(log_shares, self.output_block()))], dim=1)
             x0 = self.encode_images(self.target_image(residual))
         noise = randn_tensor(x0.shape, generator=generator, device=device, dtype=x0.dtype)
         n_steps = self.noise_scheduler.config.num_train_timesteps

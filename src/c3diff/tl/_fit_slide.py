@@ -28,11 +28,6 @@ if TYPE_CHECKING:  # pragma: no cover
 MIN_PSEUDO_SPOTS = 8
 #: Genes selected by default (top variable genes of the table, :func:`c3diff.pp.select_genes`).
 DEFAULT_N_GENES = 48
-#: Fitted models share each tile's counts across the whole tile (``mean_net_config["share_block"]``): a spot raster
-#: is interpolated between spots 100-400 um apart, so its 100 um pixels are no measurements to keep exactly, and the
-#: H&E must be free to move counts between them (with per-LR-pixel shares it cannot, and fitted maps scored like
-#: plain interpolation between spots).
-SHARE_BLOCK = "tile"
 
 
 @dataclass(frozen=True)
@@ -220,9 +215,7 @@ def _start_model(model: Any, genes: list[str]):
     from c3diff.models.presets import PRESETS
 
     if isinstance(model, str) and model in PRESETS:
-        mean_config = PRESETS[model].get("mean_net_config")
-        overrides = {} if mean_config is None else {"mean_net_config": {**mean_config, "share_block": SHARE_BLOCK}}
-        fresh = build_model(model, genes=genes, **overrides)
+        fresh = build_model(model, genes=genes)
         if fresh.mean_net is None:
             raise ValueError(f"`model={model!r}` has no conditional-mean stage; fit_slide needs a residual preset "
                              "('tiny' or 'residual').")
@@ -237,8 +230,7 @@ def _start_model(model: Any, genes: list[str]):
     config = config_kwargs(source.config)
     config.update(genes=list(genes), mean_fitted=False, training_data=None)
     if source.mean_net is None:  # a paper-formulation model: its geometry and hint encoders, a fresh mean stage
-        config.update(formulation="residual", mean_net_config=PRESETS["tiny"]["mean_net_config"])
-    config["mean_net_config"] = {**config["mean_net_config"], "share_block": SHARE_BLOCK}
+        config.update(formulation="residual", mean_net_config=None)
     fresh = C3DiffModel(**config)
     same_genes = list(source.genes) == list(genes)
     own = fresh.state_dict()
@@ -426,7 +418,9 @@ def fit_slide(
     optimizer = torch.optim.AdamW(params, lr=learning_rate)
     counts_t = torch.as_tensor(spots.counts, dtype=torch.float32)
     block = fitted.output_block()
-    from c3diff.models.conditional_mean import block_totals
+    from c3diff.models.conditional_mean import block_pixel_counts
+
+    visible = (block_pixel_counts(size, size, block) / block**2).to(device)  # cut LR pixels: their visible share
     n_genes = len(genes)
     history: list[float] = []
     start = time.perf_counter()
@@ -458,10 +452,8 @@ def fit_slide(
             )
             logits = fitted.mean_logits(h_hint, histology_t[first], st_hint, lr_t, genes_t, inverse)
             shares = fitted.mean_log_shares(logits).exp()[:, 0]
-            # each 10 um pixel holds 1/block^2 of its LR pixel's count; a share cell's total is the sum over its
-            # visible pixels (cut LR pixels at the tile's edge count by their visible part)
             y_lr = counts_lr.repeat_interleave(block, dim=-2).repeat_interleave(block, dim=-1)[:, 0, :size, :size]
-            mu = shares * block_totals(y_lr / block**2, fitted.share_block())  # expected counts per 10 um pixel
+            mu = y_lr * shares * visible  # expected counts per 10 um pixel
             nll, total = mu.new_zeros(()), 0.0
             for t, pick in enumerate(picks):
                 r, c, inside = origins[pick]

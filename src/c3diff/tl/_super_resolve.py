@@ -51,6 +51,47 @@ UNITS = (
 #: Calibrations of a [0, 1] prediction to counts (see :func:`super_resolve`).
 CALIBRATIONS = ("lr_pixel", "tile")
 
+#: ``steps``, ``n_samples`` (sample mode) and ``batch_size`` of :func:`super_resolve` when not given, by device kind.
+#: GPU: the paper's 50 DDIM steps. CPU: 2 steps, which keep the samples' PCC within 0.01 of 50 steps with the demo
+#: model (docs/benchmarks/scaling.md, steps table); the layer written is the exact conditional mean in either case.
+DEVICE_DEFAULTS = {
+    "cpu": {"steps": 2, "n_samples": 4, "batch_size": 4},
+    "cuda": {"steps": 50, "n_samples": 4, "batch_size": 16},
+}
+_ANNOUNCED: set[tuple] = set()
+
+
+def _device_defaults(device: str) -> tuple[str, dict[str, int]]:
+    kind = resolve_device(device).split(":")[0]
+    return kind, DEVICE_DEFAULTS.get(kind, DEVICE_DEFAULTS["cpu"])
+
+
+def _announce(choice: dict[str, Any], *, show: bool) -> None:
+    """Say once per process which defaults were taken for the device (logged at INFO; printed when ``show``)."""
+    import logging
+
+    text = "super_resolve on {device}: " + ", ".join(f"{k}={{{k}}}" for k in choice if k != "device")
+    text = text.format(**choice) + " (defaults for this device; pass them to choose)"
+    logging.getLogger("c3diff").info(text)
+    key = tuple(sorted(choice.items()))
+    if show and key not in _ANNOUNCED:
+        _ANNOUNCED.add(key)
+        print(text, flush=True)
+
+
+def _torch_threads_as_dask_threads(client_pid: int, dask_worker: Any = None) -> int:
+    """Run by ``client.run`` on each dask worker: torch's intra-op threads = the worker's dask threads. distributed's
+    nanny starts workers with ``OMP_NUM_THREADS=1``, and one model call runs at a time per process, so without this a
+    worker given several threads runs the model on one; in the client's own process (``processes=False``) nothing
+    changes."""
+    import os
+
+    import torch
+
+    if os.getpid() != client_pid and dask_worker is not None:
+        torch.set_num_threads(max(1, int(dask_worker.state.nthreads)))
+    return torch.get_num_threads()
+
 
 def _spot_tables(sdata: SpatialData) -> list[str]:
     keys = []
@@ -287,10 +328,10 @@ def super_resolve(
     model: Any = None,
     method: Literal["c3diff", "bicubic"] = "c3diff",
     mode: Literal["mean", "sample"] | None = None,
-    steps: int = 50,
+    steps: int | None = None,
     eta: float = 0.0,
-    n_samples: int = 1,
-    batch_size: int = 4,
+    n_samples: int | None = None,
+    batch_size: int | None = None,
     device: str = "auto",
     seed: int = 0,
     overlap: int | None = None,
@@ -350,14 +391,18 @@ def super_resolve(
         an uncertainty map, at about ``steps x n_samples`` times the cost; the layer itself stays the exact mean.
         Paper-formulation models only sample (``None`` or ``"sample"``).
     steps, eta
-        DDIM sampling steps and eta.
+        DDIM sampling steps and eta. Default steps: :data:`DEVICE_DEFAULTS` for the device (50 on a GPU, 2 on the
+        CPU; the choice is printed once).
     n_samples
-        Samples per tile; with more than one a ``f"{key_added}_std"`` layer holds their standard deviation (an
+        Samples per tile (default: :data:`DEVICE_DEFAULTS` in sample mode, 4; 1 in mean mode); with more than one
+        a ``f"{key_added}_std"`` layer holds their standard deviation (an
         uncertainty map). Paper-formulation models write the mean of the samples: one sample is one plausible map,
         with cell-level detail that may sit in the wrong place; the mean of several is closer to the expected map
         and scores higher on pixel-wise metrics such as PCC.
     batch_size
-        Tiles per dask task (and model call).
+        Tiles per dask task (and model call); default :data:`DEVICE_DEFAULTS` (4 on the CPU, 16 on a GPU). A tile's
+        genes go through the model in as few calls as memory allows
+        (:func:`~c3diff.models.sampling.auto_gene_batch_size`).
     device
         ``"auto"`` (a GPU when visible), ``"cpu"``, ``"cuda"``, ...
     seed
@@ -419,7 +464,12 @@ def super_resolve(
         calibration = "lr_pixel" if method == "c3diff" else "tile"
     if calibration not in CALIBRATIONS:
         raise ValueError(f"`calibration` must be one of {CALIBRATIONS}, got {calibration!r}.")
-    for name, value, low in (("steps", steps, 1), ("n_samples", n_samples, 1), ("batch_size", batch_size, 1)):
+    device_kind, defaults = _device_defaults(device)
+    chosen = {k: defaults[k] for k, v in (("steps", steps), ("batch_size", batch_size)) if v is None}
+    steps = defaults["steps"] if steps is None else steps
+    batch_size = defaults["batch_size"] if batch_size is None else batch_size
+    for name, value, low in (("steps", steps, 1), ("n_samples", 1 if n_samples is None else n_samples, 1),
+                             ("batch_size", batch_size, 1)):
         if not isinstance(value, int | np.integer) or value < low:
             raise ValueError(f"`{name}` must be an integer >= {low}, got {value!r}.")
     if not 0.0 <= eta <= 1.0:
@@ -456,6 +506,14 @@ def super_resolve(
     else:
         size = 256 if tile_size is None else int(tile_size)
         genes = available if genes is None else check_genes(genes, available)
+    if n_samples is None:
+        n_samples = defaults["n_samples"] if method == "c3diff" and mode == "sample" else 1
+        if n_samples > 1:
+            chosen["n_samples"] = n_samples
+    if method != "c3diff" or mode != "sample":
+        chosen.pop("steps", None)
+    if chosen:
+        _announce({"device": device_kind, **chosen}, show=progress)
     missing = [g for g in genes if g not in set(available)]
     if missing:
         shown = f"{missing[:10]}{' ...' if len(missing) > 10 else ''}"
@@ -561,13 +619,20 @@ def super_resolve(
 
     # --- run -------------------------------------------------------------------------------------------------
     if method == "c3diff":
+        from c3diff.models.sampling import auto_gene_batch_size
+
         model_genes = _model_geometry(model_obj)["genes"]
         predictor = ModelPredictor(
             revision=revision, gene_indices=tuple(model_genes.index(g) for g in genes), scale=scale, steps=steps,
             eta=float(eta), n_samples=n_samples if mode == "sample" else 1, device=device, mode=mode,
+            gene_batch_size=auto_gene_batch_size(model_obj, len(genes), mode=mode, device=resolve_device(device),
+                                                 n_samples=n_samples if mode == "sample" else 1),
         )
         client = active_client()
         if client is not None:
+            import os
+
+            client.run(_torch_threads_as_dask_threads, os.getpid())  # no oversubscription, no idle threads
             # one model per worker: by path (each worker loads and caches it) or scattered once as an object
             model_arg = model_id if model_id is not None else client.scatter(ModelPayload(model_obj), broadcast=True)
         else:
