@@ -182,17 +182,23 @@ def match_footprints(
         empty = (s <= 0) & (y > 0)
         if empty.any():
             m += support.T @ np.where(empty, y / support_area[:, None], 0.0)
-        error, rounds = np.inf, 0
-        while True:
-            s = weights @ m
-            error = float(np.max(np.abs(s - y) / np.maximum(y, 1.0)))
-            if error <= tolerance or rounds == max_rounds:
-                break
+        # genes still off are iterated in a compact array of their own; the converged ones are written back
+        active, work, target, rounds, error = np.arange(m.shape[1]), m.copy(), y, 0, 0.0
+        while active.size:
+            s = weights @ work
+            off = np.max(np.abs(s - target) / np.maximum(target, 1.0), axis=0)
+            done = off <= tolerance if rounds < max_rounds else np.ones(active.size, dtype=bool)
+            if done.any():
+                error = max(error, float(off[done].max()))
+                m[:, active[done]] = work[:, done]
+                active, work, target, s = active[~done], work[:, ~done], target[:, ~done], s[:, ~done]
+                if not active.size:
+                    break
             rounds += 1
-            ratio = np.where(s > 0, y / np.where(s > 0, s, 1.0), 1.0)
+            ratio = np.where(s > 0, target / np.where(s > 0, s, 1.0), 1.0)
             factor = kernel @ ratio**RELAXATION
             factor[unreached] = 1.0
-            m *= factor
+            work *= factor
         summary["rounds"] = max(summary["rounds"], rounds)
         summary["max_relative_error"] = max(summary["max_relative_error"], error)
         for array in (values, *others):
