@@ -7,7 +7,6 @@ import warnings
 from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
 from c3diff._constants import COORDINATE_SYSTEM
 from c3diff._geometry import (
@@ -28,6 +27,8 @@ if TYPE_CHECKING:  # pragma: no cover
 def _gene_codes(column, gene_index: dict[str, int]) -> np.ndarray:
     """Index of each transcript's gene in ``gene_index`` (-1 for other genes), without per-row strings when the
     column is categorical (millions of transcripts per partition)."""
+    import pandas as pd
+
     if isinstance(column.dtype, pd.CategoricalDtype):
         lut = np.array([gene_index.get(str(c), -1) for c in column.cat.categories] + [-1], dtype=np.int64)
         return lut[column.cat.codes.to_numpy()]  # code -1 (missing) picks the trailing -1
