@@ -44,7 +44,7 @@ def run_tasks(
         return
     for start in range(0, len(items), wave):
         chunk = items[start : start + wave]
-        results = dask.compute(*[dask.delayed(func, pure=True)(item, *extra_args) for item in chunk])
+        results = dask.compute(*[dask.delayed(func, pure=False)(item, *extra_args) for item in chunk])
         yield from zip(range(start, start + len(chunk)), results, strict=True)
 
 
