@@ -182,7 +182,7 @@ def test_clean_stop_mid_epoch_resumes_exactly_and_the_data_order_is_checked(patc
     out = tmp_path / "run"
     files = [str(f) for f in patch_files]
     with pytest.warns(UserWarning, match="no validation data"):
-        train(files, output_dir=out, max_steps=10, **RUN)  # inside the residual stage's second epoch
+        train(files, output_dir=out, max_steps=6, **RUN)  # mid-epoch, and a whole epoch follows the resume
     before = _digest(out)
     with pytest.raises(ValueError, match=r"different data order \(batch_size 4 -> 2\).*same `data`, `batch_size`"), \
             pytest.warns(UserWarning, match="no validation data"):
