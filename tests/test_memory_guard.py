@@ -43,7 +43,9 @@ def test_too_many_genes_are_refused_before_any_work_saying_how_many_fit(per_gene
         c3.tl.super_resolve(sdata, "hne", table_key="table", method="bicubic", tile_size=32, progress=False)
     message = str(error.value)
     assert re.search(r"`genes` has 3 genes.*at most 2 genes fit", message), message
-    assert "store=" in message and "GiB" in message
+    assert "GiB" in message
+    streamed = int(re.search(r"store=.*then at most (\d+) genes fit", message).group(1))
+    assert streamed == 3  # without the output in memory all three genes would fit
     assert called == [] and set(sdata.images) == before  # refused before the LR rasters were made
     monkeypatch.undo()
     monkeypatch.setattr(_memory, "available_memory", lambda: int(2.5 * per_gene / _memory.MEMORY_SHARE))
@@ -60,8 +62,15 @@ def test_streaming_to_a_store_needs_less_and_unknown_memory_is_not_guarded(per_g
     assert in_memory - streamed == 4 * 2 * 100 * 120
     monkeypatch.setattr(_memory, "available_memory", lambda: 1)
     with pytest.raises(MemoryError, match="at most 0 genes fit") as error:
-        _memory.check_memory(3, 1000, streamed=True)
+        _memory.check_memory(3, 1000, streamed=True, streamed_per_gene=10)
     assert "store=" not in str(error.value)  # already streamed: not suggested again
+    monkeypatch.setattr(_memory, "available_memory", lambda: 10_000)
+    with pytest.raises(MemoryError) as error:
+        _memory.check_memory(30, 1000, streamed_per_gene=500)  # streaming would fit 16, not 30: still refused
+    assert "at most 8 genes fit" in str(error.value) and "then at most 16 genes fit" in str(error.value)
+    with pytest.raises(MemoryError) as error:
+        _memory.check_memory(30, 1000, streamed_per_gene=950)  # streaming fits no more genes: not suggested
+    assert "store=" not in str(error.value)
     monkeypatch.setattr(_memory, "available_memory", lambda: None)
     _memory.check_memory(10**9, 10**9)  # nothing known: no guard
 

@@ -46,9 +46,12 @@ def bytes_per_gene(
     return FLOAT_BYTES * per_gene + rbf
 
 
-def check_memory(n_genes: int, per_gene: int, *, streamed: bool = False, arg: str = "genes") -> None:
+def check_memory(
+    n_genes: int, per_gene: int, *, streamed: bool = False, streamed_per_gene: int | None = None, arg: str = "genes"
+) -> None:
     """Raise a MemoryError naming how many genes fit when ``n_genes`` of ``per_gene`` bytes exceed the memory
-    available now (:func:`available_memory`, of which :data:`MEMORY_SHARE` is used)."""
+    available now (:func:`available_memory`, of which :data:`MEMORY_SHARE` is used). ``streamed_per_gene``: the
+    bytes per gene with the output streamed to a store, to say how many genes would fit that way."""
     available = available_memory()
     if available is None:
         return
@@ -57,7 +60,12 @@ def check_memory(n_genes: int, per_gene: int, *, streamed: bool = False, arg: st
     if needed <= budget:
         return
     fit = max(0, math.floor(budget / per_gene))
-    stream = "" if streamed else ", or pass `store=\"out.zarr\"` to stream the output layers to disk"
+    stream = ""
+    if not streamed and streamed_per_gene:
+        fit_streamed = max(0, math.floor(budget / streamed_per_gene))
+        if fit_streamed > fit:
+            stream = (f", or pass `store=\"out.zarr\"` to stream the output layers to disk (then at most "
+                      f"{min(fit_streamed, n_genes)} genes fit)")
     raise MemoryError(
         f"super_resolve: `{arg}` has {n_genes} genes, which would need {needed / 2**30:.1f} GiB of memory, but "
         f"{available / 2**30:.1f} GiB are available ({MEMORY_SHARE:.0%} of it usable): at most {fit} genes fit. "

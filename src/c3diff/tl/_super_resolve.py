@@ -42,7 +42,8 @@ if TYPE_CHECKING:  # pragma: no cover
 UNITS = (
     "expected transcript counts per output pixel: the expected count of that square as if all tissue had been "
     "measured, so summed over each measured spot's disc (or 100 um transcript bin) the layer gives that spot's count "
-    "(within 0.5 %), and 0 off the tissue mask. Tiles are first calibrated to the LR counts: with "
+    "(to the tolerance recorded with the layer), and 0 off the tissue mask. Tiles are first calibrated to the LR "
+    "counts: with "
     "calibration='lr_pixel' the "
     "prediction summed over each measured (or gap-filled) 100 um LR pixel equals its count; with calibration='tile' "
     "one factor per tile and gene makes the sum over the tile's measured LR pixels equal theirs"
@@ -554,14 +555,15 @@ def super_resolve(
 
     # --- inputs on the H&E-anchored grids -------------------------------------------------------------------
     rgb, hist_grid = histology_raster(sdata, image_key, pixel_size=hist_px, coordinate_system=coordinate_system)
-    per_gene = bytes_per_gene(  # checked before the LR rasters and the output are allocated
+    sizes = dict(  # the memory is checked before the LR rasters and the output are allocated
         out_shape=(math.ceil(hist_grid.height / out_factor), math.ceil(hist_grid.width / out_factor)),
         lr_shape=(math.ceil(hist_grid.height / lr_factor), math.ceil(hist_grid.width / lr_factor)),
         n_tiles=len(plan_tiles(hist_grid.height, hist_grid.width, size=size, stride=stride)), lr_tile=lr_size,
         out_tile=size // out_factor, n_layers=2 if n_samples > 1 and method == "c3diff" else 1,
-        streamed=store is not None, spots=source_kind == "table",
+        spots=source_kind == "table",
     )
-    check_memory(len(genes), per_gene, streamed=store is not None)
+    check_memory(len(genes), bytes_per_gene(**sizes, streamed=store is not None), streamed=store is not None,
+                 streamed_per_gene=bytes_per_gene(**sizes, streamed=True))
     if source_kind == "table":
         raster, mask = spots_to_grid(
             sdata, table_key=source_key, genes=genes, image_key=image_key, inplace=False,
