@@ -21,7 +21,7 @@ from c3diff._geometry import RasterGeometry
 FOOTPRINT_TOLERANCE = 5e-3
 
 #: Correction rounds at most (each a sparse product per gene batch); the error falls geometrically.
-FOOTPRINT_MAX_ROUNDS = 200
+FOOTPRINT_MAX_ROUNDS = 1000
 
 #: A measurement is matched when (up to rounding) its whole footprint lies on the layer's tissue pixels. A spot or
 #: bin at the tissue's edge also counted what lies off the mask (glass, or tissue beyond the counts' reach); matching
