@@ -31,7 +31,7 @@ def _read_at_spots(section, pseudo, model, method="c3diff"):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         c3.tl.super_resolve(pseudo, "hne", table_key="table", genes=GENES, model=model, method=method,
-                            calibration="lr_pixel", progress=False, key_added="sr")
+                            calibration="lr_pixel", progress=False, key_added="sr", overwrite=True)
         section.images["sr"] = pseudo.images["sr"]
         try:
             read = c3.tl.sample_at_spots(section, "sr", table_key="visium_table", genes=GENES)
