@@ -263,7 +263,10 @@ def _clean_checkpoints(folder: Path) -> None:
     for path in sorted(folder.glob(".old-*")):
         name = path.name[len(".old-"):].rsplit("-", 1)[0]
         if not (folder / name).exists():
-            path.rename(folder / name)
+            try:
+                path.rename(folder / name)
+            except FileNotFoundError:  # another process of the same run (several GPUs) put it back first
+                pass
         else:
             shutil.rmtree(path, ignore_errors=True)
     for path in folder.glob(".tmp-*"):
