@@ -6,7 +6,7 @@ import re
 import warnings
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -14,6 +14,8 @@ from c3diff._constants import LEGACY_ST_PITCH, LEGACY_ST_SPOT_DIAMETER, Key
 from c3diff._geometry import raster_geometry
 from c3diff._validation import check_counts
 from c3diff.io._common import (
+    _large_images,
+    _rgb_from_pil,
     build_sdata,
     check_on_image,
     frame_columns,
@@ -21,6 +23,7 @@ from c3diff.io._common import (
     load_rgb,
     neighbour_distances,
     parse_rgb,
+    pyramid_scale_factors,
     read_table,
     require_file,
     spot_elements,
@@ -156,8 +159,7 @@ def read_legacy_st(
         )
 
     sy, sx = calibration["um_per_px"]
-    pixels = load_rgb(image_path, arg="image")
-    element = parse_rgb(pixels, index_transform(sy=sy, sx=sx))
+    element = _read_hne(image_path, index_transform(sy=sy, sx=sx))
     pixel_xy = matched[[SpotColumn.PIXEL_X.value, SpotColumn.PIXEL_Y.value]].to_numpy(float)
     centres = pixel_xy * [sx, sy]
     check_on_image(
@@ -202,6 +204,71 @@ def read_legacy_st(
         tables={Key.SPOT_TABLE.value: table},
         reader=reader,
     )
+
+
+#: Pyramid levels a JPEG decodes directly at reduced size (libjpeg's DCT scaling: 1/2, 1/4, 1/8).
+_JPEG_DRAFT_LEVELS = 3
+
+
+def _read_hne(path: Path, transform) -> Any:
+    """The H&E element. A JPEG (her2st's are 9936 x 9270 px) is read at the level needed instead of decoded whole:
+    pyramid levels 1-3 are decoded directly at 1/2, 1/4 and 1/8 size (DCT scaling, each output pixel a block
+    average; the 1/8 level now, which also checks the file, the others when read), deeper levels are 2 x 2 means of
+    the 1/8 one, and level 0 is decoded when something reads it (e.g. writing the SpatialData). Slide-wide work
+    (``super_resolve`` at 10 um) reads one coarse level. Other formats: decoded (or, for TIFF, mapped) as before."""
+    from PIL import Image
+
+    with _large_images(), Image.open(path) as image:
+        is_jpeg = image.format == "JPEG" and image.mode in ("RGB", "L", "CMYK", "YCbCr")
+        width, height = image.size
+    factors = pyramid_scale_factors(height, width)
+    if not is_jpeg or not factors:
+        return parse_rgb(load_rgb(path, arg="image"), transform)
+    import dask
+    import dask.array as da
+
+    coarse = _decode_jpeg(path, 2 ** min(len(factors), _JPEG_DRAFT_LEVELS))  # validates the file now
+    level0 = da.from_delayed(dask.delayed(load_rgb, pure=True)(path, arg="image"), shape=(height, width, 3),
+                             dtype=np.uint8)
+    element = parse_rgb(level0, transform)
+    previous = coarse
+    for level in range(1, len(factors) + 1):
+        node = element[f"scale{level}"]["image"]
+        shape = node.shape[1:]
+        if level < min(len(factors), _JPEG_DRAFT_LEVELS):
+            data = da.from_delayed(dask.delayed(_decode_jpeg, pure=True)(path, 2**level), dtype=np.uint8,
+                                   shape=(-(-height // 2**level), -(-width // 2**level), 3))
+        elif level == _JPEG_DRAFT_LEVELS or level == len(factors):
+            previous = coarse
+            data = da.from_array(coarse)
+        else:  # deeper than 1/8: 2 x 2 means of the level above (trimmed, as the pyramid does)
+            h, w = previous.shape[0] // 2 * 2, previous.shape[1] // 2 * 2
+            previous = previous[:h, :w].reshape(h // 2, 2, w // 2, 2, 3).mean(axis=(1, 3)).round().astype(np.uint8)
+            data = da.from_array(previous)
+        data = data[: shape[0], : shape[1]].transpose(2, 0, 1).rechunk(node.data.chunksize)
+        element[f"scale{level}"]["image"] = node.copy(data=data)
+    return element
+
+
+def _decode_jpeg(path: Path, scale: int) -> np.ndarray:
+    """``(y, x, 3)`` uint8 of a JPEG decoded at ``1/scale`` of its size (``scale`` 1, 2, 4 or 8)."""
+    from PIL import Image
+
+    with _large_images(), Image.open(path) as image:
+        width = image.width
+        if scale > 1:  # PIL picks the largest DCT scale whose floor-divided size is still the requested one
+            image.draft("RGB", (max(1, image.width // scale), max(1, image.height // scale)))
+        try:
+            image.load()
+        except (OSError, SyntaxError, EOFError) as err:
+            raise ValueError(
+                f"`image`: {str(path)!r} is truncated or not a readable image ({err}). Copy or download it again, or "
+                "export it anew (JPEG, PNG or TIFF)."
+            ) from err
+        done = round(width / image.width)
+        if done < scale:  # a decoder that scaled less (or not at all): block means for the rest
+            image = image.reduce(scale // done)
+        return _rgb_from_pil(image, arg="image")
 
 
 def _read_counts(path: Path) -> pd.DataFrame:
