@@ -197,7 +197,8 @@ def test_read_visium_blank_hires_falls_back_to_lowres_and_warns(tmp_path):
 
 def test_read_visium_missing_hires_warns(tmp_path):
     make_visium(tmp_path, hires="missing")
-    missing, coarse = pytest.warns(UserWarning, match="hires_image.png is missing"), pytest.warns(UserWarning, match="2.8 px")
+    missing = pytest.warns(UserWarning, match="hires_image.png is missing")
+    coarse = pytest.warns(UserWarning, match="2.8 px")
     with missing, coarse:
         sdata = c3.io.read_visium(tmp_path)
     assert sdata.attrs["c3diff"]["reader"]["image"] == "lowres"

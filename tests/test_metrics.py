@@ -217,7 +217,10 @@ def _raster(values: np.ndarray, genes: list[str], pixel: float, origin: tuple[fl
 
     transform = Sequence([Scale([pixel, pixel], axes=("y", "x")), Translation(list(origin), axes=("y", "x"))])
     return Image2DModel.parse(
-        np.asarray(values, dtype=np.float32), dims=("c", "y", "x"), c_coords=genes, transformations={"global": transform}
+        np.asarray(values, dtype=np.float32),
+        dims=("c", "y", "x"),
+        c_coords=genes,
+        transformations={"global": transform},
     )
 
 

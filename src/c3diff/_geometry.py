@@ -145,7 +145,9 @@ def transform_matrix(element: Any, *, coordinate_system: str = COORDINATE_SYSTEM
     )
 
 
-def raster_geometry(element: Any, *, coordinate_system: str = COORDINATE_SYSTEM, arg: str = "element") -> RasterGeometry:
+def raster_geometry(
+    element: Any, *, coordinate_system: str = COORDINATE_SYSTEM, arg: str = "element"
+) -> RasterGeometry:
     """Pixel size and origin of a raster element in ``coordinate_system`` (must be axis-aligned, no flip)."""
     data = scale0(element)
     m = transform_matrix(element, coordinate_system=coordinate_system, arg=arg)

@@ -103,7 +103,9 @@ def test_min_snr_gamma_reweights_only_the_diffusion_loss(tiny, make_batch):
 
 
 def test_v_prediction_trains_on_the_velocity_and_samples(make_batch):
-    model = c3diff.models.build_model("tiny-paper", genes=["A", "B"], scheduler_config={"prediction_type": "v_prediction"})
+    model = c3diff.models.build_model(
+        "tiny-paper", genes=["A", "B"], scheduler_config={"prediction_type": "v_prediction"}
+    )
     x0, noise, t = torch.randn(3, 16, 16, 16), torch.randn(3, 16, 16, 16), torch.tensor([0, 500, 999])
     ab = model.noise_scheduler.alphas_cumprod[t][:, None, None, None]
     torch.testing.assert_close(model.diffusion_target(x0, noise, t), ab.sqrt() * noise - (1 - ab).sqrt() * x0)
@@ -111,7 +113,9 @@ def test_v_prediction_trains_on_the_velocity_and_samples(make_batch):
     assert all(np.isfinite(v) for v in out.values())
     mean, _ = model.predict(torch.rand(1, 3, 64, 64), torch.rand(1, 2, 7, 7), num_inference_steps=2)
     assert mean.shape == (1, 2, 64, 64) and 0 <= float(mean.min()) <= float(mean.max()) <= 1
-    eps_model = c3diff.models.build_model("tiny-paper", genes=["A", "B"], scheduler_config={"prediction_type": "epsilon"})
+    eps_model = c3diff.models.build_model(
+        "tiny-paper", genes=["A", "B"], scheduler_config={"prediction_type": "epsilon"}
+    )
     assert torch.equal(eps_model.diffusion_target(x0, noise, t), noise)
     with pytest.raises(ValueError, match="prediction_type"):
         c3diff.models.build_model("tiny-paper", genes=["A"], scheduler_config={"prediction_type": "sample"})

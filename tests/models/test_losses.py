@@ -130,6 +130,7 @@ def test_weighted_diffusion_mse():
     target = torch.arange(1.0, 4.0)[:, None, None, None].expand(3, 2, 4, 4)
     assert float(diffusion_mse(pred, target)) == pytest.approx((1 + 4 + 9) / 3)
     assert float(diffusion_mse(pred, target, weights=torch.tensor([1.0, 0.0, 1.0]))) == pytest.approx(10 / 3)
-    assert float(diffusion_mse(pred, target, weights=torch.ones(3))) == pytest.approx(float(diffusion_mse(pred, target)))
+    unweighted = float(diffusion_mse(pred, target))
+    assert float(diffusion_mse(pred, target, weights=torch.ones(3))) == pytest.approx(unweighted)
     with pytest.raises(ValueError, match="one per sample"):
         diffusion_mse(pred, target, weights=torch.ones(2))

@@ -64,7 +64,9 @@ class LossOutput:
     def as_dict(self) -> dict[str, float]:
         """Detached floats for logging, e.g. ``{"total": 1.9, "mse": 0.4, ...}`` (components that are ``None`` are
         left out)."""
-        return {f.name: float(getattr(self, f.name).detach()) for f in fields(self) if getattr(self, f.name) is not None}
+        return {
+            f.name: float(getattr(self, f.name).detach()) for f in fields(self) if getattr(self, f.name) is not None
+        }
 
 
 def sphere_normalize(features: torch.Tensor, *, eps: float = 1e-8) -> torch.Tensor:

@@ -21,7 +21,9 @@ from c3diff.pp._spots import spots_to_grid
 if TYPE_CHECKING:  # pragma: no cover
     from spatialdata import SpatialData
 
-_ARRAYS = ("histology", "tissue", "lr", "lr_low", "lr_high", "lr_mask", "hr", "hr_low", "hr_high", "origins", "sample_id")
+_ARRAYS = (
+    "histology", "tissue", "lr", "lr_low", "lr_high", "lr_mask", "hr", "hr_low", "hr_high", "origins", "sample_id",
+)
 
 
 @dataclass
@@ -334,7 +336,8 @@ def make_patches(
             sdata, table_key=table_key, pixel_size=lr_px, genes=genes, image_key=image_key, inplace=False,
             coordinate_system=coordinate_system,
         )
-        lr_full, geom = np.asarray(raster.data, dtype=np.float32), raster_geometry(raster, coordinate_system=coordinate_system)
+        lr_full = np.asarray(raster.data, dtype=np.float32)
+        geom = raster_geometry(raster, coordinate_system=coordinate_system)
         lr_mask_full = np.asarray(mask.data, dtype=np.uint8)
         sources["table_key"] = table_key
     elif points_key is not None:
@@ -342,7 +345,8 @@ def make_patches(
             sdata, points_key=points_key, bin_size=lr_px, genes=genes, image_key=image_key, inplace=False,
             coordinate_system=coordinate_system,
         )
-        lr_full, geom = np.asarray(raster.data, dtype=np.float32), raster_geometry(raster, coordinate_system=coordinate_system)
+        lr_full = np.asarray(raster.data, dtype=np.float32)
+        geom = raster_geometry(raster, coordinate_system=coordinate_system)
         sources["lr_from"] = f"{points_key} binned at {lr_px:g} um"
     else:
         raise ValueError(
@@ -370,7 +374,9 @@ def make_patches(
             f"`image_key={image_key!r}` covers {hist_grid.height}x{hist_grid.width} px at {hist_px:g} um/px, smaller "
             f"than one patch of {patch_size} px; use a smaller `patch_size`."
         )
-    corners = [(r, c) for r in rows for c in cols if tissue[r : r + patch_size, c : c + patch_size].mean() >= min_tissue]
+    corners = [
+        (r, c) for r in rows for c in cols if tissue[r : r + patch_size, c : c + patch_size].mean() >= min_tissue
+    ]
     if not corners:
         raise ValueError(
             f"No patch of {patch_size} px has at least {min_tissue:.0%} tissue in `image_key={image_key!r}`; lower "
