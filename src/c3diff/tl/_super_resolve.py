@@ -53,8 +53,8 @@ UNITS = (
 CALIBRATIONS = ("lr_pixel", "tile")
 
 #: ``steps``, ``n_samples`` (sample mode) and ``batch_size`` of :func:`super_resolve` when not given, by device kind.
-#: GPU: the paper's 50 DDIM steps. CPU: 2 steps, which keep the samples' PCC within 0.01 of 50 steps with the demo
-#: model (docs/benchmarks/scaling.md, steps table); the layer written is the exact conditional mean in either case.
+#: GPU: the paper's 50 DDIM steps. CPU: 2 steps, to keep sampling affordable (what steps and samples do to the scores
+#: of the shipped model: :doc:`/benchmarks`); the layer written is the exact conditional mean in either case.
 DEVICE_DEFAULTS = {
     "cpu": {"steps": 2, "n_samples": 4, "batch_size": 4},
     "cuda": {"steps": 50, "n_samples": 4, "batch_size": 16},
