@@ -14,8 +14,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def machine() -> str:
     """One line describing where the numbers were measured."""
-    return (f"{platform.machine()}, {os.cpu_count()} CPU cores, CPU only, Python {platform.python_version()} "
-            f"({time.strftime('%Y-%m-%d')})")
+    return (
+        f"{platform.machine()}, {os.cpu_count()} CPU cores, CPU only, Python {platform.python_version()} "
+        f"({time.strftime('%Y-%m-%d')})"
+    )
 
 
 def write_report(name: str, text: str, data: Any, *, out: str | Path | None = None) -> None:

@@ -46,8 +46,16 @@ def _section(size: float, seed: int) -> tuple[dict[str, tuple[np.ndarray, np.nda
     pixel (1..7 immune, 0 other tissue) and the tissue mask."""
     sdata = c3.datasets.simulate_section(width=size, height=size, seed=seed, spot_layouts=("visium",), progress=False)
     genes = sorted({g for gs in DEFAULT_MARKERS.values() for g in gs})
-    c3.tl.super_resolve(sdata, "hne", table_key="visium_table", genes=genes, scale=10, method="bicubic",
-                        key_added="bicubic", progress=False)
+    c3.tl.super_resolve(
+        sdata,
+        "hne",
+        table_key="visium_table",
+        genes=genes,
+        scale=10,
+        method="bicubic",
+        key_added="bicubic",
+        progress=False,
+    )
     c3.pp.bin_transcripts(sdata, bin_size=10.0, image_key="hne", genes=genes, key_added="truth")
     c3.datasets.true_cell_types(sdata, pixel_size=10.0, key_added="true_all")
     names = sdata.attrs["c3diff"]["true_all"]["labels"]
@@ -92,9 +100,15 @@ def _per_type(predicted: np.ndarray, truth: np.ndarray) -> list[dict[str, float]
     rows = []
     for c, name in enumerate(["unassigned", *IMMUNE_TYPES]):
         called, true = predicted == c, truth == c
-        rows.append({"type": name, "true pixels": int(true.sum()), "called pixels": int(called.sum()),
-                     "precision": float((truth[called] == c).mean()) if called.any() else float("nan"),
-                     "recall": float((predicted[true] == c).mean()) if true.any() else float("nan")})
+        rows.append(
+            {
+                "type": name,
+                "true pixels": int(true.sum()),
+                "called pixels": int(called.sum()),
+                "precision": float((truth[called] == c).mean()) if called.any() else float("nan"),
+                "recall": float((predicted[true] == c).mean()) if true.any() else float("nan"),
+            }
+        )
     return rows
 
 
@@ -131,8 +145,7 @@ def main() -> None:
 
     sweep_rows = []
     for th in THRESHOLDS:
-        row = {"min_score": f"{th:g}" + (" (default)" if th == DEFAULT_MIN_SCORE else ""),
-               "mean macro F1": mean_f1[th]}
+        row = {"min_score": f"{th:g}" + (" (default)" if th == DEFAULT_MIN_SCORE else ""), "mean macro F1": mean_f1[th]}
         for title in MAPS:
             row[f"{title}: macro F1"] = results[title][th]["macro F1"]
             row[f"{title}: immune acc."] = results[title][th]["immune accuracy"]
@@ -140,7 +153,8 @@ def main() -> None:
             row[f"{title}: precision"] = results[title][th]["precision of calls"]
         sweep_rows.append(row)
     sweep_columns = ["min_score", "mean macro F1"] + [
-        f"{t}: {m}" for t in MAPS for m in ("macro F1", "immune acc.", "non-immune unassigned", "precision")]
+        f"{t}: {m}" for t in MAPS for m in ("macro F1", "immune acc.", "non-immune unassigned", "precision")
+    ]
 
     per_type = {}
     sections = []
@@ -149,30 +163,54 @@ def main() -> None:
         for th in (0.0, DEFAULT_MIN_SCORE):
             rows = _per_type(np.where((score > 0) & (score >= th), best, 0), truth)
             per_type[f"{title}, min_score={th:g}"] = rows
-            sections.append(f"**{title}, `min_score={th:g}`**\n\n"
-                            + _table(rows, ["type", "true pixels", "called pixels", "precision", "recall"]))
+            sections.append(
+                f"**{title}, `min_score={th:g}`**\n\n"
+                + _table(rows, ["type", "true pixels", "called pixels", "precision", "recall"])
+            )
     elapsed = time.time() - start
-    verdict = ("matches" if chosen == DEFAULT_MIN_SCORE else
-               f"differs from `DEFAULT_MIN_SCORE = {DEFAULT_MIN_SCORE:g}`: update it")
-    text = "\n\n".join([
-        f"Simulated sections of {args.size:g} x {args.size:g} um, seeds {args.seeds}; {truth.size} tissue pixels "
-        f"(10 um), {int((truth > 0).sum())} of them immune. Truth: each pixel's majority cell type. Machine: "
-        f"{machine()}; {elapsed:.0f} s.\n\nCommand: `python benchmarks/celltype_threshold.py --size {args.size:g} "
-        f"--seeds {' '.join(map(str, args.seeds))}`",
-        "Threshold sweep (macro F1: mean F1 over the seven types and unassigned; immune acc.: share of immune pixels "
-        "given their true type; non-immune unassigned: share of other tissue left unassigned; precision: share of "
-        "assigned pixels whose type is right):",
-        _table(sweep_rows, sweep_columns),
-        f"Best mean macro F1 at `min_score={chosen:g}`; this {verdict}.",
-        "Per type (precision: share of the pixels called that type that are of it; recall: share of the type's "
-        "pixels called it; `unassigned` is non-immune tissue):",
-        *sections,
-    ]) + "\n"
-    write_report("celltype_threshold", text, {
-        "size": args.size, "seeds": args.seeds, "thresholds": THRESHOLDS, "chosen": chosen,
-        "default": DEFAULT_MIN_SCORE, "sweep": {t: {str(k): v for k, v in r.items()} for t, r in results.items()},
-        "per_type": per_type, "seconds": elapsed, "machine": machine(),
-    })
+    verdict = (
+        "matches"
+        if chosen == DEFAULT_MIN_SCORE
+        else f"differs from `DEFAULT_MIN_SCORE = {DEFAULT_MIN_SCORE:g}`: update it"
+    )
+    text = (
+        "\n\n".join(
+            [
+                f"Simulated sections of {args.size:g} x {args.size:g} um, seeds {args.seeds}; {truth.size} "
+                "tissue pixels "
+                f"(10 um), {int((truth > 0).sum())} of them immune. Truth: each pixel's majority cell type. Machine: "
+                f"{machine()}; {elapsed:.0f} s.\n\nCommand: `python benchmarks/celltype_threshold.py --size "
+                f"{args.size:g} "
+                f"--seeds {' '.join(map(str, args.seeds))}`",
+                "Threshold sweep (macro F1: mean F1 over the seven types and unassigned; immune acc.: share of "
+                "immune pixels "
+                "given their true type; non-immune unassigned: share of other tissue left unassigned; "
+                "precision: share of "
+                "assigned pixels whose type is right):",
+                _table(sweep_rows, sweep_columns),
+                f"Best mean macro F1 at `min_score={chosen:g}`; this {verdict}.",
+                "Per type (precision: share of the pixels called that type that are of it; recall: share of the type's "
+                "pixels called it; `unassigned` is non-immune tissue):",
+                *sections,
+            ]
+        )
+        + "\n"
+    )
+    write_report(
+        "celltype_threshold",
+        text,
+        {
+            "size": args.size,
+            "seeds": args.seeds,
+            "thresholds": THRESHOLDS,
+            "chosen": chosen,
+            "default": DEFAULT_MIN_SCORE,
+            "sweep": {t: {str(k): v for k, v in r.items()} for t, r in results.items()},
+            "per_type": per_type,
+            "seconds": elapsed,
+            "machine": machine(),
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -112,8 +112,10 @@ def _runs(name: str, model, args) -> list[dict]:
     """The (mode, steps, n_samples) rows of one model."""
     if model.mean_net is None:
         return [{"mode": "sample", "steps": args.steps, "n_samples": 1}]
-    return [{"mode": "mean", "steps": None, "n_samples": 1},
-            {"mode": "sample", "steps": args.steps, "n_samples": args.samples}]
+    return [
+        {"mode": "mean", "steps": None, "n_samples": 1},
+        {"mode": "sample", "steps": args.steps, "n_samples": args.samples},
+    ]
 
 
 def _time(model, run: dict, *, genes: int, tiles: int, repeats: int, precision: str, device) -> dict:
@@ -126,14 +128,23 @@ def _time(model, run: dict, *, genes: int, tiles: int, repeats: int, precision: 
     histology = torch.rand(tiles, 3, s, s, generator=generator)
     lr = torch.rand(tiles, n_genes, lr_size, lr_size, generator=generator)
     gene_batch = auto_gene_batch_size(model, n_genes, mode=run["mode"], n_samples=run["n_samples"], device=device)
-    autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if precision == "bf16"
-                else contextlib.nullcontext())
+    autocast = (
+        torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        if precision == "bf16"
+        else contextlib.nullcontext()
+    )
 
     def call() -> None:
         with autocast:
-            model.predict(histology, lr, gene_indices=list(range(n_genes)), mode=run["mode"],
-                          num_inference_steps=run["steps"] or 1,
-                          n_samples=run["n_samples"], gene_batch_size=gene_batch)
+            model.predict(
+                histology,
+                lr,
+                gene_indices=list(range(n_genes)),
+                mode=run["mode"],
+                num_inference_steps=run["steps"] or 1,
+                n_samples=run["n_samples"],
+                gene_batch_size=gene_batch,
+            )
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
@@ -144,19 +155,36 @@ def _time(model, run: dict, *, genes: int, tiles: int, repeats: int, precision: 
             call()
         seconds = (time.perf_counter() - start) / repeats
     tiles_per_s = tiles / seconds
-    return {**run, "precision": precision, "tiles": tiles, "genes": n_genes, "gene_batch": gene_batch,
-            "seconds_per_call": seconds, "tiles_per_s": tiles_per_s, "gene_tiles_per_s": tiles_per_s * n_genes,
-            "peak_mib": peak.mib, "visium_tiles": visium_tiles(s), "visium_s": visium_tiles(s) / tiles_per_s}
+    return {
+        **run,
+        "precision": precision,
+        "tiles": tiles,
+        "genes": n_genes,
+        "gene_batch": gene_batch,
+        "seconds_per_call": seconds,
+        "tiles_per_s": tiles_per_s,
+        "gene_tiles_per_s": tiles_per_s * n_genes,
+        "peak_mib": peak.mib,
+        "visium_tiles": visium_tiles(s),
+        "visium_s": visium_tiles(s) / tiles_per_s,
+    }
 
 
 def run(args) -> dict:
     import torch
 
-    device = torch.device("cuda" if torch.cuda.is_available() and args.device in ("auto", "cuda") else args.device
-                          if args.device != "auto" else "cpu")
+    device = torch.device(
+        "cuda"
+        if torch.cuda.is_available() and args.device in ("auto", "cuda")
+        else args.device
+        if args.device != "auto"
+        else "cpu"
+    )
     if device.type != "cuda" and not args.quick:
-        raise SystemExit("benchmarks/gpu.py: no GPU visible (torch.cuda.is_available() is False). Run it on a machine "
-                         "with a GPU, or pass --quick for a tiny check of the script on this device.")
+        raise SystemExit(
+            "benchmarks/gpu.py: no GPU visible (torch.cuda.is_available() is False). Run it on a machine "
+            "with a GPU, or pass --quick for a tiny check of the script on this device."
+        )
     if args.quick:
         args.genes, args.steps, args.samples = min(args.genes, 8), min(args.steps, 2), min(args.samples, 2)
         args.tiles, args.repeats = 1, 1
@@ -172,9 +200,19 @@ def run(args) -> dict:
         model = model.to(device).eval()
         for spec in _runs(name, model, args):
             for precision in args.precisions:
-                row = {"model": name, "image_size": model.config.image_size,
-                       **_time(model, spec, genes=args.genes, tiles=args.tiles, repeats=args.repeats,
-                               precision=precision, device=device)}
+                row = {
+                    "model": name,
+                    "image_size": model.config.image_size,
+                    **_time(
+                        model,
+                        spec,
+                        genes=args.genes,
+                        tiles=args.tiles,
+                        repeats=args.repeats,
+                        precision=precision,
+                        device=device,
+                    ),
+                }
                 rows.append(row)
                 print(json.dumps(row), flush=True)
         del model
@@ -185,8 +223,11 @@ def run(args) -> dict:
 
 def markdown(result: dict) -> str:
     info, rows = result["info"], result["rows"]
-    where = (f"{info['gpu']} ({info['gpu_memory_gib']:.0f} GiB), CUDA {info['cuda']}, torch {info['torch']}"
-             if "gpu" in info else f"{info['device']}, torch {info['torch']}")
+    where = (
+        f"{info['gpu']} ({info['gpu_memory_gib']:.0f} GiB), CUDA {info['cuda']}, torch {info['torch']}"
+        if "gpu" in info
+        else f"{info['device']}, torch {info['torch']}"
+    )
     memory = "peak GPU memory (MiB)" if "gpu" in info else "peak RSS above start (MiB)"
     lines = [
         "### GPU throughput (`benchmarks/gpu.py`)" + (" - quick check, not a benchmark" if info["quick"] else ""),
@@ -198,9 +239,12 @@ def markdown(result: dict) -> str:
         f"| model | tile (px) | mode | steps | samples | precision | genes | tiles / s | genes x tiles / s | {memory} "
         "| Visium slide: tiles | Visium slide: s |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
-        *[f"| {r['model']} | {r['image_size']} | {r['mode']} | {r['steps'] or '-'} | {r['n_samples']} | "
-          f"{r['precision']} | {r['genes']} | {r['tiles_per_s']:.3g} | {r['gene_tiles_per_s']:.3g} | "
-          f"{r['peak_mib']:.0f} | {r['visium_tiles']} | {r['visium_s']:.3g} |" for r in rows],
+        *[
+            f"| {r['model']} | {r['image_size']} | {r['mode']} | {r['steps'] or '-'} | {r['n_samples']} | "
+            f"{r['precision']} | {r['genes']} | {r['tiles_per_s']:.3g} | {r['gene_tiles_per_s']:.3g} | "
+            f"{r['peak_mib']:.0f} | {r['visium_tiles']} | {r['visium_s']:.3g} |"
+            for r in rows
+        ],
         "",
         f"Device: {where}. Machine: {info['machine']}.",
     ]
@@ -210,10 +254,19 @@ def markdown(result: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["paper", "residual", "demo"])
-    parser.add_argument("--precisions", nargs="+", default=None, choices=["fp32", "bf16"],
-                        help="fp32 and bf16 autocast by default (--quick on a CPU: fp32)")
-    parser.add_argument("--genes", type=int, default=200,
-                        help="genes predicted: the paper's first N for the presets, at most all of the demo model's")
+    parser.add_argument(
+        "--precisions",
+        nargs="+",
+        default=None,
+        choices=["fp32", "bf16"],
+        help="fp32 and bf16 autocast by default (--quick on a CPU: fp32)",
+    )
+    parser.add_argument(
+        "--genes",
+        type=int,
+        default=200,
+        help="genes predicted: the paper's first N for the presets, at most all of the demo model's",
+    )
     parser.add_argument("--steps", type=int, default=50, help="DDIM steps of the sample rows")
     parser.add_argument("--samples", type=int, default=4, help="residual samples per (tile, gene) of the sample rows")
     parser.add_argument("--tiles", type=int, default=4, help="tiles per predict call")

@@ -67,21 +67,30 @@ def _section(sdata, genes: list[str]) -> dict[str, np.ndarray]:
     tissue = c3.pp.detect_tissue(rgb, pixel_size=BIN).reshape(-1)
     x = x[tissue]
     x = (x - x.mean(axis=0)) / (x.std(axis=0) + 1e-6)
-    counts = np.asarray(c3.pp.bin_transcripts(sdata, bin_size=BIN, genes=genes, image_key="hne", inplace=False).data,
-                        dtype=np.float32)
+    counts = np.asarray(
+        c3.pp.bin_transcripts(sdata, bin_size=BIN, genes=genes, image_key="hne", inplace=False).data, dtype=np.float32
+    )
     smooth = ndimage.gaussian_filter(counts, sigma=(0, 1.5, 1.5)).reshape(len(genes), -1).T[tissue]
     total = smooth.sum(axis=1)
     dense = total >= 20
-    return {"x": x, "counts": counts.reshape(len(genes), -1).T[tissue], "x_dense": x[dense],
-            "composition": smooth[dense] / total[dense, None]}
+    return {
+        "x": x,
+        "counts": counts.reshape(len(genes), -1).T[tissue],
+        "x_dense": x[dense],
+        "composition": smooth[dense] / total[dense, None],
+    }
 
 
 def _cluster_predictor(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, seed: int = 0) -> np.ndarray:
     from sklearn.cluster import MiniBatchKMeans
 
     kmeans = MiniBatchKMeans(N_CLUSTERS, random_state=seed, n_init=3).fit(x_train)
-    means = np.stack([y_train[kmeans.labels_ == c].mean(axis=0) if (kmeans.labels_ == c).any()
-                      else y_train.mean(axis=0) for c in range(N_CLUSTERS)])
+    means = np.stack(
+        [
+            y_train[kmeans.labels_ == c].mean(axis=0) if (kmeans.labels_ == c).any() else y_train.mean(axis=0)
+            for c in range(N_CLUSTERS)
+        ]
+    )
     return means[kmeans.predict(x_test)]
 
 
@@ -89,8 +98,9 @@ def _pcc(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
     pred = pred - pred.mean(axis=0)
     truth = truth - truth.mean(axis=0)
     denominator = np.sqrt((pred**2).sum(axis=0) * (truth**2).sum(axis=0))
-    return np.where(denominator > 0, np.abs((pred * truth).sum(axis=0)) / np.where(denominator > 0, denominator, 1),
-                    np.nan)
+    return np.where(
+        denominator > 0, np.abs((pred * truth).sum(axis=0)) / np.where(denominator > 0, denominator, 1), np.nan
+    )
 
 
 def main() -> None:
@@ -142,15 +152,19 @@ def main() -> None:
         "",
         "| genes | n | counts PCC | counts r^2 | composition PCC | composition r^2 |",
         "|---|---|---|---|---|---|",
-        *[f"| {r['genes']} | {r['n']} | {r['counts_pcc']:.3f} | {r['counts_r2']:.3f} | {r['composition_pcc']:.3f} | "
-          f"{r['composition_r2']:.3f} |" for r in rows],
+        *[
+            f"| {r['genes']} | {r['n']} | {r['counts_pcc']:.3f} | {r['counts_r2']:.3f} | {r['composition_pcc']:.3f} | "
+            f"{r['composition_r2']:.3f} |"
+            for r in rows
+        ],
         "",
         "Genes whose composition histology predicts best: " + ", ".join(f"{g} ({v:.2f})" for g, v in top) + ".",
         "",
         f"Machine: {machine()}; {elapsed:.0f} s.",
     ]
-    per_gene = {g: {"kind": kind_of[g], **{f"{t}_pcc": float(p[i]) for t, p in scores.items()}}
-                for i, g in enumerate(genes)}
+    per_gene = {
+        g: {"kind": kind_of[g], **{f"{t}_pcc": float(p[i]) for t, p in scores.items()}} for i, g in enumerate(genes)
+    }
     write_report("histology_signal", "\n".join(lines) + "\n", {"summary": rows, "per_gene": per_gene}, out=args.out)
 
 

@@ -83,8 +83,9 @@ def main() -> None:
     c3.pp.bin_transcripts(sdata, bin_size=10, genes=genes, image_key="hne", key_added="truth_x10")
     c3.pp.bin_transcripts(sdata, bin_size=100, genes=genes, image_key="hne", key_added="lr_x1")
     c3.tl.super_resolve(sdata, "hne", points_key="transcripts", genes=genes, method="bicubic", progress=False)
-    c3.tl.super_resolve(sdata, "hne", points_key="transcripts", model=model, steps=args.steps,
-                        n_samples=args.samples, progress=False)
+    c3.tl.super_resolve(
+        sdata, "hne", points_key="transcripts", model=model, steps=args.steps, n_samples=args.samples, progress=False
+    )
     truth = scale0(sdata["truth_x10"]).values.astype(np.float64)
     n_genes, height, width = truth.shape
     if height % LR_PIXELS or width % LR_PIXELS:
@@ -106,15 +107,22 @@ def main() -> None:
     transformations = get_transformation(scale0(sdata["hne_bicubic_x10"]), get_all=True)
     rows = []
     for name, values in maps.items():
-        sdata["benchmark_map"] = Image2DModel.parse(values.astype(np.float32), dims=("c", "y", "x"), c_coords=genes,
-                                                    transformations=transformations)
+        sdata["benchmark_map"] = Image2DModel.parse(
+            values.astype(np.float32), dims=("c", "y", "x"), c_coords=genes, transformations=transformations
+        )
         scores = c3.metrics.summarize_scores(c3.tl.evaluate(sdata, "benchmark_map", truth_key="truth_x10"))
         del sdata["benchmark_map"]
         rows.append({"map": name, "pcc": float(scores["pcc"].iloc[0]), "pattern_r": _pattern_r(values, truth)})
 
     # histology sensitivity on training-style tiles: swap each tile's histology with another tile's
-    patches = c3.pp.make_patches(sdata, genes=genes, points_key="transcripts", patch_size=model.config.image_size,
-                                 stride=30, sample_id="benchmark")
+    patches = c3.pp.make_patches(
+        sdata,
+        genes=genes,
+        points_key="transcripts",
+        patch_size=model.config.image_size,
+        stride=30,
+        sample_id="benchmark",
+    )
     if len(patches) < 2:
         raise ValueError(f"The section has {len(patches)} tissue tile(s); the swap test needs two. Raise `--size`.")
     histology = torch.from_numpy(patches.histology.astype(np.float32) / 255.0)
@@ -126,16 +134,23 @@ def main() -> None:
     sensitivity = float((own - swapped).abs().mean() / own.abs().mean())
 
     elapsed = time.perf_counter() - start
-    sampler = ("the conditional mean (one forward pass)" if model.mean_net is not None
-               else f"{args.steps} DDIM steps, mean of {args.samples} samples")
+    sampler = (
+        "the conditional mean (one forward pass)"
+        if model.mean_net is not None
+        else f"{args.steps} DDIM steps, mean of {args.samples} samples"
+    )
     lines = [
         "### Histology uptake (`benchmarks/histology_uptake.py`)",
         "",
-        (f"Model: {args.model or 'the bundled demo model'}; held-out simulated section seed {args.seed} "
-         f"({args.size / 1000:g} mm, {n_genes} genes), {sampler}, calibrated to the LR counts per LR pixel."),
+        (
+            f"Model: {args.model or 'the bundled demo model'}; held-out simulated section seed {args.seed} "
+            f"({args.size / 1000:g} mm, {n_genes} genes), {sampler}, calibrated to the LR counts per LR pixel."
+        ),
         "",
-        (f"Histology sensitivity (relative change of the maps when the tiles' histology is swapped, {len(patches)} "
-         f"tiles): **{sensitivity:.4f}**"),
+        (
+            f"Histology sensitivity (relative change of the maps when the tiles' histology is swapped, {len(patches)} "
+            f"tiles): **{sensitivity:.4f}**"
+        ),
         "",
         "| map | PCC 10x | within-LR-pixel pattern r |",
         "|---|---|---|",
@@ -143,8 +158,12 @@ def main() -> None:
         "",
         f"Machine: {machine()}; torch threads: {torch.get_num_threads()}; {elapsed:.0f} s in all.",
     ]
-    write_report("histology_uptake", "\n".join(lines) + "\n",
-                 {"args": vars(args), "histology_sensitivity": sensitivity, "rows": rows}, out=args.out)
+    write_report(
+        "histology_uptake",
+        "\n".join(lines) + "\n",
+        {"args": vars(args), "histology_sensitivity": sensitivity, "rows": rows},
+        out=args.out,
+    )
 
 
 if __name__ == "__main__":

@@ -52,8 +52,10 @@ LR_PIXELS = 10  # 10 um output pixels per 100 um LR pixel
 #: Trained rows: name -> (training options, test options).
 TRAINED = {
     "C3-Diff mean": {"model": "residual"},
-    "C3-Diff, no contrastive losses": {"model": "residual", "loss_weights": {"modal": 0.0, "content": 0.0,
-                                                                              "inter_sphere": 0.0}},
+    "C3-Diff, no contrastive losses": {
+        "model": "residual",
+        "loss_weights": {"modal": 0.0, "content": 0.0, "inter_sphere": 0.0},
+    },
     "C3-Diff, no histology": {"model": "residual", "blank_histology": True},
     "C3-Diff, paper formulation": {"model": "paper"},
     "U-Net regressor": {"model": "unet"},
@@ -68,8 +70,15 @@ def _sections(args) -> dict:
 
 def _patchsets(args, sections, genes):
     def patches(seed: int, scale: int, stride: int) -> c3.pp.PatchSet:
-        return c3.pp.make_patches(sections[seed], genes=genes, points_key="transcripts", patch_size=64,
-                                  stride=stride, scale=scale, sample_id=f"seed{seed}")
+        return c3.pp.make_patches(
+            sections[seed],
+            genes=genes,
+            points_key="transcripts",
+            patch_size=64,
+            stride=stride,
+            scale=scale,
+            sample_id=f"seed{seed}",
+        )
 
     train = [patches(s, 10, 30) for s in args.train_seeds]
     val = patches(args.val_seed, 10, 60)
@@ -95,8 +104,9 @@ def _predict(model, patches: c3.pp.PatchSet, *, mode: str, steps: int, samples: 
     for i in range(len(patches)):
         histology = torch.from_numpy(patches.histology[i : i + 1].astype(np.float32) / 255.0)
         lr = torch.from_numpy(patches.lr[i : i + 1]) if with_lr else None
-        mean, _ = model.predict(histology, lr, num_inference_steps=steps, n_samples=samples, seed=i,
-                                gene_batch_size=64, mode=mode)
+        mean, _ = model.predict(
+            histology, lr, num_inference_steps=steps, n_samples=samples, seed=i, gene_batch_size=64, mode=mode
+        )
         out.append(mean.numpy())
     return np.concatenate(out)
 
@@ -114,18 +124,31 @@ def _train_row(job: tuple) -> tuple[str, int, dict[str, np.ndarray], str]:
     if spec["model"] == "unet":
         from baselines import fit_unet_regressor, predict_unet_regressor
 
-        unet = fit_unet_regressor(c3.pp.PatchSet.concat(train), val=val, scale=10, time_budget=args.budget,
-                                  progress=False, seed=seed)
+        unet = fit_unet_regressor(
+            c3.pp.PatchSet.concat(train), val=val, scale=10, time_budget=args.budget, progress=False, seed=seed
+        )
         out[name] = predict_unet_regressor(unet, t10)
         return name, seed, out, f"{unet.training_log['steps']} steps"
     preset = "tiny" if spec["model"] == "residual" else "tiny-paper"
     with tempfile.TemporaryDirectory() as work:
         learning_rate = args.learning_rate if spec["model"] == "residual" else args.paper_learning_rate
-        result = c3.tl.train(train, val_data=val, model=preset, genes=data["genes"], output_dir=work,
-                             learning_rate=learning_rate, epochs=10**6, max_time=args.budget, seed=seed,
-                             batch_size=args.batch_size,
-                             loss_weights=spec.get("loss_weights"), progress=False, val_max_patches=8,
-                             mean_time_fraction=args.mean_fraction, lr_schedule="cosine")
+        result = c3.tl.train(
+            train,
+            val_data=val,
+            model=preset,
+            genes=data["genes"],
+            output_dir=work,
+            learning_rate=learning_rate,
+            epochs=10**6,
+            max_time=args.budget,
+            seed=seed,
+            batch_size=args.batch_size,
+            loss_weights=spec.get("loss_weights"),
+            progress=False,
+            val_max_patches=8,
+            mean_time_fraction=args.mean_fraction,
+            lr_schedule="cosine",
+        )
     steps = int(result.history["step"].iloc[-1])
     model = result.model.eval()
     if spec["model"] == "paper":
@@ -134,8 +157,9 @@ def _train_row(job: tuple) -> tuple[str, int, dict[str, np.ndarray], str]:
         out[name] = _predict(model, t10, mode="mean", steps=args.steps, samples=1)
     if name == "C3-Diff mean":
         out["C3-Diff mean + residual samples"] = _sample_mean(model, t10, steps=args.steps, samples=args.samples)
-        out["C3-Diff mean, no LR ST at test"] = _predict(model, t10, mode="mean", steps=args.steps, samples=1,
-                                                         with_lr=False)
+        out["C3-Diff mean, no LR ST at test"] = _predict(
+            model, t10, mode="mean", steps=args.steps, samples=1, with_lr=False
+        )
     return name, seed, out, f"{steps} steps"
 
 
@@ -147,8 +171,9 @@ def _sample_mean(model, patches, *, steps: int, samples: int) -> np.ndarray:
     for i in range(len(patches)):
         histology = torch.from_numpy(patches.histology[i : i + 1].astype(np.float32) / 255.0)
         lr = torch.from_numpy(patches.lr[i : i + 1])
-        draws = draw_samples(model, histology, lr, num_inference_steps=steps, n_samples=samples, seed=i,
-                             gene_batch_size=64)
+        draws = draw_samples(
+            model, histology, lr, num_inference_steps=steps, n_samples=samples, seed=i, gene_batch_size=64
+        )
         out.append(draws.mean(dim=2).numpy())
     return np.concatenate(out)
 
@@ -157,8 +182,12 @@ def _sample_mean(model, patches, *, steps: int, samples: int) -> np.ndarray:
 def _calibrate(pred: np.ndarray, patches: c3.pp.PatchSet, calibration: str) -> np.ndarray:
     """Counts per output pixel, as super_resolve writes them (see ``c3.tl.super_resolve``'s ``calibration``)."""
     lr_counts = patches.lr_counts()
-    return np.stack([_to_counts(np.maximum(pred[i], 0), None, lr_counts[i], patches.lr_mask[i], LR_PIXELS,
-                                calibration)[0] for i in range(len(pred))])
+    return np.stack(
+        [
+            _to_counts(np.maximum(pred[i], 0), None, lr_counts[i], patches.lr_mask[i], LR_PIXELS, calibration)[0]
+            for i in range(len(pred))
+        ]
+    )
 
 
 def _pattern_r(pred: np.ndarray, truth: np.ndarray) -> float:
@@ -214,11 +243,16 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2, help="trained rows run at once (one thread each)")
     parser.add_argument("--rows", nargs="+", default=list(TRAINED), help="trained rows to run")
     parser.add_argument("--mean-fraction", type=float, default=0.8, help="share of the budget for the mean stage")
-    parser.add_argument("--batch-size", type=int, default=8,
-                        help="patches per C3-Diff batch (residual models: x 8 genes each)")
+    parser.add_argument(
+        "--batch-size", type=int, default=8, help="patches per C3-Diff batch (residual models: x 8 genes each)"
+    )
     parser.add_argument("--learning-rate", type=float, default=3e-3, help="AdamW lr of the residual models")
-    parser.add_argument("--paper-learning-rate", type=float, default=1e-3,
-                        help="AdamW lr of the paper formulation (the bundled model's previous setting)")
+    parser.add_argument(
+        "--paper-learning-rate",
+        type=float,
+        default=1e-3,
+        help="AdamW lr of the paper formulation (the bundled model's previous setting)",
+    )
     parser.add_argument("--steps", type=int, default=10, help="DDIM steps at test time")
     parser.add_argument("--samples", type=int, default=4, help="samples averaged per (patch, gene)")
     parser.add_argument("--max-test-patches", type=int, default=16, help="test patches per section")
@@ -231,12 +265,19 @@ def main() -> None:
     sections = _sections(args)
     markers = sorted({g for genes in c3.tl.DEFAULT_MARKERS.values() for g in genes})
     first = sections[args.train_seeds[0]]
-    genes = c3.pp.select_genes(first, table_key="cell_table", n_top_genes=args.genes,
-                               include=[g for g in markers if g in set(first.tables["cell_table"].var_names)])
+    genes = c3.pp.select_genes(
+        first,
+        table_key="cell_table",
+        n_top_genes=args.genes,
+        include=[g for g in markers if g in set(first.tables["cell_table"].var_names)],
+    )
     train, val, test10, test5 = _patchsets(args, sections, genes)
     t10, t5 = c3.pp.PatchSet.concat(test10), c3.pp.PatchSet.concat(test5)
-    print(f"{len(genes)} genes; train {sum(len(p) for p in train)} patches, val {len(val)}, test {len(t10)} "
-          f"({time.perf_counter() - start:.0f} s)", flush=True)
+    print(
+        f"{len(genes)} genes; train {sum(len(p) for p in train)} patches, val {len(val)}, test {len(t10)} "
+        f"({time.perf_counter() - start:.0f} s)",
+        flush=True,
+    )
 
     # ---- trained rows: name -> seed -> prediction ----------------------------------------------------------
     data = {"train": train, "val": val, "test10": t10, "genes": genes}
@@ -254,28 +295,42 @@ def main() -> None:
     # ---- untrained rows -------------------------------------------------------------------------------------
     fixed: dict[str, tuple[np.ndarray, str]] = {}
     lr = torch.from_numpy(t10.lr)
-    fixed["bicubic"] = (torch.nn.functional.interpolate(lr, scale_factor=LR_PIXELS, mode="bicubic")[..., :64, :64]
-                        .clamp(0, 1).numpy(), "tile")
+    fixed["bicubic"] = (
+        torch.nn.functional.interpolate(lr, scale_factor=LR_PIXELS, mode="bicubic")[..., :64, :64].clamp(0, 1).numpy(),
+        "tile",
+    )
     darkness = (1.0 - t10.histology.astype(np.float32).mean(axis=1, keepdims=True) / 255.0) ** 2
     fixed["LR spread by H&E darkness^2"] = (np.broadcast_to(darkness + 1e-6, t10.hr.shape).copy(), "lr_pixel")
     if not args.no_tesla:
         try:
             from baselines import tesla_predict
 
-            fixed["TESLA"] = (np.concatenate([tesla_predict(sections[s], part, genes=genes)
-                                              for s, part in zip(args.test_seeds, test10, strict=True)]), "lr_pixel")
+            fixed["TESLA"] = (
+                np.concatenate(
+                    [
+                        tesla_predict(sections[s], part, genes=genes)
+                        for s, part in zip(args.test_seeds, test10, strict=True)
+                    ]
+                ),
+                "lr_pixel",
+            )
         except ImportError as err:
             notes["TESLA"] = f"not run: {err}"
-    fixed["noise ceiling (simulator's expected map)"] = (_noise_ceiling(sections, test10, genes, args.test_seeds),
-                                                         "none")
+    fixed["noise ceiling (simulator's expected map)"] = (
+        _noise_ceiling(sections, test10, genes, args.test_seeds),
+        "none",
+    )
 
     # ---- scores ---------------------------------------------------------------------------------------------
     def scores(pred: np.ndarray, calibration: str) -> dict[str, float]:
         counts = pred if calibration == "none" else _calibrate(pred, t10, calibration)
         s10, s5 = _score(counts, t10), _score(_sum_pool(counts), t5)
         truth = t10.hr_counts()
-        return {**{f"{k}_10x": v for k, v in s10.items()}, **{f"{k}_5x": v for k, v in s5.items()},
-                "pattern_r": _pattern_r(counts, truth)}
+        return {
+            **{f"{k}_10x": v for k, v in s10.items()},
+            **{f"{k}_5x": v for k, v in s5.items()},
+            "pattern_r": _pattern_r(counts, truth),
+        }
 
     rows = []
     for name, by_seed in trained.items():
@@ -287,8 +342,14 @@ def main() -> None:
         rows.append(row)
         print(row, flush=True)
     for name, (pred, calibration) in fixed.items():
-        rows.append({"method": name, "n_seeds": 0, "note": notes.get(name, f"calibration: {calibration}"),
-                     **scores(pred, calibration)})
+        rows.append(
+            {
+                "method": name,
+                "n_seeds": 0,
+                "note": notes.get(name, f"calibration: {calibration}"),
+                **scores(pred, calibration),
+            }
+        )
         print(rows[-1], flush=True)
     elapsed = time.perf_counter() - start
 

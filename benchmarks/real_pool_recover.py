@@ -170,12 +170,22 @@ def histology_features(hne: Histology, centres_xy: np.ndarray, diameter: float) 
     def cell_std(a: np.ndarray) -> np.ndarray:
         return np.sqrt(np.maximum(cells(a**2) - cells(a) ** 2, 0.0))
 
-    maps = np.stack([
-        cells(rgb[..., 0]), cells(rgb[..., 1]), cells(rgb[..., 2]),
-        cells(hed[..., 0]), cell_std(hed[..., 0]), cells(hed[..., 1]), cell_std(hed[..., 1]),
-        cell_std(grey), cells((grey < 0.45).astype(float)), cells((grey > 0.85).astype(float)),
-        cells(np.hypot(ndimage.sobel(grey, 0), ndimage.sobel(grey, 1))), cells(np.abs(ndimage.laplace(grey))),
-    ])
+    maps = np.stack(
+        [
+            cells(rgb[..., 0]),
+            cells(rgb[..., 1]),
+            cells(rgb[..., 2]),
+            cells(hed[..., 0]),
+            cell_std(hed[..., 0]),
+            cells(hed[..., 1]),
+            cell_std(hed[..., 1]),
+            cell_std(grey),
+            cells((grey < 0.45).astype(float)),
+            cells((grey > 0.85).astype(float)),
+            cells(np.hypot(ndimage.sobel(grey, 0), ndimage.sobel(grey, 1))),
+            cells(np.abs(ndimage.laplace(grey))),
+        ]
+    )
     # cell (i, j) covers [i * block * px, ...) measured from the first pixel's edge at -px / 2
     shifted = centres_xy + hne.pixel_size / 2
     return _disc_means(maps, block * hne.pixel_size, shifted, diameter)
@@ -188,10 +198,12 @@ def predict_he_ridge(pseudo: PseudoSpots, hne: Histology, targets: Targets) -> n
     mean, std = features.mean(axis=0), features.std(axis=0) + 1e-9
     features = (features - mean) / std
     owner = _nearest_index(pseudo, targets.centres)
-    pseudo_features = np.stack([
-        features[owner == k].mean(axis=0) if (owner == k).any() else np.zeros(features.shape[1])
-        for k in range(len(pseudo.centres))
-    ])
+    pseudo_features = np.stack(
+        [
+            features[owner == k].mean(axis=0) if (owner == k).any() else np.zeros(features.shape[1])
+            for k in range(len(pseudo.centres))
+        ]
+    )
     ridge = RidgeCV(alphas=np.logspace(-2, 3, 11)).fit(pseudo_features, pseudo.values)
     smooth = _rbf(pseudo.centres, pseudo.values, targets.centres)
     detail = ridge.predict(features) - _rbf(pseudo.centres, ridge.predict(pseudo_features), targets.centres)
@@ -208,17 +220,21 @@ def predict_tesla(pseudo: PseudoSpots, hne: Histology, targets: Targets) -> np.n
 
     import pandas as pd
     from anndata import AnnData
-    from scipy.spatial import cKDTree
-
     from baselines.tesla import _import_tesla, _LegacyAnnData
+    from scipy.spatial import cKDTree
 
     tesla, _ = _import_tesla()
     res = round(20.0 / hne.pixel_size)
     rows, cols = pseudo.centres[:, 1] / hne.pixel_size, pseudo.centres[:, 0] / hne.pixel_size
-    obs = pd.DataFrame({
-        "array_x": pseudo.block_index[:, 1], "array_y": pseudo.block_index[:, 0],
-        "pixel_x": np.round(rows).astype(int), "pixel_y": np.round(cols).astype(int),
-    }, index=[f"pseudo{i}" for i in range(len(rows))])
+    obs = pd.DataFrame(
+        {
+            "array_x": pseudo.block_index[:, 1],
+            "array_y": pseudo.block_index[:, 0],
+            "pixel_x": np.round(rows).astype(int),
+            "pixel_y": np.round(cols).astype(int),
+        },
+        index=[f"pseudo{i}" for i in range(len(rows))],
+    )
     genes = list(pseudo.genes)
     raw = AnnData(pseudo.values.astype(np.float64), obs=obs, var=pd.DataFrame(index=genes))
     cnt = tesla.scan_contour(obs, scan_x=True, shape="square")
@@ -243,7 +259,13 @@ def predict_c3diff_bicubic(pseudo: PseudoSpots, hne: Histology, targets: Targets
 
     sdata, genes = _pseudo_sdata(pseudo, hne)
     c3.tl.super_resolve(
-        sdata, "hne", table_key="table", genes=genes, method="bicubic", calibration="lr_pixel", progress=False,
+        sdata,
+        "hne",
+        table_key="table",
+        genes=genes,
+        method="bicubic",
+        calibration="lr_pixel",
+        progress=False,
         key_added="super_resolved",
     )
     return _normalised(_read_at_targets(sdata.images["super_resolved"], pseudo, targets, genes))
@@ -255,7 +277,10 @@ def _read_at_targets(layer, pseudo: PseudoSpots, targets: Targets, genes: list[s
     import c3diff as c3
 
     target = c3.io.spots_from_arrays(
-        np.zeros((len(targets.centres), 1)), targets.centres, genes=["none"], spot_diameter=targets.diameter,
+        np.zeros((len(targets.centres), 1)),
+        targets.centres,
+        genes=["none"],
+        spot_diameter=targets.diameter,
         pitch=pseudo.spot_pitch,
     )
     target.images["layer"] = layer
@@ -288,10 +313,18 @@ def _pseudo_sdata(pseudo: PseudoSpots, hne: Histology, *, block_disc: bool = Fal
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*not whole numbers.*")
         return c3.io.spots_from_arrays(
-            per_member, pseudo.centres, genes=genes, spot_diameter=pseudo.spot_diameter * widen,
-            pitch=pseudo.spot_pitch * pseudo.pool, image=hne.rgb, pixel_size=hne.pixel_size,
-            obs={"total_counts": per_member[:, -1], "array_x": pseudo.block_index[:, 0],
-                 "array_y": pseudo.block_index[:, 1]},
+            per_member,
+            pseudo.centres,
+            genes=genes,
+            spot_diameter=pseudo.spot_diameter * widen,
+            pitch=pseudo.spot_pitch * pseudo.pool,
+            image=hne.rgb,
+            pixel_size=hne.pixel_size,
+            obs={
+                "total_counts": per_member[:, -1],
+                "array_x": pseudo.block_index[:, 0],
+                "array_y": pseudo.block_index[:, 1],
+            },
         ), genes
 
 
@@ -310,8 +343,9 @@ def _fitted_counts(pseudo: PseudoSpots, hne: Histology, targets: Targets) -> tup
     sdata, genes = _pseudo_sdata(pseudo, hne, block_disc=True)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*not whole numbers.*")
-        model = c3.tl.fit_slide(sdata, "hne", table_key="table", genes=genes, pool=2, steps=100_000,
-                                max_time=FIT_SECONDS, progress=False)
+        model = c3.tl.fit_slide(
+            sdata, "hne", table_key="table", genes=genes, pool=2, steps=100_000, max_time=FIT_SECONDS, progress=False
+        )
         c3.tl.super_resolve(sdata, "hne", table_key="table", model=model, progress=False, key_added="fitted")
     counts = _read_at_targets(sdata.images["fitted"], pseudo, targets, genes)
     _FITTED[:] = [pseudo, counts, time.perf_counter() - start]
@@ -388,12 +422,15 @@ def load_section(folder: Path):
 
     name = folder.name
     counts = folder / f"{name}.tsv.gz" if (folder / f"{name}.tsv.gz").exists() else folder / f"{name}.tsv"
-    spots = next((p for p in (folder / f"{name}_selection.tsv", folder / f"alignment_table_{name}.tsv")
-                  if p.exists()), None)
+    spots = next(
+        (p for p in (folder / f"{name}_selection.tsv", folder / f"alignment_table_{name}.tsv") if p.exists()), None
+    )
     images = sorted(folder.glob("*.jpg"))
     if spots is None or len(images) != 1:
-        raise SystemExit(f"{folder}: expected a spot file ({name}_selection.tsv) and one .jpg, found "
-                         f"{sorted(p.name for p in folder.iterdir())}.")
+        raise SystemExit(
+            f"{folder}: expected a spot file ({name}_selection.tsv) and one .jpg, found "
+            f"{sorted(p.name for p in folder.iterdir())}."
+        )
     return c3.io.read_legacy_st(counts, spots, images[0])
 
 
@@ -403,8 +440,9 @@ def _histology(sdata) -> Histology:
 
     ymin, xmin, ymax, xmax = raster_geometry(sdata["hne"], arg="hne").extent
     p = HNE_PIXEL_SIZE
-    grid = RasterGeometry(y0=-p / 2, x0=-p / 2, sy=p, sx=p, height=math.ceil((ymax + p / 2) / p),
-                          width=math.ceil((xmax + p / 2) / p))
+    grid = RasterGeometry(
+        y0=-p / 2, x0=-p / 2, sy=p, sx=p, height=math.ceil((ymax + p / 2) / p), width=math.ceil((xmax + p / 2) / p)
+    )
     rgb, _ = histology_raster(sdata, "hne", grid=grid)
     return Histology(rgb=np.ascontiguousarray(rgb.transpose(1, 2, 0)), pixel_size=p)
 
@@ -429,8 +467,9 @@ def select_genes(adata) -> dict[str, list[str]]:
     return sets
 
 
-def pool(adata, centres_xy: np.ndarray, library: np.ndarray, genes: list[str], f: int, *, pitch: float,
-         diameter: float) -> tuple[PseudoSpots, np.ndarray, np.ndarray]:
+def pool(
+    adata, centres_xy: np.ndarray, library: np.ndarray, genes: list[str], f: int, *, pitch: float, diameter: float
+) -> tuple[PseudoSpots, np.ndarray, np.ndarray]:
     """Pool ``f x f`` array blocks; returns the pseudo-spots, each spot's block id and whether its block is kept."""
     from scipy import sparse
 
@@ -440,15 +479,26 @@ def pool(adata, centres_xy: np.ndarray, library: np.ndarray, genes: list[str], f
     kept = sizes >= 2
     x = adata[:, genes].X
     x = x.toarray() if sparse.issparse(x) else np.asarray(x)
-    onehot = sparse.csr_matrix((np.ones(len(block_id)), (block_id, np.arange(len(block_id)))),
-                               shape=(len(keys), len(block_id)))
+    onehot = sparse.csr_matrix(
+        (np.ones(len(block_id)), (block_id, np.arange(len(block_id)))), shape=(len(keys), len(block_id))
+    )
     counts = np.asarray(onehot @ x)[kept]
     lib = np.asarray(onehot @ library).ravel()[kept]
     members = sizes[kept].astype(float)
     centres = np.asarray(onehot @ centres_xy)[kept] / members[:, None]
     values = np.log1p(counts / lib[:, None] * TARGET_SUM)
-    pseudo = PseudoSpots(centres=centres, counts=counts, library=lib, members=members, values=values, genes=genes,
-                         spot_pitch=pitch, spot_diameter=diameter, pool=f, block_index=keys[kept])
+    pseudo = PseudoSpots(
+        centres=centres,
+        counts=counts,
+        library=lib,
+        members=members,
+        values=values,
+        genes=genes,
+        spot_pitch=pitch,
+        spot_diameter=diameter,
+        pool=f,
+        block_index=keys[kept],
+    )
     return pseudo, block_id, kept[block_id]
 
 
@@ -519,8 +569,15 @@ def run_section(name: str, folder: Path, methods: list[str], pools: tuple[int, .
                     pearson = within = float("nan")
                 else:
                     pearson, within = score(truth[:, columns], pred[:, columns], block_id, in_kept)
-                record = {"section": name, "pool": f, "method": method, "genes": gene_set, "pearson": pearson,
-                          "within_block": within, "seconds": seconds}
+                record = {
+                    "section": name,
+                    "pool": f,
+                    "method": method,
+                    "genes": gene_set,
+                    "pearson": pearson,
+                    "within_block": within,
+                    "seconds": seconds,
+                }
                 if error:
                     record["error"] = error
                 records.append(record)
@@ -547,9 +604,12 @@ def report(records: list[dict], sections: list[str], command: str) -> str:
         part = frame[frame["genes"] == gene_set]
         n_sections = part["section"].nunique()
         title = "top 50 variable genes" if gene_set == "hvg" else f"breast panel ({n_sections} section(s))"
-        lines += [f"**{title}**", "", "| method | " + " | ".join(
-            f"f={f} Pearson r | f={f} within-block r" for f in pools) + " | seconds |",
-                  "|---|" + "---|---|" * len(pools) + "---|"]
+        lines += [
+            f"**{title}**",
+            "",
+            "| method | " + " | ".join(f"f={f} Pearson r | f={f} within-block r" for f in pools) + " | seconds |",
+            "|---|" + "---|---|" * len(pools) + "---|",
+        ]
         for method in dict.fromkeys(part["method"]):
             rows = part[part["method"] == method]
             cells = []
@@ -560,11 +620,15 @@ def report(records: list[dict], sections: list[str], command: str) -> str:
             lines.append(f"| {method} | " + " | ".join(cells) + f" | {seconds:.1f} |")
         lines.append("")
     per_section = frame[frame["genes"] == "hvg"].pivot_table(
-        index=["section", "pool"], columns="method", values="pearson", sort=False)
+        index=["section", "pool"], columns="method", values="pearson", sort=False
+    )
     lines += ["Per section (top 50 variable genes, Pearson r):", "", per_section.round(3).to_markdown(), ""]
     if len(errors):
-        lines += ["Methods that could not run: " + "; ".join(
-            sorted({f"{r.method} ({r.error})" for r in errors.itertuples()})), ""]
+        lines += [
+            "Methods that could not run: "
+            + "; ".join(sorted({f"{r.method} ({r.error})" for r in errors.itertuples()})),
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -575,8 +639,12 @@ def main() -> None:
     parser.add_argument("--sections", nargs="*", default=None)
     parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--pools", nargs="*", type=int, default=list(POOLS), help="pool factors (default 2 3)")
-    parser.add_argument("--fit-seconds", type=float, default=FIT_SECONDS,
-                        help="seconds of fit_slide per section and pool factor for the c3diff_fitted rows")
+    parser.add_argument(
+        "--fit-seconds",
+        type=float,
+        default=FIT_SECONDS,
+        help="seconds of fit_slide per section and pool factor for the c3diff_fitted rows",
+    )
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=None, help="markdown output (default docs/benchmarks/...)")
     args = parser.parse_args()
@@ -585,10 +653,12 @@ def main() -> None:
     records = []
     for name, folder in sections.items():
         records += run_section(name, folder, args.methods, tuple(args.pools))
-    command = "OMP_NUM_THREADS=1 python benchmarks/real_pool_recover.py" + (
-        f" --sections {' '.join(args.sections)}" if args.sections else "") + (
-        f" --pools {' '.join(map(str, args.pools))}" if tuple(args.pools) != POOLS else "") + (
-        f" --fit-seconds {args.fit_seconds:g}" if args.fit_seconds != FIT_SECONDS_DEFAULT else "")
+    command = (
+        "OMP_NUM_THREADS=1 python benchmarks/real_pool_recover.py"
+        + (f" --sections {' '.join(args.sections)}" if args.sections else "")
+        + (f" --pools {' '.join(map(str, args.pools))}" if tuple(args.pools) != POOLS else "")
+        + (f" --fit-seconds {args.fit_seconds:g}" if args.fit_seconds != FIT_SECONDS_DEFAULT else "")
+    )
     text = report(records, list(sections), command)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -157,8 +157,12 @@ def with_hne(sdata, values: np.ndarray, key: str = "hne2"):
     from spatialdata.transformations import get_transformation
 
     element = scale0(sdata.images["hne"])
-    sdata.images[key] = Image2DModel.parse(values, dims=("c", "y", "x"), c_coords=list(element.c.values),
-                                           transformations=get_transformation(element, get_all=True))
+    sdata.images[key] = Image2DModel.parse(
+        values,
+        dims=("c", "y", "x"),
+        c_coords=list(element.c.values),
+        transformations=get_transformation(element, get_all=True),
+    )
     return key
 
 
@@ -171,8 +175,9 @@ def test_histology_raster_reads_uint16_and_float_hne():
         assert out.dtype == np.uint8
         assert np.abs(out.astype(int) - reference).max() <= 1, values.dtype
     # a uint16 H&E used to be read as white everywhere: it now finds the same tissue
-    tissue = c3.pp.detect_tissue(c3.pp.histology_raster(sdata, with_hne(sdata, rgb.astype(np.uint16) * 257))[0],
-                                 pixel_size=10.0)
+    tissue = c3.pp.detect_tissue(
+        c3.pp.histology_raster(sdata, with_hne(sdata, rgb.astype(np.uint16) * 257))[0], pixel_size=10.0
+    )
     np.testing.assert_array_equal(tissue, c3.pp.detect_tissue(reference, pixel_size=10.0))
 
 
@@ -318,8 +323,11 @@ def test_config_with_wrong_type_is_a_clear_error(model_folder):
     config["image_size"] = "sixty-four"
     (model_folder / "config.json").write_text(json.dumps(config))
     before = digest(model_folder)
-    with pytest.raises(ValueError, match=r"not a valid C3DiffModel config: `image_size` should be int, found "
-                                         r"'sixty-four' \(str\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"not a valid C3DiffModel config: `image_size` should be int, found "
+        r"'sixty-four' \(str\)",
+    ):
         from_pretrained(model_folder)
     assert digest(model_folder) == before
 
@@ -375,23 +383,43 @@ def test_key_added_never_replaces_an_element_without_overwrite_nor_the_input():
     for overwrite in (False, True):  # the input H&E (or the counts) never, even with overwrite=True
         for key in ("hne", "table"):
             with pytest.raises(ValueError, match=f"`key_added` would write '{key}', which is an input of this call"):
-                c3.tl.super_resolve(sdata, "hne", table_key="table", method="bicubic", key_added=key,
-                                    overwrite=overwrite, progress=False)
+                c3.tl.super_resolve(
+                    sdata,
+                    "hne",
+                    table_key="table",
+                    method="bicubic",
+                    key_added=key,
+                    overwrite=overwrite,
+                    progress=False,
+                )
     assert sdata.images["hne"] is hne and json.dumps(sdata.attrs, default=str) == attrs
     c3.tl.super_resolve(sdata, "hne", table_key="table", method="bicubic", key_added="sr", progress=False)
     layer, entry = sdata.images["sr"], json.dumps(sdata.attrs["c3diff"]["sr"])
-    with pytest.raises(ValueError, match=r"`key_added`: sdata.images\['sr'\] already exists; nothing was changed. "
-                                         r"Pass another `key_added`, or overwrite=True to replace it."):
-        c3.tl.super_resolve(sdata, "hne", table_key="table", method="bicubic", key_added="sr", genes=["GENE_A"],
-                            progress=False)
+    with pytest.raises(
+        ValueError,
+        match=r"`key_added`: sdata.images\['sr'\] already exists; nothing was changed. "
+        r"Pass another `key_added`, or overwrite=True to replace it.",
+    ):
+        c3.tl.super_resolve(
+            sdata, "hne", table_key="table", method="bicubic", key_added="sr", genes=["GENE_A"], progress=False
+        )
     assert sdata.images["sr"] is layer and json.dumps(sdata.attrs["c3diff"]["sr"]) == entry
-    c3.tl.super_resolve(sdata, "hne", table_key="table", method="bicubic", key_added="sr", genes=["GENE_A"],
-                        overwrite=True, progress=False)
+    c3.tl.super_resolve(
+        sdata,
+        "hne",
+        table_key="table",
+        method="bicubic",
+        key_added="sr",
+        genes=["GENE_A"],
+        overwrite=True,
+        progress=False,
+    )
     assert list(scale0(sdata.images["sr"]).coords["c"].values) == ["GENE_A"]
     assert sdata.attrs["c3diff"]["sr"]["params"]["genes"] == ["GENE_A"]  # provenance = the data written
     with pytest.raises(TypeError, match="`overwrite` must be True or False"):
-        c3.tl.super_resolve(sdata, "hne", table_key="table", method="bicubic", key_added="sr", overwrite="yes",
-                            progress=False)
+        c3.tl.super_resolve(
+            sdata, "hne", table_key="table", method="bicubic", key_added="sr", overwrite="yes", progress=False
+        )
 
 
 def test_cli_predict_on_a_store_with_the_layer_needs_overwrite(tmp_path, capsys):
@@ -423,8 +451,9 @@ def test_cli_corrupt_model_is_one_line_and_the_store_is_unchanged(tmp_path, mode
     make_toy_section().write(store)
     (model_folder / "model.safetensors").write_bytes(b"\x00" * 100)
     before = digest(store)
-    code = main(["predict", str(store), "--table-key", "table", "--model", str(model_folder), "--revision", "v1",
-                 "--quiet"])
+    code = main(
+        ["predict", str(store), "--table-key", "table", "--model", str(model_folder), "--revision", "v1", "--quiet"]
+    )
     err = capsys.readouterr().err
     assert code == 1
     lines = err.strip().splitlines()

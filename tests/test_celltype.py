@@ -22,7 +22,10 @@ def _layer(values: np.ndarray, genes: list[str], *, scale_factors=None):
         "pixels": Identity(),
     }
     return Image2DModel.parse(
-        values.astype(np.float32), dims=("c", "y", "x"), c_coords=genes, transformations=transforms,
+        values.astype(np.float32),
+        dims=("c", "y", "x"),
+        c_coords=genes,
+        transformations=transforms,
         scale_factors=scale_factors,
     )
 
@@ -73,15 +76,18 @@ def test_recovers_known_regions_and_writes_with_source_transforms(sdata):
         written = get_transformation(element, get_all=True)
         assert set(written) == {"global", "pixels"}
         for cs in source:
-            np.testing.assert_allclose(written[cs].to_affine_matrix(("x", "y"), ("x", "y")),
-                                       source[cs].to_affine_matrix(("x", "y"), ("x", "y")))
+            np.testing.assert_allclose(
+                written[cs].to_affine_matrix(("x", "y"), ("x", "y")),
+                source[cs].to_affine_matrix(("x", "y"), ("x", "y")),
+            )
     scores = sdata.images["sr_celltypes_scores"]
     assert list(scores.coords["c"].values) == [*IMMUNE_TYPES, "max_score"]
     score_values = np.asarray(scores.data)
     # the max-score channel is the called type's score; scores are means of [0, 1] maps
     called = labels > 0
-    np.testing.assert_allclose(score_values[-1][called],
-                               np.take_along_axis(score_values[:-1], labels[None].astype(int) - 1, 0)[0][called])
+    np.testing.assert_allclose(
+        score_values[-1][called], np.take_along_axis(score_values[:-1], labels[None].astype(int) - 1, 0)[0][called]
+    )
     assert np.nanmin(score_values) >= 0 and np.nanmax(score_values) <= 1
     entry = sdata.attrs["c3diff"]["sr_celltypes"]
     assert entry["categories"] == list(IMMUNE_TYPES)
@@ -114,8 +120,11 @@ def test_min_score_and_nan_pixels_give_no_call():
     np.testing.assert_array_equal(labels[finite] == 0, (max_score[finite] < 0.5) | (max_score[finite] == 0))
     assert sdata.attrs["c3diff"]["types"]["params"]["min_score"] == 0.5
     # without min_score the weak pixels are called B cell
-    with pytest.raises(ValueError, match=r"sdata.labels\['types'\], sdata.images\['types_scores'\], "
-                       r"sdata.tables\['types_table'\] already exist; nothing was changed.*overwrite=True"):
+    with pytest.raises(
+        ValueError,
+        match=r"sdata.labels\['types'\], sdata.images\['types_scores'\], "
+        r"sdata.tables\['types_table'\] already exist; nothing was changed.*overwrite=True",
+    ):
         celltype_map(sdata, "sr", key_added="types", min_score=None)
     assert sdata.attrs["c3diff"]["types"]["params"]["min_score"] == 0.5
     celltype_map(sdata, "sr", key_added="types", min_score=None, overwrite=True)
@@ -131,8 +140,10 @@ def test_missing_markers_are_dropped_and_types_without_markers_excluded():
     treg = DEFAULT_MARKERS["Tregs"]
     values, genes, expected = _bands(drop=(*treg, "MZB1"))
     sdata = SpatialData(images={"sr": _layer(values, genes)})
-    with pytest.warns(UserWarning, match=r"5 marker gene\(s\).*Tregs: FOXP3, IL2RA, CTLA4, TIGIT; plasma cell: MZB1"), \
-            pytest.warns(UserWarning, match=r"1 cell type\(s\) have no marker.*\['Tregs'\]"):
+    with (
+        pytest.warns(UserWarning, match=r"5 marker gene\(s\).*Tregs: FOXP3, IL2RA, CTLA4, TIGIT; plasma cell: MZB1"),
+        pytest.warns(UserWarning, match=r"1 cell type\(s\) have no marker.*\['Tregs'\]"),
+    ):
         celltype_map(sdata, "sr")
     entry = sdata.attrs["c3diff"]["sr_celltypes"]
     types = [t for t in IMMUNE_TYPES if t != "Tregs"]
@@ -197,8 +208,10 @@ def test_multiscale_source_gives_the_same_pyramid():
     celltype_map(sdata, "sr")
     shapes = [tuple(lv.shape[-2:]) for lv in raster_levels(sdata.labels["sr_celltypes"])]
     assert shapes == [(48, 192), (24, 96), (12, 48)]
-    np.testing.assert_array_equal(np.asarray(raster_levels(sdata.labels["sr_celltypes"])[0].data),
-                                  np.repeat(np.repeat(expected, 4, axis=0), 4, axis=1))
+    np.testing.assert_array_equal(
+        np.asarray(raster_levels(sdata.labels["sr_celltypes"])[0].data),
+        np.repeat(np.repeat(expected, 4, axis=0), 4, axis=1),
+    )
 
 
 def test_recovers_simulated_immune_types_from_true_transcript_rasters():
@@ -289,8 +302,11 @@ def test_mouse_markers_are_chosen_from_the_gene_case_or_by_name():
     result = celltype_map(sdata, "sr", markers="mouse", inplace=False)
     np.testing.assert_array_equal(result.labels, expected)
     # human markers on mouse genes: the error names the species mismatch
-    with pytest.raises(ValueError, match=r"(?s)only by case \(MS4A1 -> Ms4a1.*human gene symbols but the data's are "
-                                         r"mouse.*markers='mouse'"):
+    with pytest.raises(
+        ValueError,
+        match=r"(?s)only by case \(MS4A1 -> Ms4a1.*human gene symbols but the data's are "
+        r"mouse.*markers='mouse'",
+    ):
         celltype_map(sdata, "sr", markers="human")
     with pytest.raises(ValueError, match="not a marker set"):
         celltype_map(sdata, "sr", markers="rat")
@@ -302,9 +318,12 @@ def test_check_genes_names_a_species_mismatch():
     from c3diff._validation import case_mismatches, check_genes
 
     assert case_mismatches(["CD8A", "XX", "Cd3e"], ["Cd8a", "Cd3e"]) == {"CD8A": "Cd8a"}
-    with pytest.raises(KeyError, match=r"2 gene\(s\) not found: CD8A, XX\. 1 differ from genes of the data only by "
-                                       r"case \(CD8A -> Cd8a\): the names asked for are human gene symbols but the "
-                                       r"data's are mouse ones"):
+    with pytest.raises(
+        KeyError,
+        match=r"2 gene\(s\) not found: CD8A, XX\. 1 differ from genes of the data only by "
+        r"case \(CD8A -> Cd8a\): the names asked for are human gene symbols but the "
+        r"data's are mouse ones",
+    ):
         check_genes(["CD8A", "XX"], ["Cd8a", "Cd3e", "Epcam"])
     with pytest.raises(KeyError) as info:
         check_genes(["XX"], ["Cd8a"])

@@ -16,10 +16,24 @@ def test_help_explains_every_command(capsys):
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     assert all(word in text for word in ("demo", "predict", "train"))
-    for command, options in (("demo", ["--output", "--seed", "--steps", "--samples", "--model"]),
-                             ("predict", ["--model", "--revision", "--table-key", "--points-key", "--scale",
-                                          "--method", "--samples", "--celltypes", "--output"]),
-                             ("train", ["config", "--output-dir", "--epochs", "--max-time", "--resume"])):
+    for command, options in (
+        ("demo", ["--output", "--seed", "--steps", "--samples", "--model"]),
+        (
+            "predict",
+            [
+                "--model",
+                "--revision",
+                "--table-key",
+                "--points-key",
+                "--scale",
+                "--method",
+                "--samples",
+                "--celltypes",
+                "--output",
+            ],
+        ),
+        ("train", ["config", "--output-dir", "--epochs", "--max-time", "--resume"]),
+    ):
         with pytest.raises(SystemExit):
             main([command, "--help"])
         text = capsys.readouterr().out
@@ -39,8 +53,24 @@ def test_predict_writes_new_layers_into_the_store(tmp_path, capsys):
     assert "hne_bicubic_x10" in back.images
     assert back.attrs["c3diff"]["hne_bicubic_x10"]["params"]["method"] == "bicubic"
     # a copy elsewhere, leaving the input alone
-    assert main(["predict", str(path), "--method", "bicubic", "--table-key", "table", "--scale", "5",
-                 "--output", str(tmp_path / "copy.zarr"), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                str(path),
+                "--method",
+                "bicubic",
+                "--table-key",
+                "table",
+                "--scale",
+                "5",
+                "--output",
+                str(tmp_path / "copy.zarr"),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert "hne_bicubic_x5" in sd.read_zarr(tmp_path / "copy.zarr").images
     assert "hne_bicubic_x5" not in sd.read_zarr(path).images
 
@@ -64,8 +94,14 @@ def test_train_from_a_config_file(tmp_path, capsys):
 
     for seed in range(2):
         section = make_toy_section(seed=seed, height=1400, width=1400, pixel_size=4.0, n_transcripts=30_000)
-        make_patches(section, genes=["GENE_A", "GENE_B"], points_key="transcripts", patch_size=64,
-                     min_tissue=0.3, sample_id=f"s{seed}").save(tmp_path / f"p{seed}.npz")
+        make_patches(
+            section,
+            genes=["GENE_A", "GENE_B"],
+            points_key="transcripts",
+            patch_size=64,
+            min_tissue=0.3,
+            sample_id=f"s{seed}",
+        ).save(tmp_path / f"p{seed}.npz")
     config = {
         "output_dir": "run",
         "model": "tiny",

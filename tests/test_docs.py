@@ -37,8 +37,19 @@ def _build(srcdir: Path, outdir: Path) -> tuple[int, str]:
 
     warnings = outdir.parent / f"{outdir.name}-warnings.txt"
     status = build_main(
-        ["-W", "--keep-going", "-q", "-b", "html", "-w", str(warnings), "-d", str(outdir / ".doctrees"),
-         str(srcdir), str(outdir)]
+        [
+            "-W",
+            "--keep-going",
+            "-q",
+            "-b",
+            "html",
+            "-w",
+            str(warnings),
+            "-d",
+            str(outdir / ".doctrees"),
+            str(srcdir),
+            str(outdir),
+        ]
     )
     return status, warnings.read_text() if warnings.exists() else ""
 
@@ -58,8 +69,19 @@ def _text(page: Path) -> str:
 
 
 def test_key_pages_exist(site):
-    for page in ("index", "installation", "usage", "tutorials", "conventions", "method", "benchmarks", "api",
-                 "api/cli", "api/generated/c3diff.tl.super_resolve", "api/generated/c3diff.tl.train"):
+    for page in (
+        "index",
+        "installation",
+        "usage",
+        "tutorials",
+        "conventions",
+        "method",
+        "benchmarks",
+        "api",
+        "api/cli",
+        "api/generated/c3diff.tl.super_resolve",
+        "api/generated/c3diff.tl.train",
+    ):
         assert (site / f"{page}.html").is_file(), page
 
 
@@ -67,8 +89,11 @@ def test_every_public_name_has_an_api_page(site):
     missing = []
     for sub in SUBPACKAGES:
         module = importlib.import_module(f"c3diff.{sub}")
-        missing += [f"c3diff.{sub}.{name}" for name in module.__all__
-                    if not (site / "api" / "generated" / f"c3diff.{sub}.{name}.html").is_file()]
+        missing += [
+            f"c3diff.{sub}.{name}"
+            for name in module.__all__
+            if not (site / "api" / "generated" / f"c3diff.{sub}.{name}.html").is_file()
+        ]
     assert missing == []
 
 
@@ -126,9 +151,14 @@ def _notebook(path: Path) -> None:
                 nbformat.v4.new_output("stream", name="stderr", text="a warning\n"),
                 nbformat.v4.new_output(
                     "display_data",
-                    data={"application/vnd.jupyter.widget-view+json": {"model_id": "abc", "version_major": 2,
-                                                                        "version_minor": 0},
-                          "text/plain": "  0%|          | 0/3"},
+                    data={
+                        "application/vnd.jupyter.widget-view+json": {
+                            "model_id": "abc",
+                            "version_major": 2,
+                            "version_minor": 0,
+                        },
+                        "text/plain": "  0%|          | 0/3",
+                    },
                 ),
                 nbformat.v4.new_output("display_data", data={"image/png": _PNG, "text/plain": "<Figure>"}),
                 nbformat.v4.new_output("execute_result", data={"text/plain": "4"}, execution_count=1),
@@ -185,8 +215,14 @@ def test_generated_pages_with_scripts_results_and_notebook(mini_repo):
     text = _text(mini_repo / "html" / "benchmarks.html")
     # one section per script, from its docstring, with its results files; main scripts first
     assert text.index("Quality against the simulated truth") < text.index("Scaling of super_resolve")
-    for expected in ("Scores C3-Diff and bicubic per tile and gene: RMSE, |PCC|, SSIM",
-                     "python benchmarks/quality.py --seeds 3", "0.31", "0.42", "Other results", "A table of no script"):
+    for expected in (
+        "Scores C3-Diff and bicubic per tile and gene: RMSE, |PCC|, SSIM",
+        "python benchmarks/quality.py --seeds 3",
+        "0.31",
+        "0.42",
+        "Other results",
+        "A table of no script",
+    ):
         assert expected in text, expected
     # the results files' own headings nest below their section: the page keeps a single title
     assert (mini_repo / "html" / "benchmarks.html").read_text().count("<h1") == 1

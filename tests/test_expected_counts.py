@@ -77,8 +77,12 @@ def test_grid_is_the_grid_of_bin_transcripts(section, pixel_size):
     out = c3.datasets.expected_counts(section, genes=genes, pixel_size=pixel_size)
     assert out.dtype == np.float32 and out.shape == _observed(section, pixel_size, genes=genes).shape
     shifted = c3.datasets.expected_counts(section, genes=genes, pixel_size=pixel_size, origin=(-5.0, 3.0))
-    assert shifted.shape == c3.pp.bin_transcripts(section, bin_size=pixel_size, genes=genes, image_key="hne",
-                                                  origin=(-5.0, 3.0), inplace=False).shape
+    assert (
+        shifted.shape
+        == c3.pp.bin_transcripts(
+            section, bin_size=pixel_size, genes=genes, image_key="hne", origin=(-5.0, 3.0), inplace=False
+        ).shape
+    )
 
 
 def test_expected_mass_is_the_cells_plus_the_background(section):
@@ -117,8 +121,9 @@ def test_expected_map_correlates_with_the_observed_counts_at_100um(section):
 def test_placement_matches_the_simulator_given_the_counts(section):
     # with the drawn counts as the expectation, the only noise left is where each transcript lands: at 2 um the
     # Pearson chi^2 per pixel is then about 1 (a multinomial), and moving the nuclei by 2 um inflates it
-    sd = section.subset([Key.HNE.value, Key.CELL_LABELS.value, Key.CELLS.value, Key.TRANSCRIPTS.value,
-                         Key.CELL_TABLE.value])
+    sd = section.subset(
+        [Key.HNE.value, Key.CELL_LABELS.value, Key.CELLS.value, Key.TRANSCRIPTS.value, Key.CELL_TABLE.value]
+    )
     table = sd.tables[Key.CELL_TABLE.value] = section.tables[Key.CELL_TABLE.value].copy()
     table.layers["expected"] = _dense(table.X).astype(np.float32)
     observed = _observed(sd, 2.0).sum(axis=0)
@@ -138,8 +143,9 @@ def test_survives_writing_and_reading(tiny, tmp_path):
 
     tiny.write(tmp_path / "s.zarr")
     back = read_zarr(tmp_path / "s.zarr")
-    np.testing.assert_array_equal(c3.datasets.expected_counts(back, pixel_size=20.0),
-                                  c3.datasets.expected_counts(tiny, pixel_size=20.0))
+    np.testing.assert_array_equal(
+        c3.datasets.expected_counts(back, pixel_size=20.0), c3.datasets.expected_counts(tiny, pixel_size=20.0)
+    )
 
 
 def test_errors_name_the_argument(tiny):

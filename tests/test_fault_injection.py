@@ -26,8 +26,19 @@ from c3diff.tl._train import _clean_checkpoints, _latest_checkpoint, _write_fold
 
 GENES = ["GENE_A", "GENE_B", "GENE_C"]
 #: 2 sections x 4 patches x 3 genes: 2 mean-stage and 4 residual steps per epoch (checkpoints at steps 2, 4, 8, 12)
-RUN = dict(model="tiny", genes=GENES, epochs=2, batch_size=4, learning_rate=1e-3, seed=1, backbone_steps=2,
-           autoencoder_steps=2, val_fraction=0, progress=False, log_every=1)
+RUN = dict(
+    model="tiny",
+    genes=GENES,
+    epochs=2,
+    batch_size=4,
+    learning_rate=1e-3,
+    seed=1,
+    backbone_steps=2,
+    autoencoder_steps=2,
+    val_fraction=0,
+    progress=False,
+    log_every=1,
+)
 
 #: A training run that SIGKILLs itself at a chosen point of a checkpoint write (argv: patch files, output dir, mode,
 #: step, number of torch threads).
@@ -87,8 +98,11 @@ SUPER_RESOLVE_SCRIPT = textwrap.dedent("""
 
 def _digest(folder: Path) -> dict[str, str]:
     """Every file under ``folder`` (hidden ones too) with the sha1 of its bytes."""
-    return {str(p.relative_to(folder)): hashlib.sha1(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha1(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _weights(model) -> dict[str, torch.Tensor]:
@@ -130,9 +144,20 @@ def uninterrupted(patch_files, tmp_path_factory):
 def _killed_run(patch_files, out: Path, mode: str, step: int) -> None:
     env = {**os.environ, "C3DIFF_TEST_RUN": json.dumps(RUN), "OMP_NUM_THREADS": str(torch.get_num_threads())}
     done = subprocess.run(
-        [sys.executable, "-c", TRAIN_SCRIPT, ",".join(map(str, patch_files)), str(out), mode, str(step),
-         str(torch.get_num_threads())],
-        env=env, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-c",
+            TRAIN_SCRIPT,
+            ",".join(map(str, patch_files)),
+            str(out),
+            mode,
+            str(step),
+            str(torch.get_num_threads()),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
 
@@ -184,8 +209,10 @@ def test_clean_stop_mid_epoch_resumes_exactly_and_the_data_order_is_checked(patc
     with pytest.warns(UserWarning, match="no validation data"):
         train(files, output_dir=out, max_steps=6, **RUN)  # mid-epoch, and a whole epoch follows the resume
     before = _digest(out)
-    with pytest.raises(ValueError, match=r"different data order \(batch_size 4 -> 2\).*same `data`, `batch_size`"), \
-            pytest.warns(UserWarning, match="no validation data"):
+    with (
+        pytest.raises(ValueError, match=r"different data order \(batch_size 4 -> 2\).*same `data`, `batch_size`"),
+        pytest.warns(UserWarning, match="no validation data"),
+    ):
         train(files, output_dir=out, resume="latest", **{**RUN, "batch_size": 2})
     assert _digest(out) == before
     with pytest.warns(UserWarning, match="no validation data"):
@@ -232,9 +259,20 @@ def test_super_resolve_to_a_store_killed_midway_then_rerun(tmp_path):
     kwargs = dict(table_key="table", method="bicubic", tile_size=40, progress=False)  # small tiles: many
     c3.tl.super_resolve(sdata, "hne", store=tmp_path / "a.zarr", key_added="a", **kwargs)
     before = _digest(tmp_path)
-    done = subprocess.run([sys.executable, "-c", SUPER_RESOLVE_SCRIPT, str(tmp_path / "b.zarr"),
-                           str(Path(__file__).parent), "5", json.dumps(kwargs)],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            SUPER_RESOLVE_SCRIPT,
+            str(tmp_path / "b.zarr"),
+            str(Path(__file__).parent),
+            "5",
+            json.dumps(kwargs),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
     assert not (tmp_path / "b.zarr").exists()  # a partial layer never appears at the store's path
     (partial,) = tmp_path.glob(".b.zarr.c3diff-tmp-*")
@@ -250,14 +288,18 @@ def test_super_resolve_to_a_store_killed_midway_then_rerun(tmp_path):
     # a store is never shared between layers: refused, nothing on disk or in the SpatialData changes
     before, images, attrs = _digest(tmp_path), dict(sdata.images), json.dumps(sdata.attrs, default=str)
     for overwrite in (False, True):
-        with pytest.raises(ValueError, match=r"`store='.*a.zarr'` already exists and holds the layer 'a'. A store "
-                                             r"holds one layer.*Pass a new path for `store`"):
+        with pytest.raises(
+            ValueError,
+            match=r"`store='.*a.zarr'` already exists and holds the layer 'a'. A store "
+            r"holds one layer.*Pass a new path for `store`",
+        ):
             c3.tl.super_resolve(sdata, "hne", store=tmp_path / "a.zarr", key_added="c", overwrite=overwrite, **kwargs)
     assert _digest(tmp_path) == before and dict(sdata.images) == images
     assert json.dumps(sdata.attrs, default=str) == attrs
     # the layer's own store, replaced with overwrite=True: the layer and its provenance match the new data
-    c3.tl.super_resolve(sdata, "hne", store=tmp_path / "a.zarr", key_added="a", overwrite=True,
-                        **{**kwargs, "genes": ["GENE_B"]})
+    c3.tl.super_resolve(
+        sdata, "hne", store=tmp_path / "a.zarr", key_added="a", overwrite=True, **{**kwargs, "genes": ["GENE_B"]}
+    )
     assert list(scale0(sdata.images["a"]).coords["c"].values) == ["GENE_B"]
     assert sdata.attrs["c3diff"]["a"]["params"]["genes"] == ["GENE_B"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.zarr", "b.zarr"]

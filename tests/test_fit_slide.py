@@ -30,8 +30,18 @@ def _read_at_spots(section, pseudo, model, method="c3diff"):
     """Super-resolve the pseudo-spots and read the layer back at the original Visium spots (counts)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        c3.tl.super_resolve(pseudo, "hne", table_key="table", genes=GENES, model=model, method=method,
-                            calibration="lr_pixel", progress=False, key_added="sr", overwrite=True)
+        c3.tl.super_resolve(
+            pseudo,
+            "hne",
+            table_key="table",
+            genes=GENES,
+            model=model,
+            method=method,
+            calibration="lr_pixel",
+            progress=False,
+            key_added="sr",
+            overwrite=True,
+        )
         section.images["sr"] = pseudo.images["sr"]
         try:
             read = c3.tl.sample_at_spots(section, "sr", table_key="visium_table", genes=GENES)
@@ -87,8 +97,9 @@ def test_footprint_sums_are_exact(diameter, pitch):
     row0, col0 = 5, 8  # a tile whose corner is grid pixel (5, 8), holding every spot
     tile = full[:, row0 : row0 + 100, col0 : col0 + 100]
     np.testing.assert_allclose(footprint_sums(tile, rows, cols, weights, row0, col0), expected.T, rtol=1e-9)
-    lam = footprint_sums(torch.as_tensor(tile), torch.as_tensor(rows), torch.as_tensor(cols),
-                         torch.as_tensor(weights), row0, col0)
+    lam = footprint_sums(
+        torch.as_tensor(tile), torch.as_tensor(rows), torch.as_tensor(cols), torch.as_tensor(weights), row0, col0
+    )
     np.testing.assert_allclose(lam.numpy(), expected.T, rtol=1e-9)
     constant = footprint_sums(np.full((1, 100, 100), 3.0), rows, cols, weights, row0, col0)
     np.testing.assert_allclose(constant, 3.0 * math.pi * (diameter / 2) ** 2 / 100.0, rtol=1e-9)
@@ -124,8 +135,15 @@ def test_bad_inputs_fail_before_any_work(section, monkeypatch):
         c3.tl.fit_slide(section, "nope", table_key="visium_table", genes=GENES, progress=False)
     # a table without spot diameter: no uns entry and no circles
     xy = np.array([[100.0, 100.0], [300.0, 100.0], [100.0, 300.0], [300.0, 300.0]])
-    sdata = c3.io.spots_from_arrays(np.ones((4, 2)), xy, genes=["A", "B"], spot_diameter=100.0, pitch=200.0,
-                                    image=np.full((400, 400, 3), 200, dtype=np.uint8), pixel_size=1.0)
+    sdata = c3.io.spots_from_arrays(
+        np.ones((4, 2)),
+        xy,
+        genes=["A", "B"],
+        spot_diameter=100.0,
+        pitch=200.0,
+        image=np.full((400, 400, 3), 200, dtype=np.uint8),
+        pixel_size=1.0,
+    )
     del sdata["table"].uns["c3diff"]["spots"]["diameter_um"]
     region = sdata["table"].uns["spatialdata_attrs"]["region"]
     region = region[0] if isinstance(region, list) else region
@@ -160,10 +178,15 @@ def test_fitted_model_round_trips_and_super_resolves(section, fitted, tmp_path):
     assert "visium_table" in (tmp_path / "model" / "README.md").read_text()
     layers = {}
     for name, model in (("fitted", fitted), ("loaded", loaded)):
-        layers[name] = c3.tl.super_resolve(section, "hne", table_key="visium_table", model=model, inplace=False,
-                                           progress=False)["mean"]
-    np.testing.assert_allclose(np.asarray(layers["fitted"]["scale0"]["image"].data),
-                               np.asarray(layers["loaded"]["scale0"]["image"].data), rtol=1e-5, atol=1e-6)
+        layers[name] = c3.tl.super_resolve(
+            section, "hne", table_key="visium_table", model=model, inplace=False, progress=False
+        )["mean"]
+    np.testing.assert_allclose(
+        np.asarray(layers["fitted"]["scale0"]["image"].data),
+        np.asarray(layers["loaded"]["scale0"]["image"].data),
+        rtol=1e-5,
+        atol=1e-6,
+    )
 
 
 @pytest.mark.slow
@@ -177,8 +200,25 @@ def test_cli_fit_writes_a_model_folder(section, tmp_path, capsys):
     assert main(["fit", str(path), "--table-key", "st_table", "--out", str(tmp_path / "m"), "--quiet"]) == 1
     err = capsys.readouterr().err
     assert "Too few spots to pool" in err and len(err.strip().splitlines()) == 1
-    assert main(["fit", str(path), "--table-key", "visium_table", "--genes", "EPCAM", "PTPRC", "--steps", "2",
-                 "--out", str(tmp_path / "m"), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                str(path),
+                "--table-key",
+                "visium_table",
+                "--genes",
+                "EPCAM",
+                "PTPRC",
+                "--steps",
+                "2",
+                "--out",
+                str(tmp_path / "m"),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert "model in" in capsys.readouterr().out
     assert c3.models.from_pretrained(str(tmp_path / "m")).config.mean_fitted is True
 
@@ -187,7 +227,9 @@ def test_cli_fit_writes_a_model_folder(section, tmp_path, capsys):
 def test_same_seed_same_fit(section):
     import torch
 
-    a, b = (c3.tl.fit_slide(section, "hne", table_key="visium_table", genes=GENES[:2], steps=2, seed=3, progress=False)
-            for _ in range(2))
+    a, b = (
+        c3.tl.fit_slide(section, "hne", table_key="visium_table", genes=GENES[:2], steps=2, seed=3, progress=False)
+        for _ in range(2)
+    )
     assert a.fit_history == b.fit_history
     assert all(torch.equal(x, y) for x, y in zip(a.mean_net.parameters(), b.mean_net.parameters(), strict=True))

@@ -30,8 +30,7 @@ def fitted(section):
     """A tiny model trained on the slide (a few fit_slide steps: the H&E decides where counts go inside a spot)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return c3.tl.fit_slide(section, "hne", table_key="visium_table", genes=GENES, steps=3, seed=0,
-                               progress=False)
+        return c3.tl.fit_slide(section, "hne", table_key="visium_table", genes=GENES, steps=3, seed=0, progress=False)
 
 
 def _layer(sdata, key) -> np.ndarray:
@@ -40,8 +39,16 @@ def _layer(sdata, key) -> np.ndarray:
 
 def _run(sdata, method, model, **source):
     key = f"sr_{method}_{'_'.join(map(str, source.values()))}"
-    c3.tl.super_resolve(sdata, "hne", genes=GENES, method=method, model=model if method == "c3diff" else None,
-                        key_added=key, progress=False, **source)
+    c3.tl.super_resolve(
+        sdata,
+        "hne",
+        genes=GENES,
+        method=method,
+        model=model if method == "c3diff" else None,
+        key_added=key,
+        progress=False,
+        **source,
+    )
     return key
 
 
@@ -87,8 +94,9 @@ def test_bin_footprint_sums_equal_the_binned_transcripts(section, fitted, method
 
 def test_footprint_sums_hold_at_5x(section):
     key = "sr_bicubic_x5"
-    c3.tl.super_resolve(section, "hne", table_key="visium_table", genes=GENES, method="bicubic", scale=5,
-                        key_added=key, progress=False)
+    c3.tl.super_resolve(
+        section, "hne", table_key="visium_table", genes=GENES, method="bicubic", scale=5, key_added=key, progress=False
+    )
     assert raster_geometry(section.images[key]).sy == 20.0
     read = c3.tl.sample_at_spots(section, key, table_key="visium_table", genes=GENES)
     measured = np.asarray(section.tables["visium_table"][read.obs_names, GENES].X.todense(), dtype=np.float64)
@@ -114,8 +122,9 @@ def test_match_footprints_keeps_the_pattern_and_the_zeros():
     before = values.copy()
     std = np.ones_like(values)
     weights = spot_footprint(grid, centres, 50.0)
-    summary = match_footprints(values, grid, Footprints(weights, centres, counts, 100.0, "spots"), tissue,
-                               others=(std,))
+    summary = match_footprints(
+        values, grid, Footprints(weights, centres, counts, 100.0, "spots"), tissue, others=(std,)
+    )
     sums = np.asarray(weights @ values.reshape(2, -1).T.astype(np.float64))
     np.testing.assert_allclose(sums, counts, atol=0.02 * np.maximum(counts, 1.0).max())
     assert np.all(np.abs(sums - counts) <= 0.005 * np.maximum(counts, 1.0) + 1e-9)
@@ -146,8 +155,15 @@ def test_layers_are_zero_off_tissue_with_one_mask_for_every_method():
     supports = {}
     for source in ({"table_key": "table"}, {"points_key": "transcripts"}):
         for method in ("bicubic", "c3diff"):
-            out = c3.tl.super_resolve(sdata, "hne", method=method, model=model if method == "c3diff" else None,
-                                      inplace=False, progress=False, **source)["mean"]
+            out = c3.tl.super_resolve(
+                sdata,
+                "hne",
+                method=method,
+                model=model if method == "c3diff" else None,
+                inplace=False,
+                progress=False,
+                **source,
+            )["mean"]
             layer = np.asarray(scale0(out).values)
             support = layer.sum(axis=0) > 0
             assert (distance_out[support] <= 27.5).all(), distance_out[support].max()  # one Visium spot radius

@@ -99,15 +99,25 @@ def make_visium(root: Path, *, layout: str = "sr2", hires: str = "ok", scalef_hi
     in_tissue = np.ones(n_all, dtype=int)
     in_tissue[-6:] = 0  # last row: background, not in the filtered matrix
     positions = pd.DataFrame(
-        {"barcode": barcodes, "in_tissue": in_tissue, "array_row": rows, "array_col": cols,
-         "pxl_row_in_fullres": np.rint(y).astype(int), "pxl_col_in_fullres": np.rint(x).astype(int)}
+        {
+            "barcode": barcodes,
+            "in_tissue": in_tissue,
+            "array_row": rows,
+            "array_col": cols,
+            "pxl_row_in_fullres": np.rint(y).astype(int),
+            "pxl_col_in_fullres": np.rint(x).astype(int),
+        }
     )
     if layout == "sr2":
         positions.to_csv(spatial / "tissue_positions.csv", index=False)
     else:
         positions.to_csv(spatial / "tissue_positions_list.csv", index=False, header=False)
-    scalefactors = {"spot_diameter_fullres": SPOT_DIAMETER_FULLRES, "tissue_hires_scalef": scalef_hires,
-                    "fiducial_diameter_fullres": 21.0, "tissue_lowres_scalef": LOWRES}
+    scalefactors = {
+        "spot_diameter_fullres": SPOT_DIAMETER_FULLRES,
+        "tissue_hires_scalef": scalef_hires,
+        "fiducial_diameter_fullres": 21.0,
+        "tissue_lowres_scalef": LOWRES,
+    }
     (spatial / "scalefactors_json.json").write_text(json.dumps(scalefactors))
     marked = 7  # the spot drawn as a dark disc
     px, py = positions.pxl_col_in_fullres[marked], positions.pxl_row_in_fullres[marked]
@@ -267,8 +277,9 @@ def test_visium_from_arrays_giotto_style_extent(tmp_path):
     _, _, x, y = visium_lattice()
     n = len(x)
     counts = RNG.poisson(2.0, size=(n, 3)).astype(np.float32)
-    adata = ad.AnnData(counts, obs=pd.DataFrame(index=[f"s{i}" for i in range(n)]),
-                       var=pd.DataFrame(index=["a", "b", "c"]))
+    adata = ad.AnnData(
+        counts, obs=pd.DataFrame(index=[f"s{i}" for i in range(n)]), var=pd.DataFrame(index=["a", "b", "c"])
+    )
     sdimx, sdimy = x, -y  # Giotto's full-res coordinates, y up
     xmin, xmax, ymin, ymax = 20.0, 160.0, 10.0, 110.0  # image edges in full-res px, y down
     width, height = 70, 50  # 2 full-res px = 10 um per image px
@@ -278,7 +289,10 @@ def test_visium_from_arrays_giotto_style_extent(tmp_path):
     image = disc_image(height, width, [(row, col)], radius=1.0)
     with pytest.warns(UserWarning, match="5.5 px across"):
         sdata = c3.io.visium_from_arrays(
-            adata, spatial=np.c_[sdimx, -sdimy], spot_diameter_fullres=SPOT_DIAMETER_FULLRES, image=image,
+            adata,
+            spatial=np.c_[sdimx, -sdimy],
+            spot_diameter_fullres=SPOT_DIAMETER_FULLRES,
+            image=image,
             image_extent=(xmin, xmax, ymin, ymax),
         )
     geometry = raster_geometry(sdata.images[Key.HNE.value])
@@ -295,8 +309,16 @@ def test_visium_from_arrays_giotto_style_extent(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------- legacy ST
-def make_legacy_st(root: Path, *, staggered: bool = False, spot_file: str = "her2st", transpose: bool = False,
-                   px_per_unit: tuple[float, float] = (20.0, 20.0), image_size: int = 140, ensembl: bool = False):
+def make_legacy_st(
+    root: Path,
+    *,
+    staggered: bool = False,
+    spot_file: str = "her2st",
+    transpose: bool = False,
+    px_per_unit: tuple[float, float] = (20.0, 20.0),
+    image_size: int = 140,
+    ensembl: bool = False,
+):
     root.mkdir(parents=True, exist_ok=True)
     if staggered:
         grid = [(x, y) for x in range(1, 9) for y in range(1, 9) if (x + y) % 2 == 0]
@@ -307,8 +329,17 @@ def make_legacy_st(root: Path, *, staggered: bool = False, spot_file: str = "her
     pixel_y = 12 + (ys - 1) * px_per_unit[1]
     selected = np.ones(len(grid), dtype=int)
     selected[:3] = 0
-    spots = pd.DataFrame({"x": xs, "y": ys, "new_x": xs + 0.01, "new_y": ys - 0.01,
-                          "pixel_x": pixel_x, "pixel_y": pixel_y, "selected": selected})
+    spots = pd.DataFrame(
+        {
+            "x": xs,
+            "y": ys,
+            "new_x": xs + 0.01,
+            "new_y": ys - 0.01,
+            "pixel_x": pixel_x,
+            "pixel_y": pixel_y,
+            "selected": selected,
+        }
+    )
     if spot_file == "her2st":
         spots.to_csv(root / "S_selection.tsv", sep="\t", index=False)
     elif spot_file == "headerless":
@@ -323,8 +354,12 @@ def make_legacy_st(root: Path, *, staggered: bool = False, spot_file: str = "her
     marked = 12
     image = disc_image(image_size, image_size, [(pixel_y[marked], pixel_x[marked])], radius=2.0)
     Image.fromarray(image).save(root / "HE.jpg", quality=95)
-    return {"counts": counts, "spots": spots, "marked": marked, "paths": (root / "S.tsv.gz", root / "S_selection.tsv",
-                                                                          root / "HE.jpg")}
+    return {
+        "counts": counts,
+        "spots": spots,
+        "marked": marked,
+        "paths": (root / "S.tsv.gz", root / "S_selection.tsv", root / "HE.jpg"),
+    }
 
 
 def test_read_legacy_st_calibration_counts_and_positions(tmp_path):
@@ -353,8 +388,15 @@ def test_read_legacy_st_calibration_counts_and_positions(tmp_path):
 
 def test_read_legacy_st_layouts_orientation_and_stagger(tmp_path):
     """Genes x spots counts with Ensembl ids, a headerless spot file, the staggered 2k array, stretched pixels."""
-    truth = make_legacy_st(tmp_path, transpose=True, spot_file="headerless", ensembl=True, staggered=True,
-                           px_per_unit=(10.0, 11.0), image_size=100)
+    truth = make_legacy_st(
+        tmp_path,
+        transpose=True,
+        spot_file="headerless",
+        ensembl=True,
+        staggered=True,
+        px_per_unit=(10.0, 11.0),
+        image_size=100,
+    )
     with pytest.warns(UserWarning) as record:
         sdata = c3.io.read_legacy_st(*truth["paths"])
     assert any("different pixel sizes along x" in str(w.message) for w in record)
@@ -413,18 +455,34 @@ def make_xenium(root: Path, *, csv: bool = False, calibrated: bool = True) -> di
 
     root.mkdir(parents=True, exist_ok=True)
     cell_ids = ["aaaa-1", "bbbb-1", "cccc-1"]
-    cells = pd.DataFrame({"cell_id": cell_ids, "x_centroid": [10.0, 30.0, 22.0], "y_centroid": [12.0, 20.0, 35.0],
-                          "transcript_counts": [5, 7, 3], "cell_area": [np.pi * 4**2, np.pi * 5**2, np.pi * 3**2],
-                          "nucleus_area": [20.0, 30.0, 10.0]})
+    cells = pd.DataFrame(
+        {
+            "cell_id": cell_ids,
+            "x_centroid": [10.0, 30.0, 22.0],
+            "y_centroid": [12.0, 20.0, 35.0],
+            "transcript_counts": [5, 7, 3],
+            "cell_area": [np.pi * 4**2, np.pi * 5**2, np.pi * 3**2],
+            "nucleus_area": [20.0, 30.0, 10.0],
+        }
+    )
     n = 60
     features = RNG.choice(XENIUM_GENES + CONTROLS, size=n, p=[0.3, 0.3, 0.3, 0.05, 0.05])
     features[:2] = CONTROLS
     qv = np.full(n, 40.0)
     qv[[5, 9, 11]] = 12.0
     tx_cells = RNG.choice(cell_ids + ["UNASSIGNED"], size=n)
-    transcripts = pd.DataFrame({"transcript_id": np.arange(n), "cell_id": tx_cells, "overlaps_nucleus": 0,
-                                "feature_name": features, "x_location": RNG.uniform(1, 39, n),
-                                "y_location": RNG.uniform(1, 39, n), "z_location": 5.0, "qv": qv})
+    transcripts = pd.DataFrame(
+        {
+            "transcript_id": np.arange(n),
+            "cell_id": tx_cells,
+            "overlaps_nucleus": 0,
+            "feature_name": features,
+            "x_location": RNG.uniform(1, 39, n),
+            "y_location": RNG.uniform(1, 39, n),
+            "z_location": 5.0,
+            "qv": qv,
+        }
+    )
     if csv:
         transcripts.to_csv(root / "transcripts.csv.gz", index=False)
         cells.to_csv(root / "cells.csv.gz", index=False)
@@ -432,8 +490,13 @@ def make_xenium(root: Path, *, csv: bool = False, calibrated: bool = True) -> di
         transcripts.to_parquet(root / "transcripts.parquet")
         cells.to_parquet(root / "cells.parquet")
     counts = RNG.poisson(2.0, size=(3, 4))
-    write_10x_h5(root / "cell_feature_matrix.h5", counts, cell_ids, XENIUM_GENES + [CONTROLS[0]],
-                 ["Gene Expression"] * 3 + ["Negative Control Probe"])
+    write_10x_h5(
+        root / "cell_feature_matrix.h5",
+        counts,
+        cell_ids,
+        XENIUM_GENES + [CONTROLS[0]],
+        ["Gene Expression"] * 3 + ["Negative Control Probe"],
+    )
     dapi = (RNG.random((80, 80)) * 1000).astype(np.uint16)  # 0.5 um/px: covers 40 x 40 um
     metadata = {"axes": "YX", "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5} if calibrated else {"axes": "YX"}
     tifffile.imwrite(root / "morphology_focus.ome.tif", dapi, ome=True, metadata=metadata)
@@ -541,8 +604,9 @@ def test_read_xenium_registered_hne(tmp_path):
         c3.io.read_xenium(tmp_path, hne=tmp_path / "he.png")
     with pytest.raises(ValueError, match="fall outside the H&E"), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the inverse direction squeezes the H&E into 12.5 x 12.5 um
-        c3.io.read_xenium(tmp_path, hne=tmp_path / "he.png", hne_alignment=np.diag([0.25, 0.25, 1.0]),
-                          hne_alignment_units="um")
+        c3.io.read_xenium(
+            tmp_path, hne=tmp_path / "he.png", hne_alignment=np.diag([0.25, 0.25, 1.0]), hne_alignment_units="um"
+        )
     theta = np.deg2rad(10)
     rotated = np.array([[np.cos(theta), -np.sin(theta), 5], [np.sin(theta), np.cos(theta), 0], [0, 0, 1]])
     with pytest.warns(UserWarning, match="rotated, sheared or flipped"), warnings.catch_warnings():
@@ -566,8 +630,10 @@ def test_cells_from_arrays_lung_style(tmp_path):
     """Cells given as (row, col) pixels of a 2 um/px H&E, as the HEST/DeepSpot exports store them."""
     n = 4
     rows, cols = np.array([5, 10, 15, 20]), np.array([8, 30, 12, 25])
-    adata = ad.AnnData(RNG.poisson(3.0, size=(n, 3)).astype(np.float32),
-                       obs=pd.DataFrame({"x_pixel": rows, "y_pixel": cols}, index=[f"c{i}" for i in range(n)]))
+    adata = ad.AnnData(
+        RNG.poisson(3.0, size=(n, 3)).astype(np.float32),
+        obs=pd.DataFrame({"x_pixel": rows, "y_pixel": cols}, index=[f"c{i}" for i in range(n)]),
+    )
     image = disc_image(30, 40, [(rows[2], cols[2])], radius=1.0)
     xy = adata.obs[["y_pixel", "x_pixel"]].to_numpy(float) * 2.0
     sdata = c3.io.cells_from_arrays(adata, spatial=xy, radius=5.0, image=image, image_pixel_size=2.0)

@@ -49,16 +49,19 @@ def test_too_many_genes_are_refused_before_any_work_saying_how_many_fit(per_gene
     assert called == [] and set(sdata.images) == before  # refused before the LR rasters were made
     monkeypatch.undo()
     monkeypatch.setattr(_memory, "available_memory", lambda: int(2.5 * per_gene / _memory.MEMORY_SHARE))
-    c3.tl.super_resolve(sdata, "hne", table_key="table", method="bicubic", tile_size=32, genes=["GENE_A", "GENE_B"],
-                        progress=False)  # two genes fit
+    c3.tl.super_resolve(
+        sdata, "hne", table_key="table", method="bicubic", tile_size=32, genes=["GENE_A", "GENE_B"], progress=False
+    )  # two genes fit
     assert c3._validation.scale0(sdata.images["hne_bicubic_x10"]).shape[0] == 2
 
 
 def test_streaming_to_a_store_needs_less_and_unknown_memory_is_not_guarded(per_gene, monkeypatch, tmp_path):
-    streamed = _memory.bytes_per_gene(out_shape=(100, 120), lr_shape=(10, 12), n_tiles=20, lr_tile=4, out_tile=32,
-                                      n_layers=1, streamed=True)
-    in_memory = _memory.bytes_per_gene(out_shape=(100, 120), lr_shape=(10, 12), n_tiles=20, lr_tile=4, out_tile=32,
-                                       n_layers=1, streamed=False)
+    streamed = _memory.bytes_per_gene(
+        out_shape=(100, 120), lr_shape=(10, 12), n_tiles=20, lr_tile=4, out_tile=32, n_layers=1, streamed=True
+    )
+    in_memory = _memory.bytes_per_gene(
+        out_shape=(100, 120), lr_shape=(10, 12), n_tiles=20, lr_tile=4, out_tile=32, n_layers=1, streamed=False
+    )
     assert in_memory - streamed == 4 * 2 * 100 * 120
     monkeypatch.setattr(_memory, "available_memory", lambda: 1)
     with pytest.raises(MemoryError, match="at most 0 genes fit") as error:
@@ -77,12 +80,14 @@ def test_streaming_to_a_store_needs_less_and_unknown_memory_is_not_guarded(per_g
 
 def test_all_genes_of_a_whole_transcriptome_slide_are_refused(monkeypatch):
     """The issue's case: 15,289 genes on a 9.9k x 9.3k px H&E at ~1 um/px asked numpy for ~25 GiB and died."""
-    per_gene = _memory.bytes_per_gene(out_shape=(990, 930), lr_shape=(99, 93), n_tiles=30, lr_tile=26, out_tile=256,
-                                      n_layers=1, streamed=False)
+    per_gene = _memory.bytes_per_gene(
+        out_shape=(990, 930), lr_shape=(99, 93), n_tiles=30, lr_tile=26, out_tile=256, n_layers=1, streamed=False
+    )
     monkeypatch.setattr(_memory, "available_memory", lambda: 16 * 2**30)
     with pytest.raises(MemoryError) as error:
         _memory.check_memory(15_289, per_gene)
     fit = int(re.search(r"at most (\d+) genes fit", str(error.value)).group(1))
     assert 0 < fit < 15_289 and fit * per_gene <= 0.8 * 16 * 2**30 < (fit + 1) * per_gene
-    assert np.isclose(15_289 * per_gene / 2**30, float(re.search(r"need ([\d.]+) GiB", str(error.value)).group(1)),
-                      atol=0.05)
+    assert np.isclose(
+        15_289 * per_gene / 2**30, float(re.search(r"need ([\d.]+) GiB", str(error.value)).group(1)), atol=0.05
+    )

@@ -56,8 +56,12 @@ def test_vectorised_scores_match_per_map_scores(maps):
             assert r[i, g] == pytest.approx(rmse(pred[i, g], maps[i, g]))
             assert p[i, g] == pytest.approx(abs(np.corrcoef(pred[i, g].ravel(), maps[i, g].ravel())[0, 1]))
             reference = structural_similarity(
-                _minmax(pred[i, g]), _minmax(maps[i, g]), gaussian_weights=True, sigma=1.5,
-                use_sample_covariance=False, data_range=1.0,
+                _minmax(pred[i, g]),
+                _minmax(maps[i, g]),
+                gaussian_weights=True,
+                sigma=1.5,
+                use_sample_covariance=False,
+                data_range=1.0,
             )
             assert s[i, g] == pytest.approx(reference)
 
@@ -182,8 +186,9 @@ def test_lr_consistency_on_prediction_constant_within_spots():
     counts_off = np.vstack([counts, [[1.0, 1.0, 1.0]]])
     counts_off[:, 2] = 5.0
     with pytest.warns(UserWarning, match="1 of 21 spot"), pytest.warns(UserWarning, match="constant ground truth"):
-        frame = lr_consistency(pred, grid, np.vstack([centres, [[9000.0, 9000.0]]]), 55.0, counts_off,
-                               genes=["A", "B", "C"])
+        frame = lr_consistency(
+            pred, grid, np.vstack([centres, [[9000.0, 9000.0]]]), 55.0, counts_off, genes=["A", "B", "C"]
+        )
     assert frame.loc["A", "n_spots"] == 20
     assert frame.loc["C", "status"] == "constant_truth" and np.isnan(frame.loc["C", "pcc"])
 
@@ -272,8 +277,9 @@ def test_evaluate_sum_pools_a_finer_nested_truth(truth_values):
     rng = np.random.default_rng(8)
     fine = rng.poisson(1.0, size=(3, 100, 120)).astype(np.float32)  # 5 um bins
     coarse = fine.reshape(3, 50, 2, 60, 2).sum(axis=(2, 4))
-    sdata = SpatialData(images={"pred": _raster(coarse, GENES, 10.0, (0.0, 0.0)),
-                                "truth": _raster(fine, GENES, 5.0, (0.0, 0.0))})
+    sdata = SpatialData(
+        images={"pred": _raster(coarse, GENES, 10.0, (0.0, 0.0)), "truth": _raster(fine, GENES, 5.0, (0.0, 0.0))}
+    )
     scores = c3.tl.evaluate(sdata, "pred", truth_key="truth", tile_size=None)
     assert len(scores) == 3
     np.testing.assert_allclose(scores["pcc"], 1.0, atol=1e-6)
@@ -286,8 +292,12 @@ def test_evaluate_crops_to_the_overlap(truth_values):
     import c3diff as c3
 
     # the truth starts 10 pixels further right: only the overlapping prediction pixels are scored
-    sdata = SpatialData(images={"pred": _raster(truth_values, GENES, 10.0),
-                                "truth": _raster(truth_values[:, :, 10:], GENES, 10.0, (0.0, 100.0))})
+    sdata = SpatialData(
+        images={
+            "pred": _raster(truth_values, GENES, 10.0),
+            "truth": _raster(truth_values[:, :, 10:], GENES, 10.0, (0.0, 100.0)),
+        }
+    )
     with pytest.warns(UserWarning, match="500 of 3000 prediction pixels lie outside"):
         scores = c3.tl.evaluate(sdata, "pred", truth_key="truth", tile_size=None)
     assert set(scores["n_pixels"]) == {50 * 50}
@@ -347,8 +357,13 @@ def _spot_elements(centres_yx: np.ndarray, counts: np.ndarray, genes: list[str],
 
     n = len(centres_yx)
     xy = centres_yx[:, ::-1].astype(np.float64)
-    shapes = ShapesModel.parse(xy, geometry=0, radius=np.full(n, diameter / 2), index=pd.Index(np.arange(n),
-                               name="spot_id"), transformations={"global": Identity()})
+    shapes = ShapesModel.parse(
+        xy,
+        geometry=0,
+        radius=np.full(n, diameter / 2),
+        index=pd.Index(np.arange(n), name="spot_id"),
+        transformations={"global": Identity()},
+    )
     table = ad.AnnData(sparse.csr_matrix(counts.astype(np.float32)), var=pd.DataFrame(index=genes))
     table.obs["spot_id"] = np.arange(n)
     table.obs["region"] = pd.Categorical(["spots"] * n)

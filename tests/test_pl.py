@@ -27,8 +27,9 @@ def _transform(pixel: float, origin: tuple[float, float]):
 def _raster(values, pixel, origin=(100.0, 200.0), genes=GENES):
     from spatialdata.models import Image2DModel
 
-    return Image2DModel.parse(np.asarray(values, np.float32), dims=("c", "y", "x"), c_coords=genes,
-                              transformations=_transform(pixel, origin))
+    return Image2DModel.parse(
+        np.asarray(values, np.float32), dims=("c", "y", "x"), c_coords=genes, transformations=_transform(pixel, origin)
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -48,14 +49,22 @@ def sdata():
     rng = np.random.default_rng(0)
     pred = rng.gamma(2.0, 1.0, size=(3, 40, 48))
     # H&E at 2 um/px, larger than the prediction, with a pyramid
-    hne = Image2DModel.parse(rng.integers(0, 255, size=(3, 300, 400), dtype=np.uint8), dims=("c", "y", "x"),
-                             c_coords=["r", "g", "b"], transformations=_transform(2.0, (50.0, 150.0)),
-                             scale_factors=[2, 2])
+    hne = Image2DModel.parse(
+        rng.integers(0, 255, size=(3, 300, 400), dtype=np.uint8),
+        dims=("c", "y", "x"),
+        c_coords=["r", "g", "b"],
+        transformations=_transform(2.0, (50.0, 150.0)),
+        scale_factors=[2, 2],
+    )
     xs, ys = np.meshgrid(np.arange(250.0, 700.0, 100.0), np.arange(150.0, 500.0, 100.0))
     xy = np.column_stack([xs.ravel(), ys.ravel()])
-    shapes = ShapesModel.parse(xy, geometry=0, radius=np.full(xs.size, 27.5),
-                               index=pd.Index(np.arange(xs.size), name="spot_id"),
-                               transformations={"global": Identity()})
+    shapes = ShapesModel.parse(
+        xy,
+        geometry=0,
+        radius=np.full(xs.size, 27.5),
+        index=pd.Index(np.arange(xs.size), name="spot_id"),
+        transformations={"global": Identity()},
+    )
     table = ad.AnnData(rng.poisson(5.0, size=(xs.size, 3)).astype(np.float32))
     table.var_names = GENES
     table.obs["spot_id"] = np.arange(xs.size)
@@ -87,7 +96,11 @@ def test_super_resolved_panels_titles_and_extent(sdata):
     assert len(panels) == 2 * 5
     assert len(fig.axes) - len(panels) == 2 * 4  # a colourbar per map, none for the H&E
     assert [ax.get_title() for ax in panels[:5]] == [
-        "CD3E: H&E", "CD3E: LR input", "CD3E: prediction", "CD3E: truth", "CD3E: std"
+        "CD3E: H&E",
+        "CD3E: LR input",
+        "CD3E: prediction",
+        "CD3E: truth",
+        "CD3E: std",
     ]
     assert panels[5].get_title() == "MS4A1: H&E"
     for ax in panels:  # every panel shows the prediction's extent in um, y running down
@@ -126,8 +139,9 @@ def test_super_resolved_spot_table_input(sdata):
     # each disc has the spot's true diameter, at its centre in um
     first = spots.get_paths()[0].get_extents()
     np.testing.assert_allclose([first.width, first.height], [55.0, 55.0], rtol=1e-3)
-    np.testing.assert_allclose([(first.x0 + first.x1) / 2, (first.y0 + first.y1) / 2],
-                               table.obsm["spatial"][keep][0], atol=1e-6)
+    np.testing.assert_allclose(
+        [(first.x0 + first.x1) / 2, (first.y0 + first.y1) / 2], table.obsm["spatial"][keep][0], atol=1e-6
+    )
 
 
 def test_super_resolved_errors(sdata):
@@ -154,8 +168,9 @@ def test_celltype_map_figure(sdata):
     truth = np.zeros((40, 48), dtype=np.uint8)
     truth[:, :24] = 1
     truth[:, 24:] = 2
-    sdata.labels["true_types"] = Labels2DModel.parse(truth, dims=("y", "x"), transformations=_transform(10.0, (100.0,
-                                                                                                              200.0)))
+    sdata.labels["true_types"] = Labels2DModel.parse(
+        truth, dims=("y", "x"), transformations=_transform(10.0, (100.0, 200.0))
+    )
     # names recorded as a value -> name mapping (as c3.datasets.true_cell_types writes them)
     sdata.attrs["c3diff"]["true_types"] = {"labels": {1: "T cell", 2: "Tumour"}}
     fig = c3.pl.celltype_map(sdata, "sr_celltypes", truth_key="true_types")
@@ -175,8 +190,9 @@ def test_celltype_map_figure(sdata):
 def test_celltype_map_figure_errors(sdata):
     from spatialdata.models import Labels2DModel
 
-    sdata.labels["plain"] = Labels2DModel.parse(np.full((40, 48), 3, np.uint8), dims=("y", "x"),
-                                                transformations=_transform(10.0, (100.0, 200.0)))
+    sdata.labels["plain"] = Labels2DModel.parse(
+        np.full((40, 48), 3, np.uint8), dims=("y", "x"), transformations=_transform(10.0, (100.0, 200.0))
+    )
     with pytest.raises(KeyError, match="Pass `categories`"):
         c3.pl.celltype_map(sdata, "plain")
     with pytest.raises(ValueError, match="go up to 3 but only 2"):
@@ -189,8 +205,9 @@ def test_celltype_map_figure_errors(sdata):
 
 def test_super_resolved_compares_methods_side_by_side(sdata):
     sdata.images["sr_other"] = sdata.images["sr"]
-    fig = c3.pl.super_resolved(sdata, "sr", ["CD3E"], image_key=None, compare_keys={"bicubic": "sr_other"},
-                               label="C3-Diff")
+    fig = c3.pl.super_resolved(
+        sdata, "sr", ["CD3E"], image_key=None, compare_keys={"bicubic": "sr_other"}, label="C3-Diff"
+    )
     panels = _panels(fig)
     assert [ax.get_title() for ax in panels] == ["CD3E: bicubic", "CD3E: C3-Diff"]
     np.testing.assert_allclose(panels[0].get_images()[0].get_array(), panels[1].get_images()[0].get_array())
@@ -211,8 +228,12 @@ def test_single_scale_large_hne_is_reduced_lazily_before_drawing():
     rows = da.arange(h, chunks=1024, dtype=np.int64)[:, None] // 300
     cols = da.arange(w, chunks=1024, dtype=np.int64)[None, :] // 300
     stripes = ((rows + cols) % 2 * 200 + 20).astype(np.uint8)  # 300 px checkerboard of 20 / 220
-    hne = Image2DModel.parse(da.stack([stripes] * 3), dims=("c", "y", "x"), c_coords=["r", "g", "b"],
-                             transformations=_transform(0.5, (0.0, 0.0)))
+    hne = Image2DModel.parse(
+        da.stack([stripes] * 3),
+        dims=("c", "y", "x"),
+        c_coords=["r", "g", "b"],
+        transformations=_transform(0.5, (0.0, 0.0)),
+    )
     assert isinstance(hne.data, da.Array) and len(hne.data.chunks[1]) > 1
     pred = np.random.default_rng(0).gamma(2.0, 1.0, size=(1, 150, 120))
     sdata = SpatialData(images={"hne": hne, "sr": _raster(pred, 10.0, (0.0, 0.0), ["CD3E"])})

@@ -57,10 +57,16 @@ def test_bin_transcripts_with_image_aligns_to_image_and_warns_outside():
     from spatialdata.models import PointsModel
 
     frame = _points(sdata)[["x", "y", "gene"]]
-    extra = pd.DataFrame({"x": [5000.0, 5001.0], "y": [10.0, 10.0],
-                          "gene": pd.Categorical(["GENE_A", "GENE_A"], categories=frame["gene"].cat.categories)})
-    sdata.points["transcripts"] = PointsModel.parse(pd.concat([frame, extra], ignore_index=True),
-                                                    coordinates={"x": "x", "y": "y"}, feature_key="gene")
+    extra = pd.DataFrame(
+        {
+            "x": [5000.0, 5001.0],
+            "y": [10.0, 10.0],
+            "gene": pd.Categorical(["GENE_A", "GENE_A"], categories=frame["gene"].cat.categories),
+        }
+    )
+    sdata.points["transcripts"] = PointsModel.parse(
+        pd.concat([frame, extra], ignore_index=True), coordinates={"x": "x", "y": "y"}, feature_key="gene"
+    )
     with pytest.warns(UserWarning, match="2 transcript"):
         raster = c3.pp.bin_transcripts(sdata, bin_size=20.0, image_key="hne", inplace=False)
     assert float(raster.sum()) == len(frame)
@@ -142,8 +148,9 @@ def test_resample_exact_block_mean_and_general_path_agree():
 
     yy, xx = np.meshgrid(np.arange(200), np.arange(300), indexing="ij")
     data = np.stack([yy, xx, yy + xx]).astype(np.float32)
-    image = Image2DModel.parse(data, dims=("c", "y", "x"),
-                               transformations={"global": Scale([0.5, 0.5], axes=("y", "x"))})
+    image = Image2DModel.parse(
+        data, dims=("c", "y", "x"), transformations={"global": Scale([0.5, 0.5], axes=("y", "x"))}
+    )
     grid = RasterGeometry(y0=0.0, x0=0.0, sy=10.0, sx=10.0, height=10, width=15)
     exact, inside = resample_raster(image, grid)
     assert inside.all()
@@ -187,8 +194,9 @@ def test_make_patches_shapes_and_round_trip(toy_section, scale):
     assert np.all(patches.origins % 100 == 0)
     # normalisation round trip: HR back in counts equals the binned transcripts under the patch
     hr_px = patches.params["hr_pixel_size"]
-    binned = c3.pp.bin_transcripts(toy_section, bin_size=hr_px, genes=["GENE_B", "GENE_A"], image_key="hne",
-                                   inplace=False)
+    binned = c3.pp.bin_transcripts(
+        toy_section, bin_size=hr_px, genes=["GENE_B", "GENE_A"], image_key="hne", inplace=False
+    )
     y0, x0 = (patches.origins[0] / hr_px).astype(int)
     expected = np.asarray(binned.data)[:, y0 : y0 + hr_size, x0 : x0 + hr_size]
     np.testing.assert_allclose(patches.hr_counts(0), expected, atol=1e-4)
@@ -244,10 +252,12 @@ def test_make_patches_blank_image_is_empty_tissue(toy_section):
 
 
 def test_patchset_subset_concat_save_load(toy_section, tmp_path):
-    a = c3.pp.make_patches(toy_section, genes=["GENE_A", "GENE_B"], points_key="transcripts", patch_size=32,
-                           sample_id="s1")
-    b = c3.pp.make_patches(make_toy_section(seed=1), genes=["GENE_A", "GENE_B"], points_key="transcripts",
-                           patch_size=32, sample_id="s2")
+    a = c3.pp.make_patches(
+        toy_section, genes=["GENE_A", "GENE_B"], points_key="transcripts", patch_size=32, sample_id="s1"
+    )
+    b = c3.pp.make_patches(
+        make_toy_section(seed=1), genes=["GENE_A", "GENE_B"], points_key="transcripts", patch_size=32, sample_id="s2"
+    )
     both = c3.pp.PatchSet.concat([a, b])
     assert len(both) == len(a) + len(b) and both.samples == ["s1", "s2"]
     assert len(both.subset(samples=["s2"])) == len(b)
@@ -258,8 +268,9 @@ def test_patchset_subset_concat_save_load(toy_section, tmp_path):
     np.testing.assert_array_equal(loaded.sample_id, both.sample_id)
     assert loaded.genes == both.genes and loaded.params["scale"] == 10
     with pytest.raises(ValueError, match="different genes"):
-        c3.pp.PatchSet.concat([a, c3.pp.make_patches(toy_section, genes=["GENE_B"], points_key="transcripts",
-                                                     patch_size=32)])
+        c3.pp.PatchSet.concat(
+            [a, c3.pp.make_patches(toy_section, genes=["GENE_B"], points_key="transcripts", patch_size=32)]
+        )
     with pytest.raises(KeyError, match="unknown sample"):
         both.subset(samples=["s3"])
 
@@ -268,8 +279,9 @@ def test_patchset_subset_concat_save_load(toy_section, tmp_path):
 def test_patch_dataset_items_and_missing_lr(toy_section):
     import torch
 
-    patches = c3.pp.make_patches(toy_section, genes=["GENE_A", "GENE_B", "GENE_C"], points_key="transcripts",
-                                 patch_size=32, min_tissue=0.0)
+    patches = c3.pp.make_patches(
+        toy_section, genes=["GENE_A", "GENE_B", "GENE_C"], points_key="transcripts", patch_size=32, min_tissue=0.0
+    )
     ds = patches.dataset(genes=["GENE_B", "GENE_A"])
     assert len(ds) == len(patches) * 2
     item = ds[1]

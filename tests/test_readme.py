@@ -76,8 +76,16 @@ def test_demo_model_warns_once_on_data_that_was_not_simulated(usage, monkeypatch
     sdata, model = usage["sdata"], usage["model"]
     monkeypatch.setattr(bundled, "_warned_demo_on_real_data", False)
     monkeypatch.setitem(sdata.attrs, "c3diff", {"reader": {"name": "read_visium", "path": "outs"}})
-    run = functools.partial(c3.tl.super_resolve, sdata, "hne", table_key="visium_table", model=model,
-                            genes=["CD8A"], inplace=False, progress=False)
+    run = functools.partial(
+        c3.tl.super_resolve,
+        sdata,
+        "hne",
+        table_key="visium_table",
+        model=model,
+        genes=["CD8A"],
+        inplace=False,
+        progress=False,
+    )
     with pytest.warns(UserWarning, match="simulated tissue only.*fit_slide"):
         run()
     with warnings.catch_warnings(record=True) as again:

@@ -52,8 +52,9 @@ def test_info_messages_follow_the_verbosity(caplog):
         c3.tl.celltype_map(sdata, "sr", markers={"T": ["CD8A"], "B": ["MS4A1"]}, inplace=False)
     (record,) = [r for r in caplog.records if r.name.startswith("c3diff")]
     assert record.name == "c3diff.tl._celltype" and record.levelno == logging.INFO
-    assert record.getMessage() == ("celltype_map: 16 of 16 pixels with data assigned to 2 type(s), 0 unassigned "
-                                   "(min_score=0.04)")
+    assert record.getMessage() == (
+        "celltype_map: 16 of 16 pixels with data assigned to 2 type(s), 0 unassigned (min_score=0.04)"
+    )
 
 
 def test_messages_reach_stderr_without_a_logging_configuration(capsys, monkeypatch):

@@ -101,10 +101,45 @@ def test_elements_models_and_transforms(section):
     assert len(kinds["spatial_field"]) >= 5
     # the immune markers (docs/method.md, Cell-type map) are all type-linked
     markers = {
-        "MS4A1", "CD79A", "CD79B", "CD19", "BANK1", "TCL1A", "CD4", "CD3E", "CD3G", "TRAC", "IL7R", "CCR7", "LTB",
+        "MS4A1",
+        "CD79A",
+        "CD79B",
+        "CD19",
+        "BANK1",
+        "TCL1A",
+        "CD4",
+        "CD3E",
+        "CD3G",
+        "TRAC",
+        "IL7R",
+        "CCR7",
+        "LTB",
         "TCF7",
-        "CD8A", "GZMA", "GZMK", "PRF1", "NKG7", "CCL5", "FOXP3", "IL2RA", "CTLA4", "TIGIT", "CD68", "AIF1", "LYZ",
-        "IGSF6", "CXCL5", "APOC1", "CD163", "MRC1", "C1QA", "C1QC", "MZB1", "TNFRSF17", "CD27", "SLAMF7", "PRDM1",
+        "CD8A",
+        "GZMA",
+        "GZMK",
+        "PRF1",
+        "NKG7",
+        "CCL5",
+        "FOXP3",
+        "IL2RA",
+        "CTLA4",
+        "TIGIT",
+        "CD68",
+        "AIF1",
+        "LYZ",
+        "IGSF6",
+        "CXCL5",
+        "APOC1",
+        "CD163",
+        "MRC1",
+        "C1QA",
+        "C1QC",
+        "MZB1",
+        "TNFRSF17",
+        "CD27",
+        "SLAMF7",
+        "PRDM1",
     }
     assert markers <= set(kinds["type_linked"])
 
@@ -135,8 +170,10 @@ def test_glass_background_has_no_cells_and_few_transcripts(section, transcripts)
 
 
 # ---------------------------------------------------------------------------------------------- counts
-@pytest.mark.parametrize(("table_key", "layout", "diameter", "pitch"),
-                         [("visium_table", "visium", 55.0, 100.0), ("st_table", "legacy_st", 100.0, 200.0)])
+@pytest.mark.parametrize(
+    ("table_key", "layout", "diameter", "pitch"),
+    [("visium_table", "visium", 55.0, 100.0), ("st_table", "legacy_st", 100.0, 200.0)],
+)
 def test_spot_counts_are_the_transcripts_in_each_disc(section, transcripts, table_key, layout, diameter, pitch):
     table = section.tables[table_key]
     assert table.uns["c3diff"]["spots"] == {"layout": layout, "diameter_um": diameter, "pitch_um": pitch}
@@ -174,8 +211,9 @@ def test_cell_table_counts_are_the_cell_transcripts(section, transcripts):
     cid = transcripts["cell_id"].to_numpy()
     codes = transcripts["gene"].cat.codes.to_numpy()
     assigned = cid > 0
-    counts = sparse.coo_matrix((np.ones(assigned.sum()), (cid[assigned] - 1, codes[assigned])),
-                               shape=table.shape).tocsr()
+    counts = sparse.coo_matrix(
+        (np.ones(assigned.sum()), (cid[assigned] - 1, codes[assigned])), shape=table.shape
+    ).tocsr()
     assert abs(counts - table.X).max() == 0
     assert (cid == 0).sum() > 0  # background transcripts
     per_cell = np.asarray(table.X.sum(axis=1)).ravel()
@@ -194,9 +232,13 @@ def test_marker_genes_are_type_specific(section):
     types = table.obs["cell_type"].astype(str)
     common = types.map(types.value_counts()) >= 10
     by_type = dense[common.to_numpy()].groupby(types[common].to_numpy()).mean()
-    for cell_type, markers in {"B cell": ["MS4A1", "BANK1"], "T cell CD8": ["CD8A", "GZMK"],
-                               "Tregs": ["FOXP3", "CTLA4"], "Macrophages M2": ["CD163", "MRC1"],
-                               "plasma cell": ["MZB1", "TNFRSF17"]}.items():
+    for cell_type, markers in {
+        "B cell": ["MS4A1", "BANK1"],
+        "T cell CD8": ["CD8A", "GZMK"],
+        "Tregs": ["FOXP3", "CTLA4"],
+        "Macrophages M2": ["CD163", "MRC1"],
+        "plasma cell": ["MZB1", "TNFRSF17"],
+    }.items():
         if cell_type not in by_type.index:
             continue
         for gene in markers:
@@ -256,10 +298,11 @@ def test_labels_cells_transcripts_and_hne_line_up(section, transcripts):
     for xc, yc in zip(x[lymph], y[lymph], strict=True):
         i, j = int(yc / gh.sy), int(xc / gh.sx)
         if 8 <= i < 1280 - 8 and 8 <= j < 1280 - 8:
-            win = np.clip(hed[i - 8: i + 9, j - 8: j + 9] - np.median(matrix), 0, None)
-            ii, jj = np.mgrid[i - 8: i + 9, j - 8: j + 9]
-            offsets.append((((jj + 0.5) * gh.sx * win).sum() / win.sum() - xc,
-                            ((ii + 0.5) * gh.sy * win).sum() / win.sum() - yc))
+            win = np.clip(hed[i - 8 : i + 9, j - 8 : j + 9] - np.median(matrix), 0, None)
+            ii, jj = np.mgrid[i - 8 : i + 9, j - 8 : j + 9]
+            offsets.append(
+                (((jj + 0.5) * gh.sx * win).sum() / win.sum() - xc, ((ii + 0.5) * gh.sy * win).sum() / win.sum() - yc)
+            )
     assert len(offsets) > 20
     assert np.all(np.abs(np.mean(offsets, axis=0)) < 0.1)
     # nuclear transcripts fall on dark (haematoxylin-rich) pixels
@@ -343,20 +386,23 @@ def test_true_cell_types_errors(section):
 
 
 # ---------------------------------------------------------------------------------------------- errors, io
-@pytest.mark.parametrize(("kwargs", "error", "match"), [
-    ({"width": 0}, ValueError, "width"),
-    ({"height": -5}, ValueError, "height"),
-    ({"width": 100}, ValueError, "at least 200 um"),
-    ({"spot_layouts": ("visium", "slide-seq")}, ValueError, "slide-seq"),
-    ({"spot_layouts": ("visium", "visium")}, ValueError, "more than once"),
-    ({"genes": ["CD8A", "NOTAGENE"]}, KeyError, "NOTAGENE"),
-    ({"pixel_size": 10.0}, ValueError, "pixel_size"),
-    ({"tissue_fraction": 0.0}, ValueError, "tissue_fraction"),
-    ({"tumor_fraction": 0.7, "fat_fraction": 0.5}, ValueError, "tumor_fraction"),
-    ({"n_lymphoid_aggregates": 1.5}, ValueError, "n_lymphoid_aggregates"),
-    ({"seed": -1}, TypeError, "seed"),
-    ({"width": 200000.0, "height": 200000.0}, ValueError, "pixels"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"width": 0}, ValueError, "width"),
+        ({"height": -5}, ValueError, "height"),
+        ({"width": 100}, ValueError, "at least 200 um"),
+        ({"spot_layouts": ("visium", "slide-seq")}, ValueError, "slide-seq"),
+        ({"spot_layouts": ("visium", "visium")}, ValueError, "more than once"),
+        ({"genes": ["CD8A", "NOTAGENE"]}, KeyError, "NOTAGENE"),
+        ({"pixel_size": 10.0}, ValueError, "pixel_size"),
+        ({"tissue_fraction": 0.0}, ValueError, "tissue_fraction"),
+        ({"tumor_fraction": 0.7, "fat_fraction": 0.5}, ValueError, "tumor_fraction"),
+        ({"n_lymphoid_aggregates": 1.5}, ValueError, "n_lymphoid_aggregates"),
+        ({"seed": -1}, TypeError, "seed"),
+        ({"width": 200000.0, "height": 200000.0}, ValueError, "pixels"),
+    ],
+)
 def test_bad_parameters_raise_clear_errors(kwargs, error, match):
     with pytest.raises(error, match=match):
         c3.datasets.simulate_section(progress=False, **kwargs)

@@ -17,9 +17,7 @@ GENES = ["EPCAM", "ERBB2", "CD3E", "CD8A", "MS4A1", "PTPRC", "KRT7", "CD68", "PE
 
 @pytest.fixture(scope="module")
 def section():
-    return c3.datasets.simulate_section(
-        width=1920, height=1920, pixel_size=4.0, genes=GENES, seed=0, progress=False
-    )
+    return c3.datasets.simulate_section(width=1920, height=1920, pixel_size=4.0, genes=GENES, seed=0, progress=False)
 
 
 # --- the footprint sum -------------------------------------------------------------------------------------------
@@ -71,7 +69,12 @@ def test_spots_from_arrays_is_shaped_like_the_readers():
     xy, counts = _square_spots()
     image = np.full((1300, 1300, 3), 220, dtype=np.uint8)
     sdata = c3.io.spots_from_arrays(
-        counts, xy, genes=["A", "B"], spot_diameter=100.0, image=image, pixel_size=1.0,
+        counts,
+        xy,
+        genes=["A", "B"],
+        spot_diameter=100.0,
+        image=image,
+        pixel_size=1.0,
         obs={"array_x": np.arange(len(xy)) % 6, "array_y": np.arange(len(xy)) // 6},
     )
     assert set(sdata.images) == {"hne"} and set(sdata.shapes) == {"spots"} and set(sdata.tables) == {"table"}
@@ -115,7 +118,9 @@ def test_sample_at_spots_sums_counts_per_pixel_over_each_disc():
 
     values = np.stack([np.full((130, 130), 0.5), np.full((130, 130), 2.0), np.full((130, 130), 4.0)])
     sdata.images["layer"] = Image2DModel.parse(
-        values, dims=("c", "y", "x"), c_coords=["A", "B", "total"],
+        values,
+        dims=("c", "y", "x"),
+        c_coords=["A", "B", "total"],
         transformations={"global": Scale([10.0, 10.0], axes=("y", "x"))},
     )
     read = c3.tl.sample_at_spots(sdata, "layer", table_key="table", library_key="total")
@@ -175,7 +180,11 @@ def test_spot_raster_read_back_matches_thin_plate_rbf(section, table_key):
     pooled_library = pooled.sum(axis=1)
     genes = [*GENES, "total"]
     pseudo = c3.io.spots_from_arrays(
-        np.column_stack([pooled, pooled_library]), centres, genes=genes, spot_diameter=diameter, pitch=2 * pitch,
+        np.column_stack([pooled, pooled_library]),
+        centres,
+        genes=genes,
+        spot_diameter=diameter,
+        pitch=2 * pitch,
         obs={"total_counts": pooled_library},
     )
     targets = c3.io.spots_from_arrays(counts, xy, genes=GENES, spot_diameter=diameter, pitch=pitch)

@@ -40,8 +40,10 @@ def _owner(module: str) -> str:
 
 
 def _sources() -> list[tuple[Path, str]]:
-    return [(path, _owner("c3diff." + ".".join(path.relative_to(SRC).with_suffix("").parts)))
-            for path in sorted(SRC.rglob("*.py"))]
+    return [
+        (path, _owner("c3diff." + ".".join(path.relative_to(SRC).with_suffix("").parts)))
+        for path in sorted(SRC.rglob("*.py"))
+    ]
 
 
 def test_no_package_reaches_into_another_packages_private_modules():
@@ -84,15 +86,19 @@ def test_the_import_checker_sees_crossings():
 
 @pytest.mark.parametrize("modules", ["c3diff.pp", "c3diff.pl", "c3diff.pp, c3diff.pl, c3diff.metrics, c3diff.io"])
 def test_light_subpackages_do_not_load_torch(modules):
-    code = (f"import sys; import {modules}; "
-            "print(sorted(m for m in ('torch', 'diffusers', 'c3diff.tl', 'c3diff.models') if m in sys.modules))")
+    code = (
+        f"import sys; import {modules}; "
+        "print(sorted(m for m in ('torch', 'diffusers', 'c3diff.tl', 'c3diff.models') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
 
 def test_patch_dataset_is_still_reachable_from_pp():
-    code = ("import sys, c3diff.pp as pp; assert 'torch' not in sys.modules; import torch.utils.data as tud; "
-            "print(issubclass(pp.PatchDataset, tud.Dataset), 'PatchDataset' in dir(pp))")
+    code = (
+        "import sys, c3diff.pp as pp; assert 'torch' not in sys.modules; import torch.utils.data as tud; "
+        "print(issubclass(pp.PatchDataset, tud.Dataset), 'PatchDataset' in dir(pp))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["True", "True"]
 
@@ -110,8 +116,10 @@ def test_a_model_folder_names_its_class_from_the_registry_only(tmp_path):
     config = json.loads(config_path.read_text())
     assert MODEL_CLASSES[config["_class_name"]] is type(model)
     assert type(c3diff.models.from_pretrained(tmp_path)) is type(model)
-    for name, module, message in [("PatchDataset", "c3diff.pp", "does not have"),
-                                  ("Popen", "subprocess", "not part of c3diff")]:
+    for name, module, message in [
+        ("PatchDataset", "c3diff.pp", "does not have"),
+        ("Popen", "subprocess", "not part of c3diff"),
+    ]:
         config_path.write_text(json.dumps({**config, "_class_name": name, "_module": module}))
         with pytest.raises(ValueError, match=message):
             c3diff.models.from_pretrained(tmp_path)

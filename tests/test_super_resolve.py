@@ -84,7 +84,7 @@ def test_bicubic_output_aggregated_on_spots_tracks_counts():
     # units: counts per 20 um pixel, so 25 pixels of a 100 um square hold about a 100 um pixel's counts
     grid = c3.pp.spots_to_grid(sdata, table_key="table", image_key="hne", inplace=False)[0]
     lr = np.asarray(grid.sel(c="GENE_B").values)
-    pooled = values[: 50, : 60].reshape(10, 5, 12, 5).sum(axis=(1, 3))
+    pooled = values[:50, :60].reshape(10, 5, 12, 5).sum(axis=(1, 3))
     inner = lr[3:7, 3:9]
     assert np.median(pooled[3:7, 3:9] / inner) == pytest.approx(1.0, rel=0.2)
 
@@ -103,9 +103,12 @@ def test_bicubic_reproduces_a_smooth_field():
     sdata.points["smooth"] = PointsModel.parse(frame, coordinates={"x": "x", "y": "y"}, feature_key="gene")
     super_resolve(sdata, "hne", points_key="smooth", method="bicubic", tile_size=32, progress=False)
     pred = np.asarray(scale0(sdata.images["hne_bicubic_x10"]).values[0])
-    truth = intensity_grid = 1.0 + 0.8 * np.sin(2 * np.pi * (np.arange(120) + 0.5) * 10 / 1200)[None, :] * np.cos(
-        2 * np.pi * (np.arange(100) + 0.5) * 10 / 1000
-    )[:, None]
+    truth = intensity_grid = (
+        1.0
+        + 0.8
+        * np.sin(2 * np.pi * (np.arange(120) + 0.5) * 10 / 1200)[None, :]
+        * np.cos(2 * np.pi * (np.arange(100) + 0.5) * 10 / 1000)[:, None]
+    )
     inside = pred > 0
     assert inside.mean() > 0.3
     assert np.corrcoef(pred[inside], truth[inside])[0, 1] > 0.9  # LR Poisson noise (~7% per 100 um pixel) limits it
@@ -117,8 +120,9 @@ def test_constant_input_has_no_seams():
 
     sdata = make_toy_section()
     yy, xx = np.meshgrid(np.arange(5, 1000, 10.0), np.arange(5, 1200, 10.0), indexing="ij")
-    frame = pd.DataFrame({"x": np.repeat(xx.ravel(), 3), "y": np.repeat(yy.ravel(), 3),
-                          "gene": pd.Categorical(["FLAT"] * (3 * xx.size))})
+    frame = pd.DataFrame(
+        {"x": np.repeat(xx.ravel(), 3), "y": np.repeat(yy.ravel(), 3), "gene": pd.Categorical(["FLAT"] * (3 * xx.size))}
+    )
     sdata.points["flat"] = PointsModel.parse(frame, coordinates={"x": "x", "y": "y"}, feature_key="gene")
     super_resolve(sdata, "hne", points_key="flat", method="bicubic", tile_size=32, progress=False)
     pred = np.asarray(scale0(sdata.images["hne_bicubic_x10"]).values[0])
@@ -130,10 +134,19 @@ def test_constant_input_has_no_seams():
 
 def test_store_streams_to_zarr_and_matches_memory(tmp_path):
     sdata = make_toy_section()
-    mem = super_resolve(sdata, "hne", table_key="table", method="bicubic", tile_size=32, inplace=False,
-                        progress=False)["mean"]
-    disk = super_resolve(sdata, "hne", table_key="table", method="bicubic", tile_size=32, inplace=False,
-                         progress=False, store=tmp_path / "sr.zarr")["mean"]
+    mem = super_resolve(sdata, "hne", table_key="table", method="bicubic", tile_size=32, inplace=False, progress=False)[
+        "mean"
+    ]
+    disk = super_resolve(
+        sdata,
+        "hne",
+        table_key="table",
+        method="bicubic",
+        tile_size=32,
+        inplace=False,
+        progress=False,
+        store=tmp_path / "sr.zarr",
+    )["mean"]
     assert (tmp_path / "sr.zarr" / "mean").exists()
     np.testing.assert_allclose(scale0(disk).values, scale0(mem).values, rtol=1e-6)
 
@@ -142,12 +155,14 @@ def test_store_streams_to_zarr_and_matches_memory(tmp_path):
 def test_distributed_client_gives_the_same_result():
     distributed = pytest.importorskip("distributed")
     sdata = make_toy_section()
-    local = super_resolve(sdata, "hne", table_key="table", method="bicubic", tile_size=32, inplace=False,
-                          progress=False)["mean"]
+    local = super_resolve(
+        sdata, "hne", table_key="table", method="bicubic", tile_size=32, inplace=False, progress=False
+    )["mean"]
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
         with distributed.Client(cluster):
-            remote = super_resolve(sdata, "hne", table_key="table", method="bicubic", tile_size=32, inplace=False,
-                                   progress=False)["mean"]
+            remote = super_resolve(
+                sdata, "hne", table_key="table", method="bicubic", tile_size=32, inplace=False, progress=False
+            )["mean"]
     np.testing.assert_allclose(scale0(remote).values, scale0(local).values, rtol=1e-6)
 
 
@@ -215,8 +230,16 @@ def test_lr_pixel_calibration_through_super_resolve_matches_lr_counts():
     out = {}
     for calibration in ("lr_pixel", "tile"):
         key = f"bicubic_{calibration}"
-        super_resolve(sdata, "hne", points_key="transcripts", method="bicubic", tile_size=32, progress=False,
-                      calibration=calibration, key_added=key)
+        super_resolve(
+            sdata,
+            "hne",
+            points_key="transcripts",
+            method="bicubic",
+            tile_size=32,
+            progress=False,
+            calibration=calibration,
+            key_added=key,
+        )
         assert sdata.attrs["c3diff"][key]["params"]["calibration"] == calibration
         out[calibration] = _blocks(np.asarray(scale0(sdata.images[key]).values, dtype=np.float64), 10)
     n_y, n_x = out["lr_pixel"].shape[-2:]
@@ -253,8 +276,9 @@ def test_c3diff_mean_honours_every_lr_pixel_and_needs_no_sampling():
     error = np.abs(sums - lr[:, :n_y, :n_x]).sum() / lr[:, :n_y, :n_x].sum()
     assert error < 0.05
     # the same map whatever the tile batch (the mean is deterministic)
-    again = super_resolve(sdata, "hne", points_key="transcripts", model=model, batch_size=1, inplace=False,
-                          progress=False)["mean"]
+    again = super_resolve(
+        sdata, "hne", points_key="transcripts", model=model, batch_size=1, inplace=False, progress=False
+    )["mean"]
     np.testing.assert_allclose(scale0(again).values, layer, rtol=1e-5, atol=1e-6)
     # 5x from the 10x model: 2 x 2 sums of counts keep the LR totals too
     super_resolve(sdata, "hne", points_key="transcripts", model=model, scale=5, progress=False)
@@ -267,10 +291,20 @@ def test_c3diff_samples_write_an_uncertainty_layer_beside_the_exact_mean():
     sdata = make_toy_section()
     model = _residual_model()
     super_resolve(sdata, "hne", table_key="table", model=model, progress=False, key_added="mean_only")
-    super_resolve(sdata, "hne", table_key="table", model=model, mode="sample", n_samples=3, steps=2,
-                  progress=False, key_added="sampled")
-    np.testing.assert_allclose(scale0(sdata.images["sampled"]).values, scale0(sdata.images["mean_only"]).values,
-                               rtol=1e-5, atol=1e-7)
+    super_resolve(
+        sdata,
+        "hne",
+        table_key="table",
+        model=model,
+        mode="sample",
+        n_samples=3,
+        steps=2,
+        progress=False,
+        key_added="sampled",
+    )
+    np.testing.assert_allclose(
+        scale0(sdata.images["sampled"]).values, scale0(sdata.images["mean_only"]).values, rtol=1e-5, atol=1e-7
+    )
     std = np.asarray(scale0(sdata.images["sampled_std"]).values)
     assert std.shape == scale0(sdata.images["sampled"]).shape and std.max() > 0 and std.min() >= 0
     assert sdata.attrs["c3diff"]["sampled"]["params"]["std_key"] == "sampled_std"
@@ -295,6 +329,5 @@ def test_distributed_client_with_a_model_object():
     local = super_resolve(sdata, "hne", table_key="table", model=model, inplace=False, progress=False)["mean"]
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
         with distributed.Client(cluster):
-            remote = super_resolve(sdata, "hne", table_key="table", model=model, inplace=False,
-                                   progress=False)["mean"]
+            remote = super_resolve(sdata, "hne", table_key="table", model=model, inplace=False, progress=False)["mean"]
     np.testing.assert_allclose(scale0(remote).values, scale0(local).values, rtol=1e-5, atol=1e-7)

@@ -18,10 +18,12 @@ GENES = ["GENE_A", "GENE_B", "GENE_C"]
 
 @pytest.fixture(scope="module")
 def patchsets():
-    sections = [make_toy_section(seed=s, height=1400, width=1400, pixel_size=4.0, n_transcripts=40_000)
-                for s in range(3)]
-    return [c3.pp.make_patches(s, genes=GENES, points_key="transcripts", patch_size=64, min_tissue=0.3)
-            for s in sections]
+    sections = [
+        make_toy_section(seed=s, height=1400, width=1400, pixel_size=4.0, n_transcripts=40_000) for s in range(3)
+    ]
+    return [
+        c3.pp.make_patches(s, genes=GENES, points_key="transcripts", patch_size=64, min_tissue=0.3) for s in sections
+    ]
 
 
 def _weights(model):
@@ -53,19 +55,38 @@ def test_optimiser_defaults_are_table_1(patchsets, tmp_path):
     defaults = {name: p.default for name, p in inspect.signature(train).parameters.items()}
     assert (defaults["batch_size"], defaults["epochs"]) == (16, 50)
     assert {k: defaults[k] for k in ("learning_rate", "betas", "eps", "weight_decay")} == {
-        k: PAPER_RECIPE[k] for k in ("learning_rate", "betas", "eps", "weight_decay")}
+        k: PAPER_RECIPE[k] for k in ("learning_rate", "betas", "eps", "weight_decay")
+    }
     # train() uses them unless overridden, and the overrides reach the optimiser
-    train(patchsets, model="tiny", genes=GENES, output_dir=tmp_path, max_steps=1, batch_size=4, weight_decay=0.5,
-          backbone_steps=2,
-          val_fraction=0, progress=False)
+    train(
+        patchsets,
+        model="tiny",
+        genes=GENES,
+        output_dir=tmp_path,
+        max_steps=1,
+        batch_size=4,
+        weight_decay=0.5,
+        backbone_steps=2,
+        val_fraction=0,
+        progress=False,
+    )
     state = torch.load(next((tmp_path / "checkpoints").glob("step-*")) / "optimizer.pt", weights_only=True)
     group = state["param_groups"][0]
     assert (group["lr"], tuple(group["betas"]), group["eps"], group["weight_decay"]) == (1e-5, (0.9, 0.999), 1e-8, 0.5)
 
 
 def test_resume_reproduces_the_uninterrupted_run(patchsets, tmp_path):
-    common = dict(model="tiny", genes=GENES, batch_size=4, val_fraction=0, progress=False, seed=3, backbone_steps=2,
-                  lr_missing_fraction=0.25, learning_rate=1e-3)
+    common = dict(
+        model="tiny",
+        genes=GENES,
+        batch_size=4,
+        val_fraction=0,
+        progress=False,
+        seed=3,
+        backbone_steps=2,
+        lr_missing_fraction=0.25,
+        learning_rate=1e-3,
+    )
     full = train(patchsets, output_dir=tmp_path / "full", max_steps=3, **common)
     train(patchsets, output_dir=tmp_path / "split", max_steps=2, **common)
     resumed = train(patchsets, output_dir=tmp_path / "split", max_steps=3, resume="latest", **common)
@@ -78,19 +99,52 @@ def test_resume_reproduces_the_uninterrupted_run(patchsets, tmp_path):
 
 
 def test_modality_incomplete_samples_train_the_imputation(patchsets, tmp_path):
-    result = train(patchsets, model="tiny", genes=GENES, output_dir=tmp_path, max_steps=3, batch_size=8,
-                   lr_missing_fraction=0.5, learning_rate=1e-2, val_fraction=0, progress=False, backbone_steps=2)
+    result = train(
+        patchsets,
+        model="tiny",
+        genes=GENES,
+        output_dir=tmp_path,
+        max_steps=3,
+        batch_size=8,
+        lr_missing_fraction=0.5,
+        learning_rate=1e-2,
+        val_fraction=0,
+        progress=False,
+        backbone_steps=2,
+    )
     imputer = result.model.imputer
     assert float(imputer.alpha) != 1.0 or float(imputer.beta) != 1.0  # only imputed samples give them gradients
-    untouched = train(patchsets, model="tiny", genes=GENES, output_dir=tmp_path / "none", max_steps=3, batch_size=8,
-                      lr_missing_fraction=0.0, learning_rate=1e-2, val_fraction=0, progress=False, backbone_steps=2)
+    untouched = train(
+        patchsets,
+        model="tiny",
+        genes=GENES,
+        output_dir=tmp_path / "none",
+        max_steps=3,
+        batch_size=8,
+        lr_missing_fraction=0.0,
+        learning_rate=1e-2,
+        val_fraction=0,
+        progress=False,
+        backbone_steps=2,
+    )
     assert float(untouched.model.imputer.alpha) == 1.0 and float(untouched.model.imputer.beta) == 1.0
 
 
 def test_validation_keeps_the_best_model_and_logs(patchsets, tmp_path):
-    result = train(patchsets[:2], model="tiny", genes=GENES, output_dir=tmp_path, epochs=1, batch_size=8,
-                   val_data=patchsets[2], val_steps=2, val_max_patches=2, progress=False, log_every=1,
-                   backbone_steps=2)
+    result = train(
+        patchsets[:2],
+        model="tiny",
+        genes=GENES,
+        output_dir=tmp_path,
+        epochs=1,
+        batch_size=8,
+        val_data=patchsets[2],
+        val_steps=2,
+        val_max_patches=2,
+        progress=False,
+        log_every=1,
+        backbone_steps=2,
+    )
     assert result.model.config.first_stage_fitted and result.model.config.backbone_fitted
     assert result.best_checkpoint == tmp_path / "best"
     assert {"val_mse", "val_content", "val_pcc", "val_rmse"} <= set(result.history.columns)
@@ -150,8 +204,18 @@ def test_batches_of_several_genes_per_patch():
 
 
 def test_residual_training_runs_its_stages_and_resumes_exactly(patchsets, tmp_path):
-    common = dict(model="tiny", genes=GENES, batch_size=4, val_fraction=0, progress=False, seed=2, backbone_steps=2,
-                  learning_rate=1e-3, mean_max_steps=2, mean_genes_per_patch=2)
+    common = dict(
+        model="tiny",
+        genes=GENES,
+        batch_size=4,
+        val_fraction=0,
+        progress=False,
+        seed=2,
+        backbone_steps=2,
+        learning_rate=1e-3,
+        mean_max_steps=2,
+        mean_genes_per_patch=2,
+    )
     full = train(patchsets, output_dir=tmp_path / "full", max_steps=4, **common)
     assert full.model.config.first_stage_fitted and full.model.config.backbone_fitted
     stages = [json.loads(line)["stage"] for line in (tmp_path / "full" / "log.jsonl").read_text().splitlines()]

@@ -40,8 +40,9 @@ def executed():
     for cell in notebook.cells:
         if cell.cell_type == "code":
             cell.outputs = []  # run what the code does, not what was stored
-    client = NotebookClient(notebook, timeout=600, kernel_name="python3",
-                            resources={"metadata": {"path": str(NOTEBOOK.parent)}})
+    client = NotebookClient(
+        notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK.parent)}}
+    )
     # the kernel inherits the environment: without conftest's MPLBACKEND=Agg it draws inline, as in Jupyter
     backend = os.environ.pop("MPLBACKEND", None)
     try:

@@ -35,17 +35,23 @@ def make_toy_section(
     rng = np.random.default_rng(seed)
     oy, ox = origin
     h_px, w_px = int(round(height / pixel_size)), int(round(width / pixel_size))
-    yy, xx = np.meshgrid((np.arange(h_px) + 0.5) * pixel_size + oy, (np.arange(w_px) + 0.5) * pixel_size + ox,
-                         indexing="ij")
+    yy, xx = np.meshgrid(
+        (np.arange(h_px) + 0.5) * pixel_size + oy, (np.arange(w_px) + 0.5) * pixel_size + ox, indexing="ij"
+    )
     cy, cx = oy + height / 2, ox + width / 2
     ry, rx = 0.4 * height, 0.4 * width
     in_tissue = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
     rgb = np.full((3, h_px, w_px), 245, dtype=np.uint8)
     rgb[0][in_tissue], rgb[1][in_tissue], rgb[2][in_tissue] = 200, 120, 170
     hne = Image2DModel.parse(
-        rgb, dims=("c", "y", "x"), c_coords=["r", "g", "b"],
-        transformations={"global": Sequence([Scale([pixel_size, pixel_size], axes=("y", "x")),
-                                             Translation([oy, ox], axes=("y", "x"))])},
+        rgb,
+        dims=("c", "y", "x"),
+        c_coords=["r", "g", "b"],
+        transformations={
+            "global": Sequence(
+                [Scale([pixel_size, pixel_size], axes=("y", "x")), Translation([oy, ox], axes=("y", "x"))]
+            )
+        },
         scale_factors=[2, 2],
     )
 
@@ -58,8 +64,9 @@ def make_toy_section(
     small = (y - cy) ** 2 + (x - (cx + rx / 2)) ** 2 < 80**2
     gene = np.where(small & (rng.random(n_transcripts) < 0.5), "GENE_C", gene)
     frame = pd.DataFrame({"x": x, "y": y, "gene": pd.Categorical(gene, categories=["GENE_A", "GENE_B", "GENE_C"])})
-    points = PointsModel.parse(frame, coordinates={"x": "x", "y": "y"}, feature_key="gene",
-                               transformations={"global": Identity()})
+    points = PointsModel.parse(
+        frame, coordinates={"x": "x", "y": "y"}, feature_key="gene", transformations={"global": Identity()}
+    )
 
     # Visium-like spots fully inside the section
     pitch, radius = 100.0, 27.5
@@ -77,17 +84,21 @@ def make_toy_section(
     in_tissue_spot = ((centres[:, 0] - cy) / ry) ** 2 + ((centres[:, 1] - cx) / rx) ** 2 <= 1
     ids = np.arange(1, len(centres) + 1)
     shapes = ShapesModel.parse(
-        gpd.GeoDataFrame({"radius": np.full(len(centres), radius)},
-                         geometry=[Point(sx, sy) for sy, sx in centres], index=ids),
+        gpd.GeoDataFrame(
+            {"radius": np.full(len(centres), radius)}, geometry=[Point(sx, sy) for sy, sx in centres], index=ids
+        ),
         transformations={"global": Identity()},
     )
-    obs = pd.DataFrame({"spot_id": ids, "region": pd.Categorical(["spots"] * len(ids)), "in_tissue": in_tissue_spot},
-                       index=[f"spot{i}" for i in ids])
+    obs = pd.DataFrame(
+        {"spot_id": ids, "region": pd.Categorical(["spots"] * len(ids)), "in_tissue": in_tissue_spot},
+        index=[f"spot{i}" for i in ids],
+    )
     adata = ad.AnnData(sparse.csr_matrix(counts), obs=obs, var=pd.DataFrame(index=genes))
     adata.obsm["spatial"] = centres[:, ::-1].copy()
     adata.uns["c3diff"] = {"spots": {"layout": "visium", "diameter_um": 55.0, "pitch_um": pitch}}
     table = TableModel.parse(adata, region="spots", region_key="region", instance_key="spot_id")
-    sdata = SpatialData(images={"hne": hne}, points={"transcripts": points}, shapes={"spots": shapes},
-                        tables={"table": table})
+    sdata = SpatialData(
+        images={"hne": hne}, points={"transcripts": points}, shapes={"spots": shapes}, tables={"table": table}
+    )
     sdata.attrs["c3diff"] = {"sample_id": f"toy{seed}"}
     return sdata

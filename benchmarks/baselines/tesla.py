@@ -557,8 +557,9 @@ def _smoke() -> None:
     sdata = c3.datasets.simulate_section(width=1280, height=1280, seed=0, progress=False)
     genes = c3.pp.select_genes(sdata, table_key="cell_table", n_top_genes=6, inplace=False)
     for scale in (10, 5):
-        patches = c3.pp.make_patches(sdata, genes=genes, points_key="transcripts", scale=scale, patch_size=64,
-                                     stride=30)
+        patches = c3.pp.make_patches(
+            sdata, genes=genes, points_key="transcripts", scale=scale, patch_size=64, stride=30
+        )
         t0 = time.perf_counter()
         pred, result = tesla_predict(sdata, patches, backend="vectorized", return_result=True)
         seconds = {"vectorized": time.perf_counter() - t0}
@@ -570,16 +571,22 @@ def _smoke() -> None:
         preds["bicubic"] = bicubic_predict(patches)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            rows = {name: c3.metrics.summarize_scores(c3.metrics.score_maps(p, patches.hr, genes=genes))
-                    for name, p in preds.items()}
+            rows = {
+                name: c3.metrics.summarize_scores(c3.metrics.score_maps(p, patches.hr, genes=genes))
+                for name, p in preds.items()
+            }
         timing = ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items())
-        print(f"scale {scale}x: {len(patches)} patches, {len(genes)} genes, {result.params['n_spots']} spots, "
-              f"{result.params['n_superpixels']} superpixels; TESLA {timing}")
+        print(
+            f"scale {scale}x: {len(patches)} patches, {len(genes)} genes, {result.params['n_spots']} spots, "
+            f"{result.params['n_superpixels']} superpixels; TESLA {timing}"
+        )
         if "tesla_package" in preds:
             print(f"  max |package - vectorised| = {np.abs(preds['tesla_package'] - pred).max():.2e}")
         for name, frame in rows.items():
-            print(f"  {name:>17}: rmse {frame['rmse'].item():.3f}  pcc {frame['pcc'].item():.3f}  "
-                  f"ssim {frame['ssim'].item():.3f}")
+            print(
+                f"  {name:>17}: rmse {frame['rmse'].item():.3f}  pcc {frame['pcc'].item():.3f}  "
+                f"ssim {frame['ssim'].item():.3f}"
+            )
 
 
 if __name__ == "__main__":

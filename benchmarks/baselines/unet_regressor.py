@@ -245,16 +245,45 @@ def fit_unet_regressor(
     if num_threads is not None:
         torch.set_num_threads(num_threads)
     try:
-        return _fit(train, val=val, scale=scale, time_budget=time_budget, batch_size=batch_size,
-                    learning_rate=learning_rate, seed=seed, progress=progress, block_out_channels=block_out_channels,
-                    layers_per_block=layers_per_block, lr_skip=lr_skip, augment=augment, val_every=val_every,
-                    max_val_items=max_val_items, device=device)
+        return _fit(
+            train,
+            val=val,
+            scale=scale,
+            time_budget=time_budget,
+            batch_size=batch_size,
+            learning_rate=learning_rate,
+            seed=seed,
+            progress=progress,
+            block_out_channels=block_out_channels,
+            layers_per_block=layers_per_block,
+            lr_skip=lr_skip,
+            augment=augment,
+            val_every=val_every,
+            max_val_items=max_val_items,
+            device=device,
+        )
     finally:
         torch.set_num_threads(previous_threads)
 
 
-def _fit(train, *, val, scale, time_budget, batch_size, learning_rate, seed, progress, block_out_channels,
-         layers_per_block, lr_skip, augment, val_every, max_val_items, device) -> UNetRegressor:
+def _fit(
+    train,
+    *,
+    val,
+    scale,
+    time_budget,
+    batch_size,
+    learning_rate,
+    seed,
+    progress,
+    block_out_channels,
+    layers_per_block,
+    lr_skip,
+    augment,
+    val_every,
+    max_val_items,
+    device,
+) -> UNetRegressor:
     from tqdm.auto import tqdm
 
     factor = _check_geometry(train, scale=scale, arg="train")

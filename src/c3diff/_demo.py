@@ -26,8 +26,11 @@ def _celltype_accuracy(predicted: np.ndarray, truth: np.ndarray) -> dict[str, fl
     immune = truth > 0
     if not immune.any():
         return {"accuracy": float("nan"), "n_pixels": 0}
-    return {"accuracy": float((predicted[immune] == truth[immune]).mean()), "n_pixels": int(immune.sum()),
-            "chance": 1.0 / len(IMMUNE_TYPES)}
+    return {
+        "accuracy": float((predicted[immune] == truth[immune]).mean()),
+        "n_pixels": int(immune.sum()),
+        "chance": 1.0 / len(IMMUNE_TYPES),
+    }
 
 
 def _markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
@@ -68,8 +71,11 @@ def run_demo(
     model_source = model or str(demo_model_path())
     net = c3.models.from_pretrained(model_source)
     genes = net.genes
-    _say(f"c3diff demo: model {model_source} ({len(genes)} genes, {net.config.image_size} px tiles, "
-         f"{net.config.scale}x)", quiet=quiet)
+    _say(
+        f"c3diff demo: model {model_source} ({len(genes)} genes, {net.config.image_size} px tiles, "
+        f"{net.config.scale}x)",
+        quiet=quiet,
+    )
 
     _say(f"[1/6] simulating a {size / 1000:g} mm x {size / 1000:g} mm breast section (seed {seed})", quiet=quiet)
     sdata = c3.datasets.simulate_section(width=size, height=size, seed=seed, progress=progress)
@@ -82,26 +88,47 @@ def run_demo(
 
     residual = net.mean_net is not None
     if residual:
-        what = "the conditional mean" + (f", and at 10x {n_samples} mean + residual samples of {steps} DDIM steps "
-                                         "for the uncertainty layer" if n_samples > 1 else "")
+        what = "the conditional mean" + (
+            f", and at 10x {n_samples} mean + residual samples of {steps} DDIM steps for the uncertainty layer"
+            if n_samples > 1
+            else ""
+        )
     else:
         what = f"{steps} DDIM steps, the mean of {max(n_samples, 1)} sample(s)"
-    _say(f"[3/6] super-resolving the 100 um transcript bins with C3-Diff ({what}) and bicubic upsampling",
-         quiet=quiet)
+    _say(f"[3/6] super-resolving the 100 um transcript bins with C3-Diff ({what}) and bicubic upsampling", quiet=quiet)
     for scale in (10, 5):
         sample = not residual or (scale == 10 and n_samples > 1)
-        c3.tl.super_resolve(sdata, "hne", points_key="transcripts", scale=scale, model=net, steps=steps,
-                            n_samples=max(n_samples, 1) if sample else 1, mode="sample" if sample else "mean",
-                            progress=progress)
-        c3.tl.super_resolve(sdata, "hne", points_key="transcripts", scale=scale, genes=genes, method="bicubic",
-                            tile_size=net.config.image_size, progress=progress)
+        c3.tl.super_resolve(
+            sdata,
+            "hne",
+            points_key="transcripts",
+            scale=scale,
+            model=net,
+            steps=steps,
+            n_samples=max(n_samples, 1) if sample else 1,
+            mode="sample" if sample else "mean",
+            progress=progress,
+        )
+        c3.tl.super_resolve(
+            sdata,
+            "hne",
+            points_key="transcripts",
+            scale=scale,
+            genes=genes,
+            method="bicubic",
+            tile_size=net.config.image_size,
+            progress=progress,
+        )
 
     _say("[4/6] immune cell-type maps (marker min-max, mean, argmax over the seven types)", quiet=quiet)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # markers outside the model's genes are reported in sdata.attrs
         # min_score=None: every pixel gets its best type, so the accuracy on immune pixels compares the maps alone
-        for key, source in (("celltypes_c3diff", "hne_c3diff_x10"), ("celltypes_bicubic", "hne_bicubic_x10"),
-                            ("celltypes_truth_markers", "truth_x10")):
+        for key, source in (
+            ("celltypes_c3diff", "hne_c3diff_x10"),
+            ("celltypes_bicubic", "hne_bicubic_x10"),
+            ("celltypes_truth_markers", "truth_x10"),
+        ):
             c3.tl.celltype_map(sdata, source, key_added=key, min_score=None)
 
     _say("[5/6] scoring against the simulated truth", quiet=quiet)
@@ -111,33 +138,70 @@ def run_demo(
         for method in ("c3diff", "bicubic"):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # constant truth tiles are skipped and counted
-                scores = c3.tl.evaluate(sdata, f"hne_{method}_x{scale}", truth_key=f"truth_x{scale}",
-                                        tile_size=tile * scale // 10, mask=None)
+                scores = c3.tl.evaluate(
+                    sdata,
+                    f"hne_{method}_x{scale}",
+                    truth_key=f"truth_x{scale}",
+                    tile_size=tile * scale // 10,
+                    mask=None,
+                )
             summary = c3.metrics.summarize_scores(scores).iloc[0]
-            rows.append({"method": "C3-Diff" if method == "c3diff" else "bicubic", "scale": f"{scale}x",
-                         "RMSE": float(summary["rmse"]), "PCC": float(summary["pcc"]),
-                         "SSIM": float(summary["ssim"])})
+            rows.append(
+                {
+                    "method": "C3-Diff" if method == "c3diff" else "bicubic",
+                    "scale": f"{scale}x",
+                    "RMSE": float(summary["rmse"]),
+                    "PCC": float(summary["pcc"]),
+                    "SSIM": float(summary["ssim"]),
+                }
+            )
     truth_types = np.asarray(sdata.labels["true_immune_types"].values)
-    celltypes = {name: _celltype_accuracy(np.asarray(c3._validation.scale0(sdata.labels[key]).values), truth_types)
-                 for name, key in (("C3-Diff", "celltypes_c3diff"), ("bicubic", "celltypes_bicubic"),
-                                   ("10 um truth maps", "celltypes_truth_markers"))}
+    celltypes = {
+        name: _celltype_accuracy(np.asarray(c3._validation.scale0(sdata.labels[key]).values), truth_types)
+        for name, key in (
+            ("C3-Diff", "celltypes_c3diff"),
+            ("bicubic", "celltypes_bicubic"),
+            ("10 um truth maps", "celltypes_truth_markers"),
+        )
+    }
 
     _say("[6/6] writing the SpatialData, the metrics and the figures", quiet=quiet)
     figure_genes = [g for g in FIGURE_GENES if g in genes][:3] or genes[:3]
     figures = {}
-    fig = c3.pl.super_resolved(sdata, "hne_c3diff_x10", figure_genes, lr_key="lr_input", truth_key="truth_x10",
-                               compare_keys={"bicubic": "hne_bicubic_x10"}, label="C3-Diff")
+    fig = c3.pl.super_resolved(
+        sdata,
+        "hne_c3diff_x10",
+        figure_genes,
+        lr_key="lr_input",
+        truth_key="truth_x10",
+        compare_keys={"bicubic": "hne_bicubic_x10"},
+        label="C3-Diff",
+    )
     figures["genes_x10"] = output / "genes_x10.png"
     fig.savefig(figures["genes_x10"], dpi=90)
     plt.close(fig)
-    fig = c3.pl.super_resolved(sdata, "hne_c3diff_x5", figure_genes, lr_key="lr_input", truth_key="truth_x5",
-                               compare_keys={"bicubic": "hne_bicubic_x5"}, label="C3-Diff")
+    fig = c3.pl.super_resolved(
+        sdata,
+        "hne_c3diff_x5",
+        figure_genes,
+        lr_key="lr_input",
+        truth_key="truth_x5",
+        compare_keys={"bicubic": "hne_bicubic_x5"},
+        label="C3-Diff",
+    )
     figures["genes_x5"] = output / "genes_x5.png"
     fig.savefig(figures["genes_x5"], dpi=90)
     plt.close(fig)
     if "hne_c3diff_x10_std" in sdata.images:
-        fig = c3.pl.super_resolved(sdata, "hne_c3diff_x10", figure_genes, image_key="hne",
-                                   std_key="hne_c3diff_x10_std", label="C3-Diff", overlay=True)
+        fig = c3.pl.super_resolved(
+            sdata,
+            "hne_c3diff_x10",
+            figure_genes,
+            image_key="hne",
+            std_key="hne_c3diff_x10_std",
+            label="C3-Diff",
+            overlay=True,
+        )
         figures["uncertainty_x10"] = output / "uncertainty_x10.png"
         fig.savefig(figures["uncertainty_x10"], dpi=90)
         plt.close(fig)
@@ -151,25 +215,39 @@ def run_demo(
         warnings.filterwarnings("ignore", message="zarr v3 autosharding")  # zarr's notice of a future default
         sdata.write(zarr_path, overwrite=True)
     elapsed = time.perf_counter() - start
-    metrics = {"maps": rows, "celltypes": celltypes, "seconds": elapsed, "model": model_source,
-               "genes": genes, "seed": seed, "size_um": size, "steps": steps, "n_samples": n_samples}
+    metrics = {
+        "maps": rows,
+        "celltypes": celltypes,
+        "seconds": elapsed,
+        "model": model_source,
+        "genes": genes,
+        "seed": seed,
+        "size_um": size,
+        "steps": steps,
+        "n_samples": n_samples,
+    }
     (output / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    celltype_rows = [{"map from": k, "accuracy on immune pixels": v["accuracy"], "pixels": v["n_pixels"]}
-                     for k, v in celltypes.items()]
-    text = "\n".join([
-        f"# c3diff demo (seed {seed}, {size / 1000:g} mm section, {len(genes)} genes)",
-        "",
-        "Per (tile, gene) scores against the simulated truth (the method page's metrics: range-normalised RMSE, |PCC|, "
-        "Gaussian SSIM), averaged:",
-        "",
-        _markdown_table(rows, ["method", "scale", "RMSE", "PCC", "SSIM"]),
-        "",
-        f"Immune cell types from marker genes vs the true types (chance {1 / len(IMMUNE_TYPES):.3f}):",
-        "",
-        _markdown_table(celltype_rows, ["map from", "accuracy on immune pixels", "pixels"]),
-        "",
-        f"Model: {model_source}. C3-Diff: {what}. Took {elapsed:.0f} s.",
-    ])
+    celltype_rows = [
+        {"map from": k, "accuracy on immune pixels": v["accuracy"], "pixels": v["n_pixels"]}
+        for k, v in celltypes.items()
+    ]
+    text = "\n".join(
+        [
+            f"# c3diff demo (seed {seed}, {size / 1000:g} mm section, {len(genes)} genes)",
+            "",
+            "Per (tile, gene) scores against the simulated truth (the method page's metrics: range-normalised "
+            "RMSE, |PCC|, "
+            "Gaussian SSIM), averaged:",
+            "",
+            _markdown_table(rows, ["method", "scale", "RMSE", "PCC", "SSIM"]),
+            "",
+            f"Immune cell types from marker genes vs the true types (chance {1 / len(IMMUNE_TYPES):.3f}):",
+            "",
+            _markdown_table(celltype_rows, ["map from", "accuracy on immune pixels", "pixels"]),
+            "",
+            f"Model: {model_source}. C3-Diff: {what}. Took {elapsed:.0f} s.",
+        ]
+    )
     (output / "metrics.md").write_text(text + "\n")
 
     if not quiet:

@@ -68,8 +68,9 @@ def quiet_ome_zarr_labels() -> None:
         reader_logger.addFilter(_DropOmeZarrNoParent())
 
 
-def format_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
-                   line: str | None = None) -> str:
+def format_warning(
+    message: Warning | str, category: type[Warning], filename: str, lineno: int, line: str | None = None
+) -> str:
     """A :func:`warnings.formatwarning` that prints ``"UserWarning: message"`` on one line, without the file, line
     number and source code (for command-line tools: ``warnings.formatwarning = format_warning``)."""
     text = " ".join(str(message).split())

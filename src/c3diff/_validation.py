@@ -187,24 +187,30 @@ def hne_to_uint8(values: Any, *, dtype: Any = None, arg: str = "image") -> Any:
     if dtype == np.uint8:
         return values if values.dtype == np.uint8 else np.clip(np.rint(values), 0, 255).astype(np.uint8)
     if dtype.kind == "b" or not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)):
-        raise TypeError(f"`{arg}`: the H&E has pixel type {dtype}; c3diff reads uint8, uint16 and float H&E images. "
-                        f"{fix}")
+        raise TypeError(
+            f"`{arg}`: the H&E has pixel type {dtype}; c3diff reads uint8, uint16 and float H&E images. {fix}"
+        )
     lo, hi = _value_range(values)
     if dtype == np.uint16:
         divisor = 1.0 if hi <= 255 else 257.0
         return np.clip(np.rint(values.astype(np.float32) / divisor), 0, 255).astype(np.uint8)
     if np.issubdtype(dtype, np.floating):
         if not (np.isfinite(lo) and np.isfinite(hi)):
-            raise ValueError(f"`{arg}`: the {dtype} H&E holds NaN or infinite pixels; replace them (e.g. by 255, "
-                             "white glass) first.")
+            raise ValueError(
+                f"`{arg}`: the {dtype} H&E holds NaN or infinite pixels; replace them (e.g. by 255, white glass) first."
+            )
         if lo < 0 or hi > 255:
-            raise ValueError(f"`{arg}`: the {dtype} H&E has values in {lo:g}..{hi:g}; c3diff reads float H&E images in "
-                             f"[0, 1] or [0, 255]. {fix}")
+            raise ValueError(
+                f"`{arg}`: the {dtype} H&E has values in {lo:g}..{hi:g}; c3diff reads float H&E images in "
+                f"[0, 1] or [0, 255]. {fix}"
+            )
         top = 1.0 if hi <= 1.0 else 255.0
         return np.clip(np.rint(values.astype(np.float32) * (255.0 / top)), 0, 255).astype(np.uint8)
     if lo < 0 or hi > 255:
-        raise TypeError(f"`{arg}`: the H&E has pixel type {dtype} with values in {lo:g}..{hi:g}; c3diff reads uint8, "
-                        f"uint16 and float H&E images (other integer types only with values in 0..255). {fix}")
+        raise TypeError(
+            f"`{arg}`: the H&E has pixel type {dtype} with values in {lo:g}..{hi:g}; c3diff reads uint8, "
+            f"uint16 and float H&E images (other integer types only with values in 0..255). {fix}"
+        )
     return np.clip(np.rint(values), 0, 255).astype(np.uint8) if values.dtype.kind == "f" else values.astype(np.uint8)
 
 
@@ -237,11 +243,16 @@ def species_hint(mismatches: dict[str, str], *, shown: int = 5) -> str | None:
     pairs = ", ".join(f"{a} -> {b}" for a, b in list(mismatches.items())[:shown])
     pairs += f" ... ({len(mismatches)} in all)" if len(mismatches) > shown else ""
     asked, found = _symbol_style(mismatches), _symbol_style(mismatches.values())
-    species = (f"the names asked for are {asked} gene symbols but the data's are {found} ones (human symbols are "
-               "upper case, mouse symbols capitalised): a species mismatch? " if asked and found and asked != found
-               else "")
-    return (f"{len(mismatches)} differ from genes of the data only by case ({pairs}): {species}Gene names are "
-            "case-sensitive; use the data's spelling (for cell types, `markers='mouse'` or `markers='human'`). ")
+    species = (
+        f"the names asked for are {asked} gene symbols but the data's are {found} ones (human symbols are "
+        "upper case, mouse symbols capitalised): a species mismatch? "
+        if asked and found and asked != found
+        else ""
+    )
+    return (
+        f"{len(mismatches)} differ from genes of the data only by case ({pairs}): {species}Gene names are "
+        "case-sensitive; use the data's spelling (for cell types, `markers='mouse'` or `markers='human'`). "
+    )
 
 
 def check_genes(requested: Iterable[str], available: Sequence[str], *, arg: str = "genes") -> list[str]:
@@ -253,9 +264,11 @@ def check_genes(requested: Iterable[str], available: Sequence[str], *, arg: str 
     missing = [g for g in requested if g not in known]
     if missing:
         shown = ", ".join(missing[:10]) + (f" ... ({len(missing)} in all)" if len(missing) > 10 else "")
-        raise KeyError(f"`{arg}`: {len(missing)} gene(s) not found: {shown}. "
-                       f"{species_hint(case_mismatches(missing, available)) or ''}"
-                       f"Available genes include {list(available)[:8]}.")
+        raise KeyError(
+            f"`{arg}`: {len(missing)} gene(s) not found: {shown}. "
+            f"{species_hint(case_mismatches(missing, available)) or ''}"
+            f"Available genes include {list(available)[:8]}."
+        )
     duplicated = sorted({g for g in requested if requested.count(g) > 1})
     if duplicated:
         raise ValueError(f"`{arg}` lists genes more than once: {duplicated}.")

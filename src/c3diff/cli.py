@@ -50,12 +50,18 @@ def _parser() -> argparse.ArgumentParser:
     from c3diff import __version__
 
     parser.add_argument("--version", action="version", version=f"c3diff {__version__}")
-    parser.add_argument("--verbose", "-v", action="store_true",
-                        help="show tracebacks of errors and warnings with their source lines")
+    parser.add_argument(
+        "--verbose", "-v", action="store_true", help="show tracebacks of errors and warnings with their source lines"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     verbose = argparse.ArgumentParser(add_help=False)  # `c3diff COMMAND ... --verbose` works too
-    verbose.add_argument("--verbose", "-v", action="store_true", default=argparse.SUPPRESS,
-                         help="show tracebacks of errors and warnings with their source lines")
+    verbose.add_argument(
+        "--verbose",
+        "-v",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="show tracebacks of errors and warnings with their source lines",
+    )
 
     demo = sub.add_parser(
         "demo",
@@ -68,17 +74,29 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--output", "-o", default="c3diff_demo", help="output folder (default: %(default)s)")
     demo.add_argument("--seed", type=int, default=1000, help="seed of the simulated section (default: %(default)s)")
-    demo.add_argument("--size", type=float, default=1920.0,
-                      help="edge of the simulated square section in micrometres (default: %(default)s)")
-    demo.add_argument("--steps", type=_positive_int, default=5,
-                      help="DDIM steps of the residual samples behind the 10x uncertainty layer (default: "
-                           "%(default)s)")
-    demo.add_argument("--samples", type=_non_negative_int, default=2,
-                      help="mean + residual samples drawn at 10x for the uncertainty layer; 0 = the conditional "
-                           "mean alone (a model without a mean stage averages this many samples; default: "
-                           "%(default)s)")
-    demo.add_argument("--model", default=None,
-                      help="a model folder or Hub repo id to use instead of the bundled demo model")
+    demo.add_argument(
+        "--size",
+        type=float,
+        default=1920.0,
+        help="edge of the simulated square section in micrometres (default: %(default)s)",
+    )
+    demo.add_argument(
+        "--steps",
+        type=_positive_int,
+        default=5,
+        help="DDIM steps of the residual samples behind the 10x uncertainty layer (default: %(default)s)",
+    )
+    demo.add_argument(
+        "--samples",
+        type=_non_negative_int,
+        default=2,
+        help="mean + residual samples drawn at 10x for the uncertainty layer; 0 = the conditional "
+        "mean alone (a model without a mean stage averages this many samples; default: "
+        "%(default)s)",
+    )
+    demo.add_argument(
+        "--model", default=None, help="a model folder or Hub repo id to use instead of the bundled demo model"
+    )
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
 
     predict = sub.add_parser(
@@ -90,34 +108,60 @@ def _parser() -> argparse.ArgumentParser:
         "into the store (or into a copy with --output).",
     )
     predict.add_argument("input", help="path of the SpatialData zarr store")
-    predict.add_argument("--model", "-m", default=None,
-                         help="model folder or Hugging Face Hub repo id (required unless --method bicubic)")
+    predict.add_argument(
+        "--model",
+        "-m",
+        default=None,
+        help="model folder or Hugging Face Hub repo id (required unless --method bicubic)",
+    )
     predict.add_argument("--revision", default=None, help="Hub revision (tag, branch or commit) of --model")
     predict.add_argument("--image-key", default="hne", help="H&E image element (default: %(default)s)")
     predict.add_argument("--table-key", default=None, help="spot table to super-resolve (Visium / legacy ST)")
     predict.add_argument("--points-key", default=None, help="transcripts to super-resolve (binned at 100 um)")
     predict.add_argument("--scale", type=int, choices=(5, 10), default=10, help="5x or 10x (default: %(default)s)")
-    predict.add_argument("--method", choices=("c3diff", "bicubic"), default="c3diff",
-                         help="the model or the bicubic baseline (default: %(default)s)")
+    predict.add_argument(
+        "--method",
+        choices=("c3diff", "bicubic"),
+        default="c3diff",
+        help="the model or the bicubic baseline (default: %(default)s)",
+    )
     predict.add_argument("--genes", nargs="+", default=None, help="genes to predict (default: all of the model's)")
     predict.add_argument("--steps", type=_positive_int, default=50, help="DDIM steps (default: %(default)s)")
     predict.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default: %(default)s)")
-    predict.add_argument("--samples", type=_positive_int, default=1,
-                         help="samples per tile; >1 adds a _std uncertainty layer (default: %(default)s)")
-    predict.add_argument("--calibration", choices=("lr_pixel", "tile"), default=None,
-                         help="how predictions become counts: lr_pixel (each 100 um LR pixel sums to its count; "
-                         "default for c3diff) or tile (one factor per tile and gene; default for bicubic)")
-    predict.add_argument("--batch-size", type=_positive_int, default=4, help="tiles per model call (default: %(default)s)")
+    predict.add_argument(
+        "--samples",
+        type=_positive_int,
+        default=1,
+        help="samples per tile; >1 adds a _std uncertainty layer (default: %(default)s)",
+    )
+    predict.add_argument(
+        "--calibration",
+        choices=("lr_pixel", "tile"),
+        default=None,
+        help="how predictions become counts: lr_pixel (each 100 um LR pixel sums to its count; "
+        "default for c3diff) or tile (one factor per tile and gene; default for bicubic)",
+    )
+    predict.add_argument(
+        "--batch-size", type=_positive_int, default=4, help="tiles per model call (default: %(default)s)"
+    )
     predict.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default: %(default)s)")
     predict.add_argument("--seed", type=int, default=0, help="base seed (default: %(default)s)")
     predict.add_argument("--key-added", default=None, help="name of the new layer (default: IMAGE_KEY_METHOD_xSCALE)")
-    predict.add_argument("--overwrite", action="store_true",
-                         help="replace layers of the same names made before (the input image is never replaced)")
-    predict.add_argument("--drop-missing-genes", action="store_true",
-                         help="skip model genes absent from the data instead of failing")
+    predict.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace layers of the same names made before (the input image is never replaced)",
+    )
+    predict.add_argument(
+        "--drop-missing-genes", action="store_true", help="skip model genes absent from the data instead of failing"
+    )
     predict.add_argument("--celltypes", action="store_true", help="also run celltype_map on the new layer")
-    predict.add_argument("--output", "-o", default=None,
-                         help="write a copy of the SpatialData with the new layers here instead of into INPUT")
+    predict.add_argument(
+        "--output",
+        "-o",
+        default=None,
+        help="write a copy of the SpatialData with the new layers here instead of into INPUT",
+    )
     predict.add_argument("--quiet", action="store_true", help="no progress bars")
 
     train = sub.add_parser(
@@ -151,15 +195,25 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--table-key", required=True, help="spot table to fit on")
     fit.add_argument("--out", required=True, help="model folder to write")
     fit.add_argument("--image-key", default="hne", help="H&E image element (default: %(default)s)")
-    fit.add_argument("--genes", nargs="+", default=None,
-                     help="genes to fit (default: the table's 48 most variable genes)")
-    fit.add_argument("--pool", type=_positive_int, default=2,
-                     help="spots per side of a pooled block (default: %(default)s)")
+    fit.add_argument(
+        "--genes", nargs="+", default=None, help="genes to fit (default: the table's 48 most variable genes)"
+    )
+    fit.add_argument(
+        "--pool", type=_positive_int, default=2, help="spots per side of a pooled block (default: %(default)s)"
+    )
     fit.add_argument("--minutes", type=float, default=None, help="stop after this many minutes")
-    fit.add_argument("--steps", type=_positive_int, default=400,
-                     help="optimisation steps, unless --minutes runs out first (default: %(default)s)")
-    fit.add_argument("--model", "-m", default="tiny",
-                     help="start from this preset, model folder or Hub repo id (default: %(default)s)")
+    fit.add_argument(
+        "--steps",
+        type=_positive_int,
+        default=400,
+        help="optimisation steps, unless --minutes runs out first (default: %(default)s)",
+    )
+    fit.add_argument(
+        "--model",
+        "-m",
+        default="tiny",
+        help="start from this preset, model folder or Hub repo id (default: %(default)s)",
+    )
     fit.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
     fit.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
@@ -184,8 +238,10 @@ def _load_config(path: Path) -> dict:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(err, "problem", None) or type(err).__name__
-        raise UsageError(f"{str(path)!r} is not valid YAML: {problem}{where}. Fix the file (indentation, `key: value` "
-                         "pairs, quotes).") from err
+        raise UsageError(
+            f"{str(path)!r} is not valid YAML: {problem}{where}. Fix the file (indentation, `key: value` "
+            "pairs, quotes)."
+        ) from err
     if not isinstance(config, dict):
         raise UsageError(f"{str(path)!r} must hold a mapping of options, got {type(config).__name__}.")
     return config
@@ -200,8 +256,9 @@ def _read_store(path: Path, *, what: str):
     try:
         return sd.read_zarr(path)
     except Exception as err:  # zarr / ome-zarr raise many kinds on a folder that is not a store
-        raise UsageError(f"{what}: {str(path)!r} is not a readable SpatialData zarr store ({type(err).__name__}: "
-                         f"{err}).") from err
+        raise UsageError(
+            f"{what}: {str(path)!r} is not a readable SpatialData zarr store ({type(err).__name__}: {err})."
+        ) from err
 
 
 def _load_data_entries(entries, *, field: str, base: Path) -> list:
@@ -215,8 +272,10 @@ def _load_data_entries(entries, *, field: str, base: Path) -> list:
     loaded = []
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict) or len(entry) != 1:
-            raise UsageError(f"`{field}[{i}]` must be one of {{zarr: PATH}}, {{patches: FILE}}, "
-                             f"{{simulate: {{...}}}}; got {entry!r}.")
+            raise UsageError(
+                f"`{field}[{i}]` must be one of {{zarr: PATH}}, {{patches: FILE}}, "
+                f"{{simulate: {{...}}}}; got {entry!r}."
+            )
         kind, value = next(iter(entry.items()))
         if kind == "zarr":
             loaded.append(_read_store(base / value, what=f"`{field}[{i}]`"))
@@ -237,8 +296,12 @@ def _run_train(args: argparse.Namespace) -> int:
     base = path.parent
     data = _load_data_entries(config.pop("data", None), field="data", base=base)
     val_data = _load_data_entries(config.pop("val_data", None), field="val_data", base=base) or None
-    for option, key in (("output_dir", "output_dir"), ("epochs", "epochs"), ("max_time", "max_time"),
-                        ("resume", "resume")):
+    for option, key in (
+        ("output_dir", "output_dir"),
+        ("epochs", "epochs"),
+        ("max_time", "max_time"),
+        ("resume", "resume"),
+    ):
         if getattr(args, option) is not None:
             config[key] = getattr(args, option)
     if "output_dir" not in config:
@@ -260,16 +323,33 @@ def _run_predict(args: argparse.Namespace) -> int:
     sdata = _read_store(source, what="INPUT")
     key = args.key_added or f"{args.image_key}_{args.method}_x{args.scale}"
     if key in sdata.images and key != args.image_key and not args.overwrite:
-        raise UsageError(f"{str(source)!r} already has the layer {key!r}; nothing was changed. Pass --overwrite to "
-                         "replace it, or --key-added NAME for a new layer.")
+        raise UsageError(
+            f"{str(source)!r} already has the layer {key!r}; nothing was changed. Pass --overwrite to "
+            "replace it, or --key-added NAME for a new layer."
+        )
     kinds = ("images", "labels", "tables")
     before = {(kind, name): id(element) for kind in kinds for name, element in getattr(sdata, kind).items()}
     c3.tl.super_resolve(
-        sdata, args.image_key, table_key=args.table_key, points_key=args.points_key, genes=args.genes,
-        scale=args.scale, model=args.model, method=args.method, steps=args.steps, eta=args.eta,
-        n_samples=args.samples, batch_size=args.batch_size, device=args.device, seed=args.seed,
-        drop_missing_genes=args.drop_missing_genes, revision=args.revision, key_added=args.key_added,
-        calibration=args.calibration, progress=not args.quiet, overwrite=args.overwrite,
+        sdata,
+        args.image_key,
+        table_key=args.table_key,
+        points_key=args.points_key,
+        genes=args.genes,
+        scale=args.scale,
+        model=args.model,
+        method=args.method,
+        steps=args.steps,
+        eta=args.eta,
+        n_samples=args.samples,
+        batch_size=args.batch_size,
+        device=args.device,
+        seed=args.seed,
+        drop_missing_genes=args.drop_missing_genes,
+        revision=args.revision,
+        key_added=args.key_added,
+        calibration=args.calibration,
+        progress=not args.quiet,
+        overwrite=args.overwrite,
     )
     if args.celltypes:
         c3.tl.celltype_map(sdata, key, overwrite=args.overwrite)
@@ -286,8 +366,11 @@ def _run_predict(args: argparse.Namespace) -> int:
         for element in [*new, *replaced]:
             sdata.write_element(element)
         sdata.write_attrs()
-        print(f"Added {new} to {source}" + (f"; replaced {replaced}" if replaced else "")
-              + (f"; removed {removed}" if removed else ""))
+        print(
+            f"Added {new} to {source}"
+            + (f"; replaced {replaced}" if replaced else "")
+            + (f"; removed {removed}" if removed else "")
+        )
     return 0
 
 
@@ -301,13 +384,23 @@ def _run_fit(args: argparse.Namespace) -> int:
         raise UsageError(f"--out {str(out)!r} already exists and is not an empty folder; choose a new folder.")
     sdata = _read_store(Path(args.input), what="INPUT")
     model = fit_slide(
-        sdata, args.image_key, table_key=args.table_key, genes=args.genes, pool=args.pool, model=args.model,
-        steps=args.steps, max_time=None if args.minutes is None else 60.0 * args.minutes, seed=args.seed,
-        progress=not args.quiet, output_dir=out,
+        sdata,
+        args.image_key,
+        table_key=args.table_key,
+        genes=args.genes,
+        pool=args.pool,
+        model=args.model,
+        steps=args.steps,
+        max_time=None if args.minutes is None else 60.0 * args.minutes,
+        seed=args.seed,
+        progress=not args.quiet,
+        output_dir=out,
     )
     history = model.fit_history
-    print(f"Fitted {len(model.genes)} genes in {len(history)} step(s) (loss {history[0]:.4f} -> {history[-1]:.4f}); "
-          f"model in {out}")
+    print(
+        f"Fitted {len(model.genes)} genes in {len(history)} step(s) (loss {history[0]:.4f} -> {history[-1]:.4f}); "
+        f"model in {out}"
+    )
     return 0
 
 
@@ -315,8 +408,13 @@ def _run_demo(args: argparse.Namespace) -> int:
     from c3diff._demo import run_demo
 
     run_demo(
-        output=Path(args.output), seed=args.seed, size=args.size, steps=args.steps, n_samples=args.samples,
-        model=args.model, progress=not args.quiet,
+        output=Path(args.output),
+        seed=args.seed,
+        size=args.size,
+        steps=args.steps,
+        n_samples=args.samples,
+        model=args.model,
+        progress=not args.quiet,
     )
     return 0
 

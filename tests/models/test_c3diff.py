@@ -98,8 +98,13 @@ def test_min_snr_gamma_reweights_only_the_diffusion_loss(tiny, make_batch):
     with pytest.raises(ValueError, match="latent_scaling"):
         c3diff.models.build_model("tiny-paper", genes=tiny.genes, latent_scaling="max")
     with pytest.raises(ValueError, match="hint_space_to_depth"):
-        c3diff.models.build_model("tiny-paper", genes=tiny.genes, space_to_depth=1, hint_space_to_depth=True,
-                                  unet_config={"in_channels": 1, "out_channels": 1, "sample_size": 64})
+        c3diff.models.build_model(
+            "tiny-paper",
+            genes=tiny.genes,
+            space_to_depth=1,
+            hint_space_to_depth=True,
+            unet_config={"in_channels": 1, "out_channels": 1, "sample_size": 64},
+        )
 
 
 def test_v_prediction_trains_on_the_velocity_and_samples(make_batch):

@@ -21,8 +21,11 @@ def _toy_batch(generator: torch.Generator, n_tiles: int = 8, genes_per_tile: int
     lr = torch.nn.functional.pad(counts, (0, 6, 0, 6)).reshape(len(counts), 1, 7, 10, 7, 10).sum(dim=(3, 5))
     lr = lr / lr.amax(dim=(-2, -1), keepdim=True).clamp_min(1)
     return {
-        "histology": histology, "lr": lr, "hr": counts / counts.amax(dim=(-2, -1), keepdim=True).clamp_min(1) * 2 - 1,
-        "hr_counts": counts, "gene_index": torch.arange(len(counts)) % genes_per_tile,
+        "histology": histology,
+        "lr": lr,
+        "hr": counts / counts.amax(dim=(-2, -1), keepdim=True).clamp_min(1) * 2 - 1,
+        "hr_counts": counts,
+        "gene_index": torch.arange(len(counts)) % genes_per_tile,
         "patch_index": torch.arange(n_tiles).repeat_interleave(genes_per_tile),
         "lr_missing": torch.zeros(len(counts), dtype=torch.bool),
     }, dark
@@ -56,7 +59,8 @@ def test_likelihoods_prefer_the_true_placement():
     assert multinomial_nll(right, counts) < multinomial_nll(even, counts)
     density = torch.full_like(counts, 1.0)
     assert poisson_nll(torch.tensor([[[[1.386, -5, -5, -5]]]]).view(1, 1, 2, 2), counts, density) < poisson_nll(
-        torch.zeros_like(counts), counts, density)
+        torch.zeros_like(counts), counts, density
+    )
 
 
 def test_mean_stage_learns_a_histology_pattern_the_lr_cannot_give():
@@ -129,8 +133,7 @@ def test_residual_target_is_zero_when_counts_follow_the_mean():
     log_shares = block_log_softmax(torch.randn(2, 1, 64, 64), 10)
     totals = torch.tensor([7.0, 3.0])[:, None, None, None]
     counts = log_shares.exp() * totals  # every LR pixel holds `total` counts, placed exactly as the mean says
-    torch.testing.assert_close(model.residual_target(log_shares, counts), torch.zeros_like(counts), atol=1e-5,
-                               rtol=0)
+    torch.testing.assert_close(model.residual_target(log_shares, counts), torch.zeros_like(counts), atol=1e-5, rtol=0)
     # any placement: the residual sums to zero inside each LR pixel that has counts
     other = torch.poisson(torch.rand(2, 1, 64, 64) * 2)
     residual = model.residual_target(log_shares, other)

@@ -37,8 +37,12 @@ def _predict(model):
 
 def test_round_trip_gives_identical_outputs(saved):
     model, folder = saved
-    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors",
-                                                       "scheduler_config.json"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "README.md",
+        "config.json",
+        "model.safetensors",
+        "scheduler_config.json",
+    ]
     loaded = c3diff.models.from_pretrained(folder)
     assert isinstance(loaded, C3DiffModel) and loaded.training is False
     assert loaded.genes == model.genes and loaded.config.scale == 10
@@ -217,7 +221,8 @@ def test_a_swapped_scheduler_round_trips_and_samples(tmp_path):
     model.set_scheduler(DPMSolverMultistepScheduler.from_config(model.noise_scheduler.config))
     model.save_pretrained(str(tmp_path / "dpm"))
     assert json.loads((tmp_path / "dpm" / "scheduler_config.json").read_text())["_class_name"] == (
-        "DPMSolverMultistepScheduler")
+        "DPMSolverMultistepScheduler"
+    )
     loaded = c3diff.models.from_pretrained(tmp_path / "dpm")
     assert isinstance(loaded.noise_scheduler, DPMSolverMultistepScheduler)
     histology, lr = torch.rand(1, 3, 64, 64), torch.rand(1, 2, 7, 7)

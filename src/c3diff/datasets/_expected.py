@@ -94,18 +94,26 @@ def expected_counts(
     from c3diff.datasets._celltypes import CELL_TYPES
     from c3diff.datasets._expression import CYTOPLASM_TRIES, NUCLEUS_FILL, VACUOLE_INNER, nucleus_share
 
-    if isinstance(pixel_size, bool) or not isinstance(pixel_size, int | float | np.number) \
-            or not math.isfinite(pixel_size) or pixel_size <= 0:
+    if (
+        isinstance(pixel_size, bool)
+        or not isinstance(pixel_size, int | float | np.number)
+        or not math.isfinite(pixel_size)
+        or pixel_size <= 0
+    ):
         raise ValueError(f"`pixel_size` must be a positive number of micrometres, got {pixel_size!r}.")
     pixel_size = float(pixel_size)
     table = get_element(sdata, table_key, "tables", arg="table_key")
     sim = table.uns.get("c3diff", {}).get("simulation") if isinstance(table.uns.get("c3diff"), dict) else None
-    missing = [what for what, ok in (
-        ('layers["expected"]', "expected" in table.layers),
-        ('obsm["cell_geometry"]', "cell_geometry" in table.obsm),
-        ('var["background_share"]', "background_share" in table.var),
-        ('uns["c3diff"]["simulation"]', isinstance(sim, dict) and "tissue_mask" in sim),
-    ) if not ok]
+    missing = [
+        what
+        for what, ok in (
+            ('layers["expected"]', "expected" in table.layers),
+            ('obsm["cell_geometry"]', "cell_geometry" in table.obsm),
+            ('var["background_share"]', "background_share" in table.var),
+            ('uns["c3diff"]["simulation"]', isinstance(sim, dict) and "tissue_mask" in sim),
+        )
+        if not ok
+    ]
     if missing:
         raise ValueError(
             f"`sdata.tables[{table_key!r}]` lacks {', '.join(missing)}: expected counts exist only for sections made "
@@ -114,8 +122,10 @@ def expected_counts(
     genes = list(table.var_names) if genes is None else check_genes(genes, list(table.var_names))
     instance_key = table.uns.get("spatialdata_attrs", {}).get("instance_key")
     if instance_key is None or instance_key not in table.obs:
-        raise ValueError(f"`sdata.tables[{table_key!r}]` has no instance key column linking its rows to the label "
-                         "values; parse it with `TableModel.parse(..., instance_key=...)`.")
+        raise ValueError(
+            f"`sdata.tables[{table_key!r}]` has no instance key column linking its rows to the label "
+            "values; parse it with `TableModel.parse(..., instance_key=...)`."
+        )
     labels_el = get_element(sdata, labels_key, "labels", arg="labels_key")
     lgeom = raster_geometry(labels_el, arg="labels_key")
     if image_key is None:
@@ -155,8 +165,12 @@ def expected_counts(
         k = ry.shape[1]
         pix = (ry[:, :, None] * grid.width + rx[:, None, :]).reshape(-1, k * k)
         ww = (wy[:, :, None] * wx[:, None, :]).reshape(-1, k * k) * w[:, None]
-        inside = (ry >= 0)[:, :, None] & (ry < grid.height)[:, :, None] & (rx >= 0)[:, None, :] \
+        inside = (
+            (ry >= 0)[:, :, None]
+            & (ry < grid.height)[:, :, None]
+            & (rx >= 0)[:, None, :]
             & (rx < grid.width)[:, None, :]
+        )
         inside = inside.reshape(-1, k * k)
         cc = np.broadcast_to(cell[:, None], pix.shape)
         return sparse.csr_matrix((ww[inside], (pix[inside], cc[inside])), shape=(grid.height * grid.width, n_cells))

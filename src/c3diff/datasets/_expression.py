@@ -109,7 +109,16 @@ GENE_TYPES: dict[str, dict[str, float]] = {
 
 #: Genes driven by smooth spatial random fields, independent of cell type (no panel group, not in GENE_TYPES).
 SPATIAL_GENES: tuple[str, ...] = (
-    "STC1", "TCIM", "LDHB", "CXCL16", "MAP3K8", "PDE4A", "SVIL", "TIFA", "TRAF4", "CCPG1",
+    "STC1",
+    "TCIM",
+    "LDHB",
+    "CXCL16",
+    "MAP3K8",
+    "PDE4A",
+    "SVIL",
+    "TIFA",
+    "TRAF4",
+    "CCPG1",
 )
 #: Tumour genes whose level differs between nests (clonal heterogeneity).
 CLONAL_GENES: tuple[str, ...] = ("ESR1", "PGR", "ERBB2", "FOXA1", "GATA3", "AR", "KRT7", "CEACAM6", "TACSTD2", "CCND1")
@@ -163,8 +172,12 @@ def build_programmes(rng: np.random.Generator, panel: pd.DataFrame) -> Programme
     field_index[spatial] = np.arange(spatial.size) % N_SPATIAL_FIELDS
     field_sign = np.where(rng.random(n) < 0.5, -1.0, 1.0)
     return Programmes(
-        genes=genes, weights=W, kinds=kinds.astype(str), dispersion=rng.uniform(1.5, 6.0, n),
-        field_index=field_index, field_sign=field_sign,
+        genes=genes,
+        weights=W,
+        kinds=kinds.astype(str),
+        dispersion=rng.uniform(1.5, 6.0, n),
+        field_index=field_index,
+        field_sign=field_sign,
     )
 
 
@@ -191,15 +204,23 @@ def simulate_counts(
     # library: transcripts per cell grow with cell area (sub-linearly), times a per-type factor and cell noise
     ref_area = np.pi * 6.0**2
     lib_type = np.array([CELL_TYPES[t].library for t in TYPE_NAMES])
-    library = (transcripts_per_cell * lib_type[types] * (np.pi * cells.radius**2 / ref_area) ** 0.6
-               * np.exp(rng.normal(0.0, 0.3, n)))
+    library = (
+        transcripts_per_cell
+        * lib_type[types]
+        * (np.pi * cells.radius**2 / ref_area) ** 0.6
+        * np.exp(rng.normal(0.0, 0.3, n))
+    )
     mu = prog.weights[types] * library[:, None]  # (n, G)
 
     # smooth spatial fields, sampled at the cell centres, for the spatial-field genes
     s = max(spatial_field_scale / 6.0, 4.0)
     shape = (int(np.ceil(height / s)) + 1, int(np.ceil(width / s)) + 1)
-    fields = np.stack([sample(gaussian_field(rng, shape, s, spatial_field_scale), s, cells.y, cells.x)
-                       for _ in range(N_SPATIAL_FIELDS)])  # (F, n)
+    fields = np.stack(
+        [
+            sample(gaussian_field(rng, shape, s, spatial_field_scale), s, cells.y, cells.x)
+            for _ in range(N_SPATIAL_FIELDS)
+        ]
+    )  # (F, n)
     sp = np.flatnonzero(prog.field_index >= 0)
     a = spatial_field_strength
     mu[:, sp] *= np.exp(a * prog.field_sign[sp][None, :] * fields[prog.field_index[sp]].T - a * a / 2)
@@ -299,14 +320,24 @@ def place_transcripts(
     x += rng.normal(0.0, diffusion, m)
     y += rng.normal(0.0, diffusion, m)
     return {
-        "x": np.clip(x, 0.0, width * (1 - 1e-7)), "y": np.clip(y, 0.0, height * (1 - 1e-7)), "gene": gene,
-        "cell_id": (cell + 1).astype(np.int32), "overlaps_nucleus": in_nuc,
+        "x": np.clip(x, 0.0, width * (1 - 1e-7)),
+        "y": np.clip(y, 0.0, height * (1 - 1e-7)),
+        "gene": gene,
+        "cell_id": (cell + 1).astype(np.int32),
+        "overlaps_nucleus": in_nuc,
     }
 
 
 def background_transcripts(
-    rng: np.random.Generator, tissue: np.ndarray, spacing: float, profile: np.ndarray, *, width: float,
-    height: float, rate_tissue: float, rate_glass: float,
+    rng: np.random.Generator,
+    tissue: np.ndarray,
+    spacing: float,
+    profile: np.ndarray,
+    *,
+    width: float,
+    height: float,
+    rate_tissue: float,
+    rate_glass: float,
 ) -> dict[str, np.ndarray]:
     """Unassigned transcripts (ambient RNA, off-target signal): uniform over tissue and, rarer, over glass."""
     rate = np.where(tissue, rate_tissue, rate_glass).astype(np.float64) * spacing**2
@@ -319,5 +350,10 @@ def background_transcripts(
     x, y = x[keep], y[keep]
     p = profile / profile.sum()
     gene = rng.choice(p.size, size=x.size, p=p).astype(np.int32)
-    return {"x": x, "y": y, "gene": gene, "cell_id": np.zeros(x.size, np.int32),
-            "overlaps_nucleus": np.zeros(x.size, bool)}
+    return {
+        "x": x,
+        "y": y,
+        "gene": gene,
+        "cell_id": np.zeros(x.size, np.int32),
+        "overlaps_nucleus": np.zeros(x.size, bool),
+    }

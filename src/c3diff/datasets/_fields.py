@@ -62,8 +62,12 @@ def nearest_resample(array: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> n
     h, w = array.shape
     fy, fx = len(rows) // h, len(cols) // w
     if (
-        fy >= 1 and fx >= 1 and len(rows) == fy * h and len(cols) == fx * w
-        and np.array_equal(rows, np.repeat(np.arange(h), fy)) and np.array_equal(cols, np.repeat(np.arange(w), fx))
+        fy >= 1
+        and fx >= 1
+        and len(rows) == fy * h
+        and len(cols) == fx * w
+        and np.array_equal(rows, np.repeat(np.arange(h), fy))
+        and np.array_equal(cols, np.repeat(np.arange(w), fx))
     ):
         wide = np.repeat(array, fx, axis=1) if fx > 1 else array
         if fy == 1:

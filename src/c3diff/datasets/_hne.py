@@ -54,7 +54,8 @@ def _fibre_tiles(rng: np.random.Generator, ps: float, size: int = 1024) -> list[
         f_par = fx * np.cos(th) + fy * np.sin(th)
         f_perp = -fx * np.sin(th) + fy * np.cos(th)
         filt = np.exp(-0.5 * (f_par * 2 * np.pi * 7.0) ** 2) * (
-            np.exp(-0.5 * ((np.abs(f_perp) - 1 / 8.0) / 0.06) ** 2) + 0.5 * np.exp(-0.5 * (f_perp / 0.04) ** 2))
+            np.exp(-0.5 * ((np.abs(f_perp) - 1 / 8.0) / 0.06) ** 2) + 0.5 * np.exp(-0.5 * (f_perp / 0.04) ** 2)
+        )
         t = np.fft.irfft2(spec * filt, s=(size, size))
         t = (t - t.mean()) / (t.std() + 1e-9)
         out.append((0.5 + 0.5 * np.tanh(t + 0.6)).astype(np.float32) * 0.7 + 0.3)
@@ -106,7 +107,7 @@ def _stamp_nuclei(rng, layout: Layout, cycling: np.ndarray, shape, ps: float, ti
         irregular = np.float32(0.4 if name == "Tumor" else 0.25)
         step = max(1, 3_000_000 // win)
         for start in range(0, members.size, step):
-            idx = members[start: start + step]
+            idx = members[start : start + step]
             ny, nx = c.nuc_y[idx], c.nuc_x[idx]
             ci = np.floor(ny / ps).astype(np.int64)
             cj = np.floor(nx / ps).astype(np.int64)
@@ -192,8 +193,9 @@ class _RowInterpolator:
         self.ry = _interp_matrix(shape[0], pixel_size, first.shape[0], spacing)
         rx = _interp_matrix(shape[1], pixel_size, first.shape[1], spacing)
         # interpolate along x once: (h_in, W) per field
-        self.cols = {k: np.ascontiguousarray(np.asarray(rx @ np.ascontiguousarray(f.T, np.float32)).T)
-                     for k, f in fields.items()}
+        self.cols = {
+            k: np.ascontiguousarray(np.asarray(rx @ np.ascontiguousarray(f.T, np.float32)).T) for k, f in fields.items()
+        }
 
     def rows(self, name: str, r0: int, r1: int) -> np.ndarray:
         return np.asarray(self.ry[r0:r1] @ self.cols[name], dtype=np.float32)
@@ -223,8 +225,9 @@ def _compose_rows(a0, a1, W, rows, cols, e_lab, h_lab, through_lab, low, tex, ti
     total = wc + ws + 1e-6
     fibre = np.where(c2 > 0, _tile_rows(tex[0], offsets["t0"], a0, a1, W), _tile_rows(tex[2], offsets["t2"], a0, a1, W))
     fibre *= wc / total
-    fibre += (ws / total) * np.where(s2 > 0, _tile_rows(tex[1], offsets["t1"], a0, a1, W),
-                                     _tile_rows(tex[3], offsets["t3"], a0, a1, W))
+    fibre += (ws / total) * np.where(
+        s2 > 0, _tile_rows(tex[1], offsets["t1"], a0, a1, W), _tile_rows(tex[3], offsets["t3"], a0, a1, W)
+    )
     fib = low.rows("fibrous", a0, a1)
     fibre = 1.0 - fib * (1.0 - fibre)  # amorphous (1) where not fibrous
     fibre *= 0.85 + 0.3 * _tile_rows(tiles["fine"], offsets["fine"], a0, a1, W)
@@ -256,8 +259,13 @@ def render_hne(
     ps = pixel_size
     H, W = int(np.ceil(layout.height / ps)), int(np.ceil(layout.width / ps))
     c = layout.cells
-    tiles = {"fine": _tile(rng, 0.7), "coarse": _tile(rng, 1.6), "smooth": _tile(rng, 3.0), "grain": _tile(rng, 1.0),
-             "white": rng.standard_normal((_TILE, _TILE)).astype(np.float32)}
+    tiles = {
+        "fine": _tile(rng, 0.7),
+        "coarse": _tile(rng, 1.6),
+        "smooth": _tile(rng, 3.0),
+        "grain": _tile(rng, 1.0),
+        "white": rng.standard_normal((_TILE, _TILE)).astype(np.float32),
+    }
 
     # --- cytoplasm, membranes and where the matrix shows, on the label grid
     L = labels
@@ -294,8 +302,11 @@ def render_hne(
     for media, amount in ((False, 0.25), (True, 0.35)):
         sub = {k: a[(v["layers"] > 0) == media] for k, a in v.items()}
         if sub["x"].size:
-            outer = vessel_mask(sub, L.shape, label_pixel_size, use_outer=True) if media \
+            outer = (
+                vessel_mask(sub, L.shape, label_pixel_size, use_outer=True)
+                if media
                 else vessel_mask(sub, L.shape, label_pixel_size, grow=2.0)
+            )
             e_lab[outer & ~lumen_lab] += amount
 
     rows = grid_index(H, ps, L.shape[0], label_pixel_size)
@@ -322,8 +333,18 @@ def render_hne(
 
     # low-frequency fields, interpolated along x once; rows are interpolated per strip
     s = layout.spacing
-    low = _RowInterpolator({"c2": layout.fibre_c2, "s2": layout.fibre_s2, "fibrous": layout.fibrous,
-                            "ecm": layout.ecm, "ecm_h": layout.ecm_h}, s, (H, W), ps)
+    low = _RowInterpolator(
+        {
+            "c2": layout.fibre_c2,
+            "s2": layout.fibre_s2,
+            "fibrous": layout.fibrous,
+            "ecm": layout.ecm,
+            "ecm_h": layout.ecm_h,
+        },
+        s,
+        (H, W),
+        ps,
+    )
     stain = _RowInterpolator({"h": stain_h, "e": stain_e}, 40.0, (H, W), ps)
     gx = (np.cos(ang) * np.linspace(-0.5, 0.5, W, dtype=np.float32))[None, :]
     gy_all = np.sin(ang) * np.linspace(-0.5, 0.5, H, dtype=np.float32)
@@ -333,8 +354,7 @@ def render_hne(
     for r0 in range(0, H, strip):
         r1 = min(H, r0 + strip)
         a0, a1 = max(0, r0 - 1), min(H, r1 + 1)  # one halo row each side for the optical blur
-        Hs, E = _compose_rows(a0, a1, W, rows, cols, e_lab, h_lab, through_lab, low, tex, tiles, offsets, nuc,
-                              stain)
+        Hs, E = _compose_rows(a0, a1, W, rows, cols, e_lab, h_lab, through_lab, low, tex, tiles, offsets, nuc, stain)
         for a in (Hs, E):
             _blur3(a)
         k0, k1 = r0 - a0, r0 - a0 + (r1 - r0)

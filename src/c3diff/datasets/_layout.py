@@ -130,18 +130,27 @@ def _niches(rng: np.random.Generator, width: float, height: float, p: LayoutPara
     # tumour nests: a medium-scale field thresholded into islands and cords, concentrated in a tumour-rich region,
     # kept away from fat by a thin stroma margin
     dist_fat = ndi.distance_transform_edt(~fat) * s if fat.any() else np.full(shape, np.inf, np.float32)
-    uscore = (gaussian_field(rng, shape, s, 40.0) + 0.45 * gaussian_field(rng, shape, s, 12.0)
-              + 0.45 * gaussian_field(rng, shape, s, 400.0))
+    uscore = (
+        gaussian_field(rng, shape, s, 40.0)
+        + 0.45 * gaussian_field(rng, shape, s, 12.0)
+        + 0.45 * gaussian_field(rng, shape, s, 400.0)
+    )
     eligible = tissue & ~fat & (dist_fat > 15.0)
     frac = min(1.0, p.tumor_fraction * n_tissue / max(int(eligible.sum()), 1))
     tumor = eligible & (uscore > _quantile_threshold(uscore, eligible, frac))
     tumor, nest, n_nests = _remove_small(tumor, int(np.ceil(400.0 / s**2)))
 
-    dist_out = (ndi.distance_transform_edt(~tumor) * s).astype(np.float32) if tumor.any() \
+    dist_out = (
+        (ndi.distance_transform_edt(~tumor) * s).astype(np.float32)
+        if tumor.any()
         else np.full(shape, np.inf, np.float32)
+    )
     dist_in = (ndi.distance_transform_edt(tumor) * s).astype(np.float32)
-    dist_glass = (ndi.distance_transform_edt(tissue) * s).astype(np.float32) if not tissue.all() \
+    dist_glass = (
+        (ndi.distance_transform_edt(tissue) * s).astype(np.float32)
+        if not tissue.all()
         else np.full(shape, np.inf, np.float32)
+    )
 
     # in-situ nests (ductal carcinoma in situ): a myoepithelial rim; chosen among the smaller, rounder nests
     insitu = np.zeros(n_nests + 1, bool)
@@ -191,9 +200,20 @@ def _niches(rng: np.random.Generator, width: float, height: float, p: LayoutPara
     niche[stroma_like & (rho < 1.0)] = NICHE_INDEX["lymphoid_aggregate"]
 
     return {
-        "shape": shape, "yy": yy, "xx": xx, "tissue": tissue, "fat": fat, "tumor": tumor, "nest": nest,
-        "insitu": insitu, "dist_out": dist_out, "dist_in": dist_in, "dist_glass": dist_glass, "rho": rho,
-        "niche": niche, "n_lymphoid": placed,
+        "shape": shape,
+        "yy": yy,
+        "xx": xx,
+        "tissue": tissue,
+        "fat": fat,
+        "tumor": tumor,
+        "nest": nest,
+        "insitu": insitu,
+        "dist_out": dist_out,
+        "dist_in": dist_in,
+        "dist_glass": dist_glass,
+        "rho": rho,
+        "niche": niche,
+        "n_lymphoid": placed,
     }
 
 
@@ -227,8 +247,14 @@ def _vessels(rng: np.random.Generator, g: dict, p: LayoutParams) -> tuple[dict[s
         rows.append((cy, cx, a, b, float(rng.uniform(0, np.pi)), outer, layers, float(rng.uniform(0, 0.8))))
     arr = np.array(rows, dtype=np.float64).reshape(-1, 8)
     vessels = {
-        "y": arr[:, 0], "x": arr[:, 1], "a": arr[:, 2], "b": arr[:, 3], "theta": arr[:, 4], "outer": arr[:, 5],
-        "layers": arr[:, 6].astype(np.int64), "rbc_fill": arr[:, 7],
+        "y": arr[:, 0],
+        "x": arr[:, 1],
+        "a": arr[:, 2],
+        "b": arr[:, 3],
+        "theta": arr[:, 4],
+        "outer": arr[:, 5],
+        "layers": arr[:, 6].astype(np.int64),
+        "rbc_fill": arr[:, 7],
     }
     wall_cells: list[dict] = []
     for cy, cx, a, b, th, _outer, layers, _fill in rows:
@@ -241,19 +267,25 @@ def _vessels(rng: np.random.Generator, g: dict, p: LayoutParams) -> tuple[dict[s
             u, v = ea * np.cos(t), eb * np.sin(t)
             du, dv = -ea * np.sin(t), eb * np.cos(t)
             c, sn = np.cos(th), np.sin(th)
-            wall_cells.append({
-                "x": cx + u * c - v * sn, "y": cy + u * sn + v * c,
-                "theta": np.arctan2(du * sn + dv * c, du * c - dv * sn), "type": _TI[name],
-            })
+            wall_cells.append(
+                {
+                    "x": cx + u * c - v * sn,
+                    "y": cy + u * sn + v * c,
+                    "theta": np.arctan2(du * sn + dv * c, du * c - dv * sn),
+                    "type": _TI[name],
+                }
+            )
     return vessels, wall_cells
 
 
-def vessel_mask(vessels: dict[str, np.ndarray], shape: tuple[int, int], spacing: float, grow: float = 0.0,
-                use_outer: bool = False) -> np.ndarray:
+def vessel_mask(
+    vessels: dict[str, np.ndarray], shape: tuple[int, int], spacing: float, grow: float = 0.0, use_outer: bool = False
+) -> np.ndarray:
     """Boolean raster (pixel centres) of vessel lumens grown by ``grow`` um (or of whole vessels with their walls)."""
     mask = np.zeros(shape, bool)
-    for cy, cx, a, b, th, outer in zip(vessels["y"], vessels["x"], vessels["a"], vessels["b"], vessels["theta"],
-                                       vessels["outer"], strict=True):
+    for cy, cx, a, b, th, outer in zip(
+        vessels["y"], vessels["x"], vessels["a"], vessels["b"], vessels["theta"], vessels["outer"], strict=True
+    ):
         ga, gb = (outer, b + (outer - a)) if use_outer else (a + grow, b + grow)
         i0, i1 = max(0, int((cy - ga) / spacing) - 1), min(shape[0], int((cy + ga) / spacing) + 2)
         j0, j1 = max(0, int((cx - ga) / spacing) - 1), min(shape[1], int((cx + ga) / spacing) + 2)
@@ -297,10 +329,18 @@ def _type_probabilities(rng: np.random.Generator, g: dict, p: LayoutParams) -> t
     m = niche == NICHE_INDEX["stroma"]
     halo = np.clip((1.6 - g["rho"]) / 0.6, 0, 1)
     imm = np.clip(0.12 * np.exp(0.7 * infl) * ii + 0.5 * halo + 0.6 * plasma * ii, 0, 0.85)
-    stroma_imm = _mix({"plasma cell": 0.05 + 1.5 * plasma, "T cell CD4": 0.2 + 0.3 * halo,
-                       "T cell CD8": 0.14 + 0.1 * halo,
-                       "Macrophages M2": 0.16 * macro, "Macrophages M0": 0.05, "B cell": 0.05 + 0.1 * halo,
-                       "Tregs": 0.04 + 0.04 * halo, "Mast cell": 0.08})
+    stroma_imm = _mix(
+        {
+            "plasma cell": 0.05 + 1.5 * plasma,
+            "T cell CD4": 0.2 + 0.3 * halo,
+            "T cell CD8": 0.14 + 0.1 * halo,
+            "Macrophages M2": 0.16 * macro,
+            "Macrophages M0": 0.05,
+            "B cell": 0.05 + 0.1 * halo,
+            "Tregs": 0.04 + 0.04 * halo,
+            "Mast cell": 0.08,
+        }
+    )
     put(m, [(1 - imm, {_TI["Fibroblast"]: 1.0}), (imm, stroma_imm)])
     occ[m] = (0.16 * cellular + 0.3 * plasma * ii)[m]
 
@@ -308,8 +348,18 @@ def _type_probabilities(rng: np.random.Generator, g: dict, p: LayoutParams) -> t
     m = niche == NICHE_INDEX["tumor_border"]
     fade = 1.0 - 0.5 * np.clip(g["dist_out"] / BORDER_WIDTH, 0, 1)
     imm = np.clip(0.45 * np.exp(0.4 * infl) * ii * fade, 0, 0.85)
-    border_imm = _mix({"T cell CD8": 0.3, "Macrophages M2": 0.2 * macro, "Macrophages M0": 0.14, "T cell CD4": 0.14,
-                       "Tregs": 0.06, "plasma cell": 0.02 + 0.2 * plasma, "B cell": 0.04, "Mast cell": 0.02})
+    border_imm = _mix(
+        {
+            "T cell CD8": 0.3,
+            "Macrophages M2": 0.2 * macro,
+            "Macrophages M0": 0.14,
+            "T cell CD4": 0.14,
+            "Tregs": 0.06,
+            "plasma cell": 0.02 + 0.2 * plasma,
+            "B cell": 0.04,
+            "Mast cell": 0.02,
+        }
+    )
     put(m, [(1 - imm, {_TI["Fibroblast"]: 1.0}), (imm, border_imm)])
     occ[m] = (0.26 * cellular)[m]
 
@@ -332,10 +382,29 @@ def _type_probabilities(rng: np.random.Generator, g: dict, p: LayoutParams) -> t
     # lymphoid aggregates: B-cell follicle inside a T-cell zone
     m = niche == NICHE_INDEX["lymphoid_aggregate"]
     core = np.clip((0.62 - g["rho"]) / 0.12 + 0.5, 0, 1)
-    follicle = _mix({"B cell": 0.84, "T cell CD4": 0.06, "Macrophages M0": 0.04, "Tregs": 0.02, "T cell CD8": 0.02,
-                     "plasma cell": 0.02})
-    tzone = _mix({"T cell CD4": 0.42, "T cell CD8": 0.2, "Tregs": 0.1, "B cell": 0.12, "Macrophages M0": 0.04,
-                  "Macrophages M2": 0.03, "plasma cell": 0.05, "Fibroblast": 0.02, "Endothelial": 0.02})
+    follicle = _mix(
+        {
+            "B cell": 0.84,
+            "T cell CD4": 0.06,
+            "Macrophages M0": 0.04,
+            "Tregs": 0.02,
+            "T cell CD8": 0.02,
+            "plasma cell": 0.02,
+        }
+    )
+    tzone = _mix(
+        {
+            "T cell CD4": 0.42,
+            "T cell CD8": 0.2,
+            "Tregs": 0.1,
+            "B cell": 0.12,
+            "Macrophages M0": 0.04,
+            "Macrophages M2": 0.03,
+            "plasma cell": 0.05,
+            "Fibroblast": 0.02,
+            "Endothelial": 0.02,
+        }
+    )
     put(m, [(core, follicle), (1 - core, tzone)])
     occ[m] = 8.0
 
@@ -428,8 +497,12 @@ def _nuclei(rng: np.random.Generator, x, y, types, radius, theta_hint, g: dict) 
     offset = np.maximum(offset, 0.0)
     bend = np.array([CELL_TYPES[t].nucleus_bend for t in TYPE_NAMES])[types] * rng.uniform(0.6, 1.2, n)
     return {
-        "nuc_x": x + offset * np.cos(phi), "nuc_y": y + offset * np.sin(phi), "nuc_a": a, "nuc_b": b,
-        "nuc_theta": np.mod(theta, 2 * np.pi), "nuc_bend": bend * np.where(rng.random(n) < 0.5, 1.0, -1.0),
+        "nuc_x": x + offset * np.cos(phi),
+        "nuc_y": y + offset * np.sin(phi),
+        "nuc_a": a,
+        "nuc_b": b,
+        "nuc_theta": np.mod(theta, 2 * np.pi),
+        "nuc_bend": bend * np.where(rng.random(n) < 0.5, 1.0, -1.0),
     }
 
 
@@ -440,8 +513,9 @@ def build_layout(rng: np.random.Generator, width: float, height: float, params: 
     shape = g["shape"]
 
     # stroma fibres: a smooth direction field (doubled-angle representation, as directions are axial)
-    theta = (rng.uniform(0, np.pi) + 1.1 * gaussian_field(rng, shape, s, 140.0)
-             + 0.3 * gaussian_field(rng, shape, s, 30.0))
+    theta = (
+        rng.uniform(0, np.pi) + 1.1 * gaussian_field(rng, shape, s, 140.0) + 0.3 * gaussian_field(rng, shape, s, 30.0)
+    )
     g["fibre_c2"], g["fibre_s2"] = np.cos(2 * theta).astype(np.float32), np.sin(2 * theta).astype(np.float32)
 
     vessels, wall = _vessels(rng, g, params)
@@ -467,8 +541,11 @@ def build_layout(rng: np.random.Generator, width: float, height: float, params: 
     # small cells that fill the gaps between them)
     wx = np.concatenate([w["x"] for w in wall]) if wall else np.zeros(0)
     wy = np.concatenate([w["y"] for w in wall]) if wall else np.zeros(0)
-    wt = np.concatenate([np.full(len(w["x"]), w["type"]) for w in wall]).astype(np.int16) if wall \
+    wt = (
+        np.concatenate([np.full(len(w["x"]), w["type"]) for w in wall]).astype(np.int16)
+        if wall
         else np.zeros(0, np.int16)
+    )
     wth = np.concatenate([w["theta"] for w in wall]) if wall else np.zeros(0)
     keep_wall = (wx >= 0) & (wx < width) & (wy >= 0) & (wy < height)
     wx, wy, wt, wth = wx[keep_wall], wy[keep_wall], wt[keep_wall], wth[keep_wall]
@@ -482,7 +559,7 @@ def build_layout(rng: np.random.Generator, width: float, height: float, params: 
     core_f = np.array([CELL_TYPES[t].core for t in TYPE_NAMES])[types] / np.sqrt(max(params.cell_density, 0.25))
     priority = rng.random(types.size)
     priority[: wx.size] += 2.0
-    priority[wx.size:][types[wx.size:] == _TI["Adipocyte"]] += 1.0
+    priority[wx.size :][types[wx.size :] == _TI["Adipocyte"]] += 1.0
     keep = _hard_core(x, y, core_f * radius, priority)
 
     x, y, types, radius, theta_hint = x[keep], y[keep], types[keep], radius[keep], theta_hint[keep]
@@ -505,20 +582,39 @@ def build_layout(rng: np.random.Generator, width: float, height: float, params: 
     density = density * (1.0 + 0.25 * np.exp(-np.minimum(g["dist_out"], 1e6) / 60.0))
     ecm = np.zeros(shape, np.float32)
     fibrous = np.zeros(shape, np.float32)
-    for name, e, f in (("stroma", 1.0, 1.0), ("tumor_border", 1.05, 1.0), ("vessel", 0.9, 0.8), ("fat", 0.8, 0.8),
-                       ("lymphoid_aggregate", 0.3, 0.1), ("tumor_nest", 0.55, 0.0)):
+    for name, e, f in (
+        ("stroma", 1.0, 1.0),
+        ("tumor_border", 1.05, 1.0),
+        ("vessel", 0.9, 0.8),
+        ("fat", 0.8, 0.8),
+        ("lymphoid_aggregate", 0.3, 0.1),
+        ("tumor_nest", 0.55, 0.0),
+    ):
         m = g["niche"] == NICHE_INDEX[name]
         ecm[m] = (e * density)[m] if name != "tumor_nest" else 0.22
         fibrous[m] = f
     # the thin matrix between tumour cells is close to their (amphophilic) cytoplasm
-    ecm_h = np.where(np.isin(g["niche"], [NICHE_INDEX["tumor_nest"], NICHE_INDEX["lymphoid_aggregate"]]), 0.06,
-                     0.04 * ecm).astype(np.float32)
+    ecm_h = np.where(
+        np.isin(g["niche"], [NICHE_INDEX["tumor_nest"], NICHE_INDEX["lymphoid_aggregate"]]), 0.06, 0.04 * ecm
+    ).astype(np.float32)
     # soften the 4 um grid so that niche borders and the tissue edge render as smooth curves
     ecm, ecm_h, fibrous = (ndi.gaussian_filter(a, 1.2) for a in (ecm, ecm_h, fibrous))
     return Layout(
-        width=width, height=height, spacing=s, tissue=g["tissue"], niche=g["niche"], nest=g["nest"], ecm=ecm,
-        ecm_h=ecm_h, fibrous=fibrous, fibre_c2=g["fibre_c2"], fibre_s2=g["fibre_s2"], vessels=vessels, cells=cells,
-        n_insitu_nests=int(g["insitu"].sum()), n_lymphoid_aggregates=int(g["n_lymphoid"]),
+        width=width,
+        height=height,
+        spacing=s,
+        tissue=g["tissue"],
+        niche=g["niche"],
+        nest=g["nest"],
+        ecm=ecm,
+        ecm_h=ecm_h,
+        fibrous=fibrous,
+        fibre_c2=g["fibre_c2"],
+        fibre_s2=g["fibre_s2"],
+        vessels=vessels,
+        cells=cells,
+        n_insitu_nests=int(g["insitu"].sum()),
+        n_lymphoid_aggregates=int(g["n_lymphoid"]),
     )
 
 
@@ -551,4 +647,3 @@ def rasterise_labels(layout: Layout, pixel_size: float) -> tuple[np.ndarray, int
     lab[vessel_mask(layout.vessels, (h, w), pixel_size)] = 0
     lost = c.n - int(np.count_nonzero(seeds))
     return lab, int(lost)
-

@@ -152,10 +152,13 @@ def simulate_section(
     width = _check_number("width", width, MIN_SIZE, 1e6, hint="The simulator needs at least 200 um per side.")
     height = _check_number("height", height, MIN_SIZE, 1e6, hint="The simulator needs at least 200 um per side.")
     pixel_size = _check_number("pixel_size", pixel_size, 0.2, 4.0, hint="H&E pixel sizes are 0.2-4 um/px.")
-    label_pixel_size = _check_number("label_pixel_size", label_pixel_size, 0.25, 4.0,
-                                     hint="Cells are 7-70 um wide; use 0.25-4 um/px.")
-    for what, arg, size in (("H&E", "pixel_size", pixel_size), ("cell-label raster", "label_pixel_size",
-                                                                   label_pixel_size)):
+    label_pixel_size = _check_number(
+        "label_pixel_size", label_pixel_size, 0.25, 4.0, hint="Cells are 7-70 um wide; use 0.25-4 um/px."
+    )
+    for what, arg, size in (
+        ("H&E", "pixel_size", pixel_size),
+        ("cell-label raster", "label_pixel_size", label_pixel_size),
+    ):
         n_pix = np.ceil(width / size) * np.ceil(height / size)
         if n_pix > MAX_HNE_PIXELS:
             raise ValueError(
@@ -167,8 +170,9 @@ def simulate_section(
         tumor_fraction=_check_number("tumor_fraction", tumor_fraction, 0.0, 1.0),
         fat_fraction=_check_number("fat_fraction", fat_fraction, 0.0, 1.0),
         insitu_fraction=_check_number("insitu_fraction", insitu_fraction, 0.0, 1.0),
-        n_lymphoid_aggregates=None if n_lymphoid_aggregates is None else _check_count(
-            "n_lymphoid_aggregates", n_lymphoid_aggregates),
+        n_lymphoid_aggregates=None
+        if n_lymphoid_aggregates is None
+        else _check_count("n_lymphoid_aggregates", n_lymphoid_aggregates),
         vessel_density=_check_number("vessel_density", vessel_density, 0.0, 500.0),
         immune_infiltration=_check_number("immune_infiltration", immune_infiltration, 0.0, 5.0),
         cell_density=_check_number("cell_density", cell_density, 0.25, 4.0, hint="1 is realistic tissue."),
@@ -182,8 +186,9 @@ def simulate_section(
     layouts = [spot_layouts] if isinstance(spot_layouts, str) else list(spot_layouts)
     unknown = [s for s in layouts if s not in SPOT_LAYOUTS]
     if unknown:
-        raise ValueError(f"`spot_layouts`: unknown layout(s) {unknown}; choose from {sorted(SPOT_LAYOUTS)} "
-                         "(or pass () for none).")
+        raise ValueError(
+            f"`spot_layouts`: unknown layout(s) {unknown}; choose from {sorted(SPOT_LAYOUTS)} (or pass () for none)."
+        )
     if len(set(layouts)) != len(layouts):
         raise ValueError(f"`spot_layouts` lists a layout more than once: {layouts}.")
     panel = xenium_breast_panel()
@@ -199,10 +204,22 @@ def simulate_section(
     bar = tqdm(total=len(stages), desc="simulate_section", disable=not progress, leave=False)
     try:
         sdata, summary = _simulate(
-            width=width, height=height, pixel_size=pixel_size, label_pixel_size=label_pixel_size, params=params,
-            transcripts_per_cell=transcripts_per_cell, genes=genes, panel=panel, layouts=layouts,
-            spatial_field_scale=spatial_field_scale, background_rate=background_rate,
-            stain_variation=stain_variation, hne_levels=hne_levels, seed=int(seed), bar=bar, stages=stages,
+            width=width,
+            height=height,
+            pixel_size=pixel_size,
+            label_pixel_size=label_pixel_size,
+            params=params,
+            transcripts_per_cell=transcripts_per_cell,
+            genes=genes,
+            panel=panel,
+            layouts=layouts,
+            spatial_field_scale=spatial_field_scale,
+            background_rate=background_rate,
+            stain_variation=stain_variation,
+            hne_levels=hne_levels,
+            seed=int(seed),
+            bar=bar,
+            stages=stages,
         )
     finally:
         bar.close()
@@ -210,22 +227,53 @@ def simulate_section(
     from c3diff._provenance import _plain, record
 
     entry = record(
-        sdata, "simulation", "c3diff.datasets.simulate_section",
-        width=width, height=height, pixel_size=pixel_size, cell_density=params.cell_density,
-        transcripts_per_cell=transcripts_per_cell, genes=genes, spot_layouts=layouts,
-        label_pixel_size=label_pixel_size, tissue_fraction=params.tissue_fraction,
-        tumor_fraction=params.tumor_fraction, fat_fraction=params.fat_fraction,
-        insitu_fraction=params.insitu_fraction, n_lymphoid_aggregates=n_lymphoid_aggregates,
-        immune_infiltration=params.immune_infiltration, vessel_density=params.vessel_density,
-        spatial_field_scale=spatial_field_scale, background_rate=background_rate, stain_variation=stain_variation,
-        hne_levels=hne_levels, seed=int(seed),
+        sdata,
+        "simulation",
+        "c3diff.datasets.simulate_section",
+        width=width,
+        height=height,
+        pixel_size=pixel_size,
+        cell_density=params.cell_density,
+        transcripts_per_cell=transcripts_per_cell,
+        genes=genes,
+        spot_layouts=layouts,
+        label_pixel_size=label_pixel_size,
+        tissue_fraction=params.tissue_fraction,
+        tumor_fraction=params.tumor_fraction,
+        fat_fraction=params.fat_fraction,
+        insitu_fraction=params.insitu_fraction,
+        n_lymphoid_aggregates=n_lymphoid_aggregates,
+        immune_infiltration=params.immune_infiltration,
+        vessel_density=params.vessel_density,
+        spatial_field_scale=spatial_field_scale,
+        background_rate=background_rate,
+        stain_variation=stain_variation,
+        hne_levels=hne_levels,
+        seed=int(seed),
     )
     entry.update(_plain({"seed": int(seed), "version": __version__, **summary}))
     return sdata
 
 
-def _simulate(*, width, height, pixel_size, label_pixel_size, params, transcripts_per_cell, genes, panel, layouts,
-              spatial_field_scale, background_rate, stain_variation, hne_levels, seed, bar, stages):
+def _simulate(
+    *,
+    width,
+    height,
+    pixel_size,
+    label_pixel_size,
+    params,
+    transcripts_per_cell,
+    genes,
+    panel,
+    layouts,
+    spatial_field_scale,
+    background_rate,
+    stain_variation,
+    hne_levels,
+    seed,
+    bar,
+    stages,
+):
     import anndata as ad
     import pandas as pd
     from spatialdata import SpatialData
@@ -257,15 +305,23 @@ def _simulate(*, width, height, pixel_size, label_pixel_size, params, transcript
     step("cell labels")
     labels, lost = rasterise_labels(layout, label_pixel_size)
     if lost:
-        warnings.warn(f"{lost} cell(s) share a label pixel with another cell at `label_pixel_size={label_pixel_size}`"
-                      " and got no pixel in `cell_labels`; use a smaller `label_pixel_size`.", UserWarning,
-                      stacklevel=3)
+        warnings.warn(
+            f"{lost} cell(s) share a label pixel with another cell at `label_pixel_size={label_pixel_size}`"
+            " and got no pixel in `cell_labels`; use a smaller `label_pixel_size`.",
+            UserWarning,
+            stacklevel=3,
+        )
     bar.update()
 
     step("expression")
     prog = build_programmes(rngs[1], panel)
     full_counts, extra = simulate_counts(
-        rngs[1], prog, cells, width=width, height=height, transcripts_per_cell=transcripts_per_cell,
+        rngs[1],
+        prog,
+        cells,
+        width=width,
+        height=height,
+        transcripts_per_cell=transcripts_per_cell,
         spatial_field_scale=spatial_field_scale,
     )
     index = {g: i for i, g in enumerate(prog.genes)}
@@ -277,17 +333,27 @@ def _simulate(*, width, height, pixel_size, label_pixel_size, params, transcript
     tx = place_transcripts(rngs[2], counts, cells, labels, label_pixel_size, width=width, height=height)
     type_share = np.bincount(cells.type, minlength=len(TYPE_NAMES)).astype(float)
     profile = (type_share[:, None] * prog.weights).sum(axis=0)[sel] + 1e-12
-    bg = background_transcripts(rngs[3], layout.tissue, layout.spacing, profile, width=width, height=height,
-                                rate_tissue=background_rate, rate_glass=background_rate / 10.0)
+    bg = background_transcripts(
+        rngs[3],
+        layout.tissue,
+        layout.spacing,
+        profile,
+        width=width,
+        height=height,
+        rate_tissue=background_rate,
+        rate_glass=background_rate / 10.0,
+    )
     # float32 like Xenium; clipped in float32 so that no point lands on the far edge of the section
     x_max, y_max = np.nextafter(np.float32(width), np.float32(0)), np.nextafter(np.float32(height), np.float32(0))
-    frame = pd.DataFrame({
-        "x": np.clip(np.concatenate([tx["x"], bg["x"]]).astype(np.float32), np.float32(0), x_max),
-        "y": np.clip(np.concatenate([tx["y"], bg["y"]]).astype(np.float32), np.float32(0), y_max),
-        "gene": pd.Categorical.from_codes(np.concatenate([tx["gene"], bg["gene"]]), categories=list(genes)),
-        "cell_id": np.concatenate([tx["cell_id"], bg["cell_id"]]).astype(np.int32),
-        "overlaps_nucleus": np.concatenate([tx["overlaps_nucleus"], bg["overlaps_nucleus"]]),
-    })
+    frame = pd.DataFrame(
+        {
+            "x": np.clip(np.concatenate([tx["x"], bg["x"]]).astype(np.float32), np.float32(0), x_max),
+            "y": np.clip(np.concatenate([tx["y"], bg["y"]]).astype(np.float32), np.float32(0), y_max),
+            "gene": pd.Categorical.from_codes(np.concatenate([tx["gene"], bg["gene"]]), categories=list(genes)),
+            "cell_id": np.concatenate([tx["cell_id"], bg["cell_id"]]).astype(np.int32),
+            "overlaps_nucleus": np.concatenate([tx["overlaps_nucleus"], bg["overlaps_nucleus"]]),
+        }
+    )
     bar.update()
 
     step("spots")
@@ -299,29 +365,43 @@ def _simulate(*, width, height, pixel_size, label_pixel_size, params, transcript
         grid = spot_grid(lay, width, height)
         n_spots = grid["x"].size
         if n_spots == 0:
-            raise ValueError(f"No {name!r} spot ({lay.diameter} um) fits entirely in a {width} x {height} um section; "
-                             f"enlarge the section or drop {name!r} from `spot_layouts`.")
+            raise ValueError(
+                f"No {name!r} spot ({lay.diameter} um) fits entirely in a {width} x {height} um section; "
+                f"enlarge the section or drop {name!r} from `spot_layouts`."
+            )
         which = assign_to_spots(lay, grid, xs, ys)
         X = count_spots(which, gene_codes, n_spots, len(genes))
         ids = np.arange(1, n_spots + 1)
         cover = disc_coverage(layout.tissue, layout.spacing, grid["x"], grid["y"], lay.diameter / 2)
-        obs = pd.DataFrame({
-            "spot_id": ids, "region": pd.Categorical([lay.shapes_key] * n_spots),
-            "in_tissue": cover >= 0.5, "array_row": grid["array_row"], "array_col": grid["array_col"],
-        }, index=[f"{name}_{i}" for i in ids])
+        obs = pd.DataFrame(
+            {
+                "spot_id": ids,
+                "region": pd.Categorical([lay.shapes_key] * n_spots),
+                "in_tissue": cover >= 0.5,
+                "array_row": grid["array_row"],
+                "array_col": grid["array_col"],
+            },
+            index=[f"{name}_{i}" for i in ids],
+        )
         table = ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=list(genes)))
         table.obsm["spatial"] = np.column_stack([grid["x"], grid["y"]])
         table.uns["c3diff"] = {"spots": {"layout": name, "diameter_um": lay.diameter, "pitch_um": lay.pitch}}
         table = TableModel.parse(table, region=lay.shapes_key, region_key="region", instance_key="spot_id")
-        shapes = ShapesModel.parse(np.column_stack([grid["x"], grid["y"]]), geometry=0,
-                                   radius=np.full(n_spots, lay.diameter / 2), index=ids, transformations=ident)
+        shapes = ShapesModel.parse(
+            np.column_stack([grid["x"], grid["y"]]),
+            geometry=0,
+            radius=np.full(n_spots, lay.diameter / 2),
+            index=ids,
+            transformations=ident,
+        )
         spot_elements[name] = (lay, shapes, table)
     del xs, ys, gene_codes
     bar.update()
 
     step("H&E")
-    rgb = render_hne(rngs[4], layout, labels, label_pixel_size, pixel_size, extra["cycling"],
-                     stain_variation=stain_variation)
+    rgb = render_hne(
+        rngs[4], layout, labels, label_pixel_size, pixel_size, extra["cycling"], stain_variation=stain_variation
+    )
     bar.update()
 
     step("SpatialData")
@@ -330,47 +410,74 @@ def _simulate(*, width, height, pixel_size, label_pixel_size, params, transcript
         while hne_levels < 3 and min(rgb.shape[1:]) / 2 ** (hne_levels + 1) >= 128:
             hne_levels += 1
     hne = Image2DModel.parse(
-        rgb, dims=("c", "y", "x"), c_coords=list(RGB_CHANNELS),
+        rgb,
+        dims=("c", "y", "x"),
+        c_coords=list(RGB_CHANNELS),
         transformations={COORDINATE_SYSTEM: Scale([pixel_size, pixel_size], axes=("y", "x"))},
-        scale_factors=[2] * hne_levels if hne_levels else None, chunks=(3, 2048, 2048),
+        scale_factors=[2] * hne_levels if hne_levels else None,
+        chunks=(3, 2048, 2048),
     )
     cell_labels = Labels2DModel.parse(
-        labels, dims=("y", "x"),
+        labels,
+        dims=("y", "x"),
         transformations={COORDINATE_SYSTEM: Scale([label_pixel_size, label_pixel_size], axes=("y", "x"))},
         chunks=(2048, 2048),
     )
     cell_ids = np.arange(1, cells.n + 1)
-    cell_shapes = ShapesModel.parse(np.column_stack([cells.x, cells.y]), geometry=0, radius=cells.radius,
-                                    index=cell_ids, transformations=ident)
-    obs = pd.DataFrame({
-        "cell_id": cell_ids,
-        "cell_type": pd.Categorical.from_codes(cells.type, categories=list(TYPE_NAMES)),
-        "niche": pd.Categorical.from_codes(cells.niche, categories=list(NICHES)),
-        "region": pd.Categorical([Key.CELLS.value] * cells.n),
-    }, index=cell_ids.astype(str))
+    cell_shapes = ShapesModel.parse(
+        np.column_stack([cells.x, cells.y]), geometry=0, radius=cells.radius, index=cell_ids, transformations=ident
+    )
+    obs = pd.DataFrame(
+        {
+            "cell_id": cell_ids,
+            "cell_type": pd.Categorical.from_codes(cells.type, categories=list(TYPE_NAMES)),
+            "niche": pd.Categorical.from_codes(cells.niche, categories=list(NICHES)),
+            "region": pd.Categorical([Key.CELLS.value] * cells.n),
+        },
+        index=cell_ids.astype(str),
+    )
     var = panel.set_index("gene").loc[list(genes), ["group"]]
     var["kind"] = pd.Categorical(prog.kinds[sel], categories=["type_linked", "spatial_field", "housekeeping"])
     var.index.name = None
     p_background = profile / profile.sum()
     var["background_share"] = p_background.astype(np.float64)
-    cell_table = ad.AnnData(X=counts.astype(np.float32), obs=obs, var=var,
-                            layers={"expected": extra["mu"][:, sel].astype(np.float32)})
+    cell_table = ad.AnnData(
+        X=counts.astype(np.float32), obs=obs, var=var, layers={"expected": extra["mu"][:, sel].astype(np.float32)}
+    )
     cell_table.obsm["spatial"] = np.column_stack([cells.x, cells.y])
     # what c3diff.datasets.expected_counts needs to place the expected transcripts: cell discs and nucleus ellipses
     # (um, radians), the tissue mask of the background and its rates
-    cell_table.obsm["cell_geometry"] = pd.DataFrame({
-        "radius": cells.radius, "nucleus_x": cells.nuc_x, "nucleus_y": cells.nuc_y, "nucleus_a": cells.nuc_a,
-        "nucleus_b": cells.nuc_b, "nucleus_theta": cells.nuc_theta,
-    }, index=obs.index).astype(np.float64)
-    cell_table.uns["c3diff"] = {"simulation": {
-        "tissue_mask": np.asarray(layout.tissue, dtype=bool), "tissue_mask_spacing": float(layout.spacing),
-        "background_rate_tissue": float(background_rate), "background_rate_glass": float(background_rate / 10.0),
-        "width": float(width), "height": float(height),
-    }}
+    cell_table.obsm["cell_geometry"] = pd.DataFrame(
+        {
+            "radius": cells.radius,
+            "nucleus_x": cells.nuc_x,
+            "nucleus_y": cells.nuc_y,
+            "nucleus_a": cells.nuc_a,
+            "nucleus_b": cells.nuc_b,
+            "nucleus_theta": cells.nuc_theta,
+        },
+        index=obs.index,
+    ).astype(np.float64)
+    cell_table.uns["c3diff"] = {
+        "simulation": {
+            "tissue_mask": np.asarray(layout.tissue, dtype=bool),
+            "tissue_mask_spacing": float(layout.spacing),
+            "background_rate_tissue": float(background_rate),
+            "background_rate_glass": float(background_rate / 10.0),
+            "width": float(width),
+            "height": float(height),
+        }
+    }
     cell_table = TableModel.parse(cell_table, region=Key.CELLS.value, region_key="region", instance_key="cell_id")
     # partitions of ~1M transcripts: readers and binning then stream a whole slide in bounded memory
-    points = PointsModel.parse(frame, coordinates={"x": "x", "y": "y"}, feature_key="gene", instance_key="cell_id",
-                               transformations=ident, npartitions=max(1, -(-len(frame) // 1_000_000)))
+    points = PointsModel.parse(
+        frame,
+        coordinates={"x": "x", "y": "y"},
+        feature_key="gene",
+        instance_key="cell_id",
+        transformations=ident,
+        npartitions=max(1, -(-len(frame) // 1_000_000)),
+    )
 
     shapes = {Key.CELLS.value: cell_shapes}
     tables = {Key.CELL_TABLE.value: cell_table}
@@ -378,13 +485,18 @@ def _simulate(*, width, height, pixel_size, label_pixel_size, params, transcript
         shapes[lay.shapes_key] = spot_shapes
         tables[lay.table_key] = table
     sdata = SpatialData(
-        images={Key.HNE.value: hne}, labels={Key.CELL_LABELS.value: cell_labels},
-        points={Key.TRANSCRIPTS.value: points}, shapes=shapes, tables=tables,
+        images={Key.HNE.value: hne},
+        labels={Key.CELL_LABELS.value: cell_labels},
+        points={Key.TRANSCRIPTS.value: points},
+        shapes=shapes,
+        tables=tables,
     )
     kinds = prog.kinds[sel]
     summary = {
-        "gene_kinds": {k: [g for g, kk in zip(genes, kinds, strict=True) if kk == k]
-                       for k in ("type_linked", "spatial_field", "housekeeping")},
+        "gene_kinds": {
+            k: [g for g, kk in zip(genes, kinds, strict=True) if kk == k]
+            for k in ("type_linked", "spatial_field", "housekeeping")
+        },
         "cell_types": list(TYPE_NAMES),
         "niches": list(NICHES),
         "n_cells": int(cells.n),

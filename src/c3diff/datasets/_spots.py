@@ -29,10 +29,12 @@ class SpotLayout:
 #: Spot geometries the simulator can lay out: Visium-like (55 um spots, 100 um hex pitch) and legacy-ST-like
 #: (100 um spots, 200 um square pitch).
 SPOT_LAYOUTS: dict[str, SpotLayout] = {
-    "visium": SpotLayout("visium", VISIUM_SPOT_DIAMETER, VISIUM_PITCH, True, Key.VISIUM_SPOTS.value,
-                         Key.VISIUM_TABLE.value),
-    "legacy_st": SpotLayout("legacy_st", LEGACY_ST_SPOT_DIAMETER, LEGACY_ST_PITCH, False, Key.ST_SPOTS.value,
-                            Key.ST_TABLE.value),
+    "visium": SpotLayout(
+        "visium", VISIUM_SPOT_DIAMETER, VISIUM_PITCH, True, Key.VISIUM_SPOTS.value, Key.VISIUM_TABLE.value
+    ),
+    "legacy_st": SpotLayout(
+        "legacy_st", LEGACY_ST_SPOT_DIAMETER, LEGACY_ST_PITCH, False, Key.ST_SPOTS.value, Key.ST_TABLE.value
+    ),
 }
 
 

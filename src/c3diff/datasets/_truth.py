@@ -92,23 +92,31 @@ def true_cell_types(
             f"pixel size of at least {geom.sy} um."
         )
     if cell_type_key not in table.obs:
-        raise KeyError(f"`cell_type_key={cell_type_key!r}` is not a column of `sdata.tables[{table_key!r}].obs` "
-                       f"(columns: {list(table.obs.columns)}).")
+        raise KeyError(
+            f"`cell_type_key={cell_type_key!r}` is not a column of `sdata.tables[{table_key!r}].obs` "
+            f"(columns: {list(table.obs.columns)})."
+        )
     instance_key = table.uns.get("spatialdata_attrs", {}).get("instance_key")
     if instance_key is None or instance_key not in table.obs:
-        raise ValueError(f"`sdata.tables[{table_key!r}]` has no instance key column linking its rows to the label "
-                         "values; parse it with `TableModel.parse(..., instance_key=...)`.")
+        raise ValueError(
+            f"`sdata.tables[{table_key!r}]` has no instance key column linking its rows to the label "
+            "values; parse it with `TableModel.parse(..., instance_key=...)`."
+        )
     cell_types = table.obs[cell_type_key]
-    available = list(cell_types.cat.categories) if isinstance(cell_types.dtype, pd.CategoricalDtype) \
+    available = (
+        list(cell_types.cat.categories)
+        if isinstance(cell_types.dtype, pd.CategoricalDtype)
         else sorted(pd.unique(cell_types.astype(str)))
+    )
     if types is None:
         types = available
     else:
         types = [types] if isinstance(types, str) else list(types)
         unknown = [t for t in types if t not in available]
         if unknown:
-            raise KeyError(f"`types`: {unknown} not found in `{table_key}.obs[{cell_type_key!r}]` "
-                           f"(types present: {available}).")
+            raise KeyError(
+                f"`types`: {unknown} not found in `{table_key}.obs[{cell_type_key!r}]` (types present: {available})."
+            )
         if len(set(types)) != len(types):
             raise ValueError(f"`types` lists a type more than once: {types}.")
     code_of = {t: i + 1 for i, t in enumerate(types)}
@@ -122,8 +130,12 @@ def true_cell_types(
     lut[ids[valid]] = cell_codes[valid]
     unannotated = np.setdiff1d(np.unique(lab), np.concatenate([[0], ids]))
     if unannotated.size:
-        warnings.warn(f"{unannotated.size} label value(s) of `{labels_key}` have no row in `{table_key}`; they count "
-                      "as background.", UserWarning, stacklevel=2)
+        warnings.warn(
+            f"{unannotated.size} label value(s) of `{labels_key}` have no row in `{table_key}`; they count "
+            "as background.",
+            UserWarning,
+            stacklevel=2,
+        )
 
     height_um, width_um = geom.height * geom.sy, geom.width * geom.sx
     ny, nx = int(np.ceil(height_um / pixel_size - 1e-9)), int(np.ceil(width_um / pixel_size - 1e-9))
@@ -133,8 +145,8 @@ def true_cell_types(
     counts = np.zeros(ny * nx * k, dtype=np.int64)
     step = max(1, 4_000_000 // max(geom.width, 1))
     for r0 in range(0, geom.height, step):
-        block = lut[lab[r0: r0 + step]]
-        bins = (orow[r0: r0 + step, None] * nx + ocol[None, :]) * k + block
+        block = lut[lab[r0 : r0 + step]]
+        bins = (orow[r0 : r0 + step, None] * nx + ocol[None, :]) * k + block
         counts += np.bincount(bins.ravel(), minlength=counts.size)
     counts = counts.reshape(ny * nx, k)
     area = counts.sum(axis=1)
@@ -145,17 +157,28 @@ def true_cell_types(
     out = np.where(keep, best, 0).astype(dtype).reshape(ny, nx)
 
     scale = Scale([pixel_size, pixel_size], axes=("y", "x"))
-    transform = scale if (geom.y0, geom.x0) == (0.0, 0.0) else \
-        SeqTransform([scale, Translation([geom.y0, geom.x0], axes=("y", "x"))])
+    transform = (
+        scale
+        if (geom.y0, geom.x0) == (0.0, 0.0)
+        else SeqTransform([scale, Translation([geom.y0, geom.x0], axes=("y", "x"))])
+    )
     element = Labels2DModel.parse(out, dims=("y", "x"), transformations={COORDINATE_SYSTEM: transform})
     mapping = {i + 1: t for i, t in enumerate(types)}
     if not inplace:
         element.attrs[ATTRS_KEY] = {"labels": mapping}
         return element
     sdata.labels[key_added] = element
-    entry = record(sdata, key_added, "c3diff.datasets.true_cell_types", pixel_size=pixel_size, types=list(types),
-                   labels_key=labels_key, table_key=table_key, cell_type_key=cell_type_key,
-                   min_fraction=min_fraction)
+    entry = record(
+        sdata,
+        key_added,
+        "c3diff.datasets.true_cell_types",
+        pixel_size=pixel_size,
+        types=list(types),
+        labels_key=labels_key,
+        table_key=table_key,
+        cell_type_key=cell_type_key,
+        min_fraction=min_fraction,
+    )
     entry["labels"] = mapping
     entry["pixel_size"] = _plain(pixel_size)
     return None

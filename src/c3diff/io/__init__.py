@@ -12,5 +12,10 @@ from c3diff.io._visium import read_visium, visium_from_arrays
 from c3diff.io._xenium import cells_from_arrays, read_xenium
 
 __all__ = [
-    "cells_from_arrays", "read_legacy_st", "read_visium", "read_xenium", "spots_from_arrays", "visium_from_arrays",
+    "cells_from_arrays",
+    "read_legacy_st",
+    "read_visium",
+    "read_xenium",
+    "spots_from_arrays",
+    "visium_from_arrays",
 ]

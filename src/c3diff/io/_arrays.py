@@ -25,8 +25,10 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 def _positive(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating) or not (
-        np.isfinite(value) and value > 0
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float | np.integer | np.floating)
+        or not (np.isfinite(value) and value > 0)
     ):
         raise ValueError(f"`{name}` must be a positive number of micrometres, got {value!r}.")
     return float(value)
@@ -142,15 +144,26 @@ def spots_from_arrays(
         pitch = nn
     pitch = _positive(pitch, "pitch")
 
-    images, reader = {}, {"name": "spots_from_arrays", "path": None, "pitch_um": pitch, "n_spots": n,
-                          "n_in_tissue": int(in_tissue.sum())}
+    images, reader = (
+        {},
+        {
+            "name": "spots_from_arrays",
+            "path": None,
+            "pitch_um": pitch,
+            "n_spots": n,
+            "n_in_tissue": int(in_tissue.sum()),
+        },
+    )
     if image is not None:
         if pixel_size is None:
             raise ValueError("Pass `pixel_size` (micrometres per pixel of `image`) to place the image.")
         pixel_size = _positive(pixel_size, "pixel_size")
         element = parse_rgb(as_rgb(image, arg="image"), index_transform(sy=pixel_size, sx=pixel_size))
         check_on_image(
-            centres[in_tissue], raster_geometry(element, arg="image"), what="spot", arg="image",
+            centres[in_tissue],
+            raster_geometry(element, arg="image"),
+            what="spot",
+            arg="image",
             hint="check that `coordinates` are (x, y) in micrometres and `pixel_size` is the image's.",
         )
         images[Key.HNE.value] = element
@@ -167,7 +180,10 @@ def spots_from_arrays(
             frame[str(column)] = extra[column].to_numpy()
     adata = ad.AnnData(X=values, obs=frame, var=pd.DataFrame(index=pd.Index(genes)))
     shapes, table = spot_elements(
-        adata, centres, in_tissue=in_tissue, diameter_um=spot_diameter,
+        adata,
+        centres,
+        in_tissue=in_tissue,
+        diameter_um=spot_diameter,
         layout={"layout": str(layout), "pitch_um": pitch, "nn_distance_um": nn},
     )
     return build_sdata(

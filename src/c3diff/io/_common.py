@@ -144,8 +144,12 @@ def read_tiff_level0(path: Path, *, arg: str) -> tuple[Any, str, str]:
             axes = tif.series[0].axes
             ome = tif.ome_metadata or ""
             end = max(
-                (offset + count for page in tif.series[0].levels[0].pages if page is not None
-                 for offset, count in zip(page.dataoffsets, page.databytecounts, strict=True)),
+                (
+                    offset + count
+                    for page in tif.series[0].levels[0].pages
+                    if page is not None
+                    for offset, count in zip(page.dataoffsets, page.databytecounts, strict=True)
+                ),
                 default=0,
             )
         store = tifffile.imread(path, aszarr=True, series=0, level=0)  # the store keeps its own file handle
@@ -292,9 +296,7 @@ def read_10x_h5(path: Path, *, arg: str, **kwargs: Any) -> AnnData:
         ) from err
 
 
-def check_on_image(
-    centres_um: np.ndarray, geometry: RasterGeometry, *, what: str, arg: str, hint: str
-) -> int:
+def check_on_image(centres_um: np.ndarray, geometry: RasterGeometry, *, what: str, arg: str, hint: str) -> int:
     """Raise when most centres ``(n, 2)`` as (x, y) um fall outside the image, warn when some do; return the count."""
     ymin, xmin, ymax, xmax = geometry.extent
     x, y = centres_um[:, 0], centres_um[:, 1]

@@ -163,7 +163,10 @@ def read_legacy_st(
     pixel_xy = matched[[SpotColumn.PIXEL_X.value, SpotColumn.PIXEL_Y.value]].to_numpy(float)
     centres = pixel_xy * [sx, sy]
     check_on_image(
-        centres[in_tissue], raster_geometry(element, arg="image"), what="spot", arg="image",
+        centres[in_tissue],
+        raster_geometry(element, arg="image"),
+        what="spot",
+        arg="image",
         hint="pass the H&E that `pixel_x`/`pixel_y` of `spots` refer to (a rescaled copy needs rescaled pixels).",
     )
 
@@ -228,16 +231,20 @@ def _read_hne(path: Path, transform) -> Any:
     import dask.array as da
 
     coarse = _decode_jpeg(path, 2 ** min(len(factors), _JPEG_DRAFT_LEVELS))  # validates the file now
-    level0 = da.from_delayed(dask.delayed(load_rgb, pure=True)(path, arg="image"), shape=(height, width, 3),
-                             dtype=np.uint8)
+    level0 = da.from_delayed(
+        dask.delayed(load_rgb, pure=True)(path, arg="image"), shape=(height, width, 3), dtype=np.uint8
+    )
     element = parse_rgb(level0, transform)
     previous = coarse
     for level in range(1, len(factors) + 1):
         node = element[f"scale{level}"]["image"]
         shape = node.shape[1:]
         if level < min(len(factors), _JPEG_DRAFT_LEVELS):
-            data = da.from_delayed(dask.delayed(_decode_jpeg, pure=True)(path, 2**level), dtype=np.uint8,
-                                   shape=(-(-height // 2**level), -(-width // 2**level), 3))
+            data = da.from_delayed(
+                dask.delayed(_decode_jpeg, pure=True)(path, 2**level),
+                dtype=np.uint8,
+                shape=(-(-height // 2**level), -(-width // 2**level), 3),
+            )
         elif level == _JPEG_DRAFT_LEVELS or level == len(factors):
             previous = coarse
             data = da.from_array(coarse)
@@ -321,8 +328,9 @@ def _read_spot_file(path: Path) -> pd.DataFrame:
             )
         frame.columns = [c.value for c in SpotColumn][: frame.shape[1]]
     columns = frame_columns(frame, {k.value: v for k, v in _ALIASES.items()})
-    missing = [c.value for c in (SpotColumn.X, SpotColumn.Y, SpotColumn.PIXEL_X, SpotColumn.PIXEL_Y)
-               if c.value not in columns]
+    missing = [
+        c.value for c in (SpotColumn.X, SpotColumn.Y, SpotColumn.PIXEL_X, SpotColumn.PIXEL_Y) if c.value not in columns
+    ]
     if missing:
         raise ValueError(
             f"`spots`: {str(path)!r} lacks the column(s) {missing} (found {list(frame.columns)}); a spot file needs "

@@ -280,7 +280,10 @@ def visium_from_arrays(
         element = parse_rgb(pixels, transform)
         geometry = raster_geometry(element, arg="image")
         check_on_image(
-            centres[in_tissue], geometry, what="spot", arg="image",
+            centres[in_tissue],
+            geometry,
+            what="spot",
+            arg="image",
             hint="pass the image these spots were aligned to, with its own `image_scalef` / `image_extent`.",
         )
         image_px = float(np.sqrt(sy * sx))
@@ -335,8 +338,9 @@ def _read_scalefactors(root: Path) -> dict:
     try:
         scalefactors = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"`path`: {str(path)!r} is truncated or not JSON ({err}); copy it again from the Space "
-                         "Ranger output.") from err
+        raise ValueError(
+            f"`path`: {str(path)!r} is truncated or not JSON ({err}); copy it again from the Space Ranger output."
+        ) from err
     if not isinstance(scalefactors, dict):
         raise ValueError(f"`path`: {str(path)!r} must hold a JSON object of scale factors, got {scalefactors!r}.")
     if ScaleFactor.SPOT_DIAMETER.value not in scalefactors:
@@ -404,9 +408,7 @@ def _choose_image(root: Path, image, fullres_image, scalefactors) -> tuple[str |
             skipped.append(f"{file.value} is blank (one colour, a placeholder)")
             continue
         if skipped:
-            warnings.warn(
-                f"{'; '.join(skipped)}: using {file.value} as the H&E instead.", UserWarning, stacklevel=3
-            )
+            warnings.warn(f"{'; '.join(skipped)}: using {file.value} as the H&E instead.", UserWarning, stacklevel=3)
         return name, pixels, float(scalefactors[key.value])
     warnings.warn(f"No usable H&E ({'; '.join(skipped)}); the SpatialData has no image.", UserWarning, stacklevel=3)
     return None, None, None

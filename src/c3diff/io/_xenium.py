@@ -183,7 +183,10 @@ def read_xenium(
     if morphology is not None:
         element, pixel_size, source = _read_morphology(root, morphology, morphology_pixel_size, (origin_y, origin_x))
         check_on_image(
-            xy, raster_geometry(element, arg="morphology"), what="transcript", arg="morphology",
+            xy,
+            raster_geometry(element, arg="morphology"),
+            what="transcript",
+            arg="morphology",
             hint="pass `morphology_pixel_size` (um/px) and `morphology_origin` for a resampled or cropped image.",
         )
         images[Key.MORPHOLOGY.value] = element
@@ -292,7 +295,10 @@ def cells_from_arrays(
         pixels = load_rgb(Path(image), arg="image") if isinstance(image, str | Path) else as_rgb(image, arg="image")
         element = parse_rgb(pixels, index_transform(sy=image_pixel_size, sx=image_pixel_size))
         check_on_image(
-            spatial, raster_geometry(element, arg="image"), what="cell", arg="image",
+            spatial,
+            raster_geometry(element, arg="image"),
+            what="cell",
+            arg="image",
             hint="check the pixel size and the axis order of the cell positions ((x, y) = (column, row)).",
         )
         images[Key.HNE.value] = element
@@ -340,11 +346,19 @@ def _read_cells(root: Path) -> tuple[pd.DataFrame, AnnData]:
 
     path = first_existing(root, [XeniumFile.CELLS.value, XeniumFile.CELLS_CSV.value])
     if path is None:
-        require_file(root / XeniumFile.CELLS.value, what="cells (or cells.csv.gz)", arg="path",
-                     hint=" Pass cells=False to read the transcripts without cells.")
+        require_file(
+            root / XeniumFile.CELLS.value,
+            what="cells (or cells.csv.gz)",
+            arg="path",
+            hint=" Pass cells=False to read the transcripts without cells.",
+        )
     frame = _read_frame(path)
-    needed = [XeniumColumn.CELL_ID.value, XeniumColumn.CENTROID_X.value, XeniumColumn.CENTROID_Y.value,
-              XeniumColumn.CELL_AREA.value]
+    needed = [
+        XeniumColumn.CELL_ID.value,
+        XeniumColumn.CENTROID_X.value,
+        XeniumColumn.CENTROID_Y.value,
+        XeniumColumn.CELL_AREA.value,
+    ]
     missing = [c for c in needed if c not in frame.columns]
     if missing:
         raise ValueError(f"{str(path)!r} lacks the column(s) {missing} (found {list(frame.columns)}).")
@@ -358,11 +372,16 @@ def _read_cells(root: Path) -> tuple[pd.DataFrame, AnnData]:
             "radius": np.sqrt(frame[XeniumColumn.CELL_AREA.value].to_numpy(float) / np.pi),
         }
     )
-    extra = frame.drop(columns=[XeniumColumn.CELL_ID.value, XeniumColumn.CENTROID_X.value,
-                                XeniumColumn.CENTROID_Y.value]).reset_index(drop=True)
+    extra = frame.drop(
+        columns=[XeniumColumn.CELL_ID.value, XeniumColumn.CENTROID_X.value, XeniumColumn.CENTROID_Y.value]
+    ).reset_index(drop=True)
 
-    matrix_path = require_file(root / XeniumFile.CELL_MATRIX.value, what="cell x gene counts (10x HDF5)", arg="path",
-                               hint=" Pass cells=False to read the transcripts without cells.")
+    matrix_path = require_file(
+        root / XeniumFile.CELL_MATRIX.value,
+        what="cell x gene counts (10x HDF5)",
+        arg="path",
+        hint=" Pass cells=False to read the transcripts without cells.",
+    )
     matrix = read_10x_h5(matrix_path, arg="path", gex_only=True)
     matrix.obs_names = _as_str(matrix.obs_names)
     check_counts(matrix.X, ids=matrix.obs_names.to_numpy(), arg=f"counts ({str(matrix_path)!r})", what="cell")
@@ -400,8 +419,17 @@ def _read_transcripts(
 ) -> tuple[pd.DataFrame, dict]:
     import pandas as pd
 
-    wanted = [c.value for c in (XeniumColumn.X, XeniumColumn.Y, XeniumColumn.FEATURE, XeniumColumn.CELL_ID,
-                                XeniumColumn.QV, XeniumColumn.IS_GENE)]
+    wanted = [
+        c.value
+        for c in (
+            XeniumColumn.X,
+            XeniumColumn.Y,
+            XeniumColumn.FEATURE,
+            XeniumColumn.CELL_ID,
+            XeniumColumn.QV,
+            XeniumColumn.IS_GENE,
+        )
+    ]
     frame = _read_frame(path, wanted)
     missing = [c for c in wanted[:3] if c not in frame.columns]
     if missing:
@@ -513,8 +541,12 @@ def _morphology_path(root: Path, which: str) -> Path:
         files = sorted(folder.glob("*.ome.tif"))
         if files:  # the first file's OME-XML describes all channels (a multi-file OME-TIFF)
             return files[0]
-    return require_file(single, what="morphology focus image (or a morphology_focus/ folder)", arg="morphology",
-                        hint=" Pass morphology=None to read without it.")
+    return require_file(
+        single,
+        what="morphology focus image (or a morphology_focus/ folder)",
+        arg="morphology",
+        hint=" Pass morphology=None to read without it.",
+    )
 
 
 def _read_morphology(root: Path, which: str, override: float | None, origin_yx: tuple[float, float]):

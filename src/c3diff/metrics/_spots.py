@@ -269,9 +269,7 @@ def _quadrant_area(x: np.ndarray, y: np.ndarray, radius: float) -> np.ndarray:
     return sign * area
 
 
-def spot_footprint(
-    geometry: RasterGeometry, spot_centres_um: np.ndarray, spot_radius_um: float
-) -> object:
+def spot_footprint(geometry: RasterGeometry, spot_centres_um: np.ndarray, spot_radius_um: float) -> object:
     """Sparse ``(n_spots, height * width)`` matrix: the fraction of each pixel's area that lies inside each spot's
     disc (exact, from the disc's area integral; pixels outside the raster are absent).
 
@@ -311,8 +309,10 @@ def spot_footprint(
     left = geometry.x0 + cols * geometry.sx - cx[:, None]
     bottom, right = top + geometry.sy, left + geometry.sx
     area = (
-        _quadrant_area(right, bottom, radius) - _quadrant_area(left, bottom, radius)
-        - _quadrant_area(right, top, radius) + _quadrant_area(left, top, radius)
+        _quadrant_area(right, bottom, radius)
+        - _quadrant_area(left, bottom, radius)
+        - _quadrant_area(right, top, radius)
+        + _quadrant_area(left, top, radius)
     )
     fraction = np.clip(area / (geometry.sy * geometry.sx), 0.0, 1.0)
     keep = (fraction > 0) & (rows >= 0) & (rows < geometry.height) & (cols >= 0) & (cols < geometry.width)

@@ -280,9 +280,11 @@ class C3DiffModel(ModelMixin, ConfigMixin):
 
         # conditioning
         if hint_space_to_depth and (self.vqvae is not None or space_to_depth == 1):
-            raise ValueError("`hint_space_to_depth=True` folds the hint inputs like the map and needs pixel space with "
-                             f"`space_to_depth > 1`; got space_to_depth={space_to_depth} and "
-                             f"{'an' if self.vqvae is not None else 'no'} autoencoder. Set it to False.")
+            raise ValueError(
+                "`hint_space_to_depth=True` folds the hint inputs like the map and needs pixel space with "
+                f"`space_to_depth > 1`; got space_to_depth={space_to_depth} and "
+                f"{'an' if self.vqvae is not None else 'no'} autoencoder. Set it to False."
+            )
         self.hint_encoders = HintEncoders(
             feature_channels=hint_channels,
             block_out_channels=tuple(hint_encoder_channels),
@@ -295,8 +297,13 @@ class C3DiffModel(ModelMixin, ConfigMixin):
         self.mean_net = None
         mean_hint_channels = 0
         if formulation == "residual":
-            mean_net_config = {"block_out_channels": [32, 64], "layers_per_block": 1, "norm_num_groups": 8,
-                               "head_channels": 32, **dict(mean_net_config or {})}
+            mean_net_config = {
+                "block_out_channels": [32, 64],
+                "layers_per_block": 1,
+                "norm_num_groups": 8,
+                "head_channels": 32,
+                **dict(mean_net_config or {}),
+            }
             allowed = {"block_out_channels", "layers_per_block", "norm_num_groups", "head_channels", "histology_prior"}
             unknown = sorted(set(mean_net_config) - allowed)
             if unknown:
@@ -305,7 +312,9 @@ class C3DiffModel(ModelMixin, ConfigMixin):
             self.mean_net = ConditionalMeanNet(
                 histology_hint_channels=2 * hint_channels,
                 st_hint_channels=2 * hint_channels + gene_code_channels,
-                fold=factor, num_genes=len(genes), **mean_net_config,
+                fold=factor,
+                num_genes=len(genes),
+                **mean_net_config,
             )
             mean_hint_channels = factor**2  # the mean's share map, folded to the latent grid
         elif mean_net_config is not None:
@@ -570,8 +579,10 @@ class C3DiffModel(ModelMixin, ConfigMixin):
                 x0 = self.encode_images(self.target_image(batch))
                 noise = torch.randn(x0.shape, generator=generator).to(self.device, x0.dtype)
                 timesteps = torch.randint(0, n_steps, (len(x0),), generator=generator).to(self.device)
-                loss = diffusion_mse(self.unet(self.noise_scheduler.add_noise(x0, noise, timesteps), timesteps).sample,
-                                     self.diffusion_target(x0, noise, timesteps))
+                loss = diffusion_mse(
+                    self.unet(self.noise_scheduler.add_noise(x0, noise, timesteps), timesteps).sample,
+                    self.diffusion_target(x0, noise, timesteps),
+                )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -662,12 +673,12 @@ class C3DiffModel(ModelMixin, ConfigMixin):
                 "modal": modal_loss(h.modal[complete_tiles], m_y, temperature=tau),
                 "inter_sphere": inter_sphere_loss(h.content[complete_tiles], h.modal[complete_tiles], temperature=tau),
             }
-        c_y, m_y = self.imputer.impute_from_batch(h.content[inverse], h.modal[inverse], y_aug.content, y_aug.modal,
-                                                  missing)
+        c_y, m_y = self.imputer.impute_from_batch(
+            h.content[inverse], h.modal[inverse], y_aug.content, y_aug.modal, missing
+        )
         if self.training:
             keep = first[complete_tiles]
-            self.imputer.update_bank(h.content[complete_tiles], h.modal[complete_tiles], y.content[keep],
-                                     y.modal[keep])
+            self.imputer.update_bank(h.content[complete_tiles], h.modal[complete_tiles], y.content[keep], y.modal[keep])
         st_hint = encoders.st_hint(ModalityFeatures(content=c_y, modal=m_y))
         return encoders.histology_hint(h), st_hint, inverse, losses, first
 
@@ -684,8 +695,9 @@ class C3DiffModel(ModelMixin, ConfigMixin):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
         """The ControlNet hint of a training batch (one item per tile), the contrastive losses and, ``with_mean``,
         the mean's log-shares (see :meth:`mean_log_shares`) from the same features."""
-        h_hint, st_hint, inverse, losses, _ = self._features(histology, lr, gene_index, missing,
-                                                             generator=generator, contrastive=contrastive)
+        h_hint, st_hint, inverse, losses, _ = self._features(
+            histology, lr, gene_index, missing, generator=generator, contrastive=contrastive
+        )
         hint = self.hint_encoders.assemble(h_hint.expand(inverse), st_hint, gene_index, num_genes=self.num_genes)
         log_shares = None
         if with_mean:
@@ -737,8 +749,9 @@ class C3DiffModel(ModelMixin, ConfigMixin):
     ) -> torch.Tensor:
         """Logits ``(B, 1, S, S)`` of items from their tile's trunk ``features`` and ``histology``, their ST hint,
         LR maps and genes."""
-        code = gene_code_map(gene_index, num_genes=self.num_genes, size=features.shape[-1],
-                             channels=self.config.gene_code_channels).to(features)
+        code = gene_code_map(
+            gene_index, num_genes=self.num_genes, size=features.shape[-1], channels=self.config.gene_code_channels
+        ).to(features)
         st = torch.cat([st_hint.content, st_hint.modal, code], dim=1)
         return self._require_mean().head(features, st, self.lr_image(lr)[:, :1], gene_index, histology)
 
@@ -789,11 +802,14 @@ class C3DiffModel(ModelMixin, ConfigMixin):
             raise ValueError(f"`loss` must be one of {MEAN_LOSSES}, got {loss!r}.")
         histology, lr, gene_index, missing = self._check_batch(batch)
         if "hr_counts" not in batch:
-            raise KeyError("`batch` lacks 'hr_counts' (the observed HR counts), which the mean stage learns from; "
-                           "`c3diff.pp.PatchDataset` provides it.")
+            raise KeyError(
+                "`batch` lacks 'hr_counts' (the observed HR counts), which the mean stage learns from; "
+                "`c3diff.pp.PatchDataset` provides it."
+            )
         counts = batch["hr_counts"].to(self.device, self.dtype)
         h_hint, st_hint, inverse, contrastive, first = self._features(
-            histology, lr, gene_index, missing, patch_index=batch.get("patch_index"), generator=generator)
+            histology, lr, gene_index, missing, patch_index=batch.get("patch_index"), generator=generator
+        )
         logits = self.mean_logits(h_hint, histology[first], st_hint, lr, gene_index, inverse)
         if loss == "multinomial":
             nll = multinomial_nll(self.mean_log_shares(logits), counts)
@@ -805,12 +821,20 @@ class C3DiffModel(ModelMixin, ConfigMixin):
             density = block_totals(counts, block) / block_pixel_counts(*counts.shape[-2:], block, device=counts.device)
             nll = poisson_nll(pooled, counts, density)
         weights = LossWeights(
-            mse=0.0, modal=self.config.lambda_modal, content=self.config.lambda_content,
+            mse=0.0,
+            modal=self.config.lambda_modal,
+            content=self.config.lambda_content,
             inter_sphere=self.config.lambda_inter_sphere,
         )
         out = overall_loss(mse=nll.new_zeros(()), weights=weights, **contrastive)
-        return LossOutput(total=out.total + nll, mse=out.mse, content=out.content, modal=out.modal,
-                          inter_sphere=out.inter_sphere, mean=nll)
+        return LossOutput(
+            total=out.total + nll,
+            mse=out.mse,
+            content=out.content,
+            modal=out.modal,
+            inter_sphere=out.inter_sphere,
+            mean=nll,
+        )
 
     def residual_target(self, log_shares: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """What the residual diffusion learns: observed minus expected, in share units ``n_L y_p / Y_L - n_L pi_p``
@@ -865,8 +889,9 @@ class C3DiffModel(ModelMixin, ConfigMixin):
             if "hr_counts" not in batch:
                 raise KeyError("`batch` lacks 'hr_counts', which the residual diffusion needs.")
             with torch.no_grad():
-                hint, contrastive, log_shares = self._hint(histology, lr, gene_index, missing,
-                                                           generator=generator, contrastive=False, with_mean=True)
+                hint, contrastive, log_shares = self._hint(
+                    histology, lr, gene_index, missing, generator=generator, contrastive=False, with_mean=True
+                )
                 residual = self.residual_target(log_shares, batch["hr_counts"].to(device, self.dtype))
                 hint = torch.cat([hint, self._mean_hint(share_map(log_shares, self.output_block()))], dim=1)
             x0 = self.encode_images(self.target_image(residual))
@@ -878,11 +903,19 @@ class C3DiffModel(ModelMixin, ConfigMixin):
         timesteps = timesteps.to(device)
         noisy = self.noise_scheduler.add_noise(x0, noise, timesteps)
         gamma = self.config.get("min_snr_gamma")
-        snr_weights = None if gamma is None else min_snr_weights(
-            self.noise_scheduler, timesteps, gamma=gamma, prediction_type=self.noise_scheduler.config.prediction_type
+        snr_weights = (
+            None
+            if gamma is None
+            else min_snr_weights(
+                self.noise_scheduler,
+                timesteps,
+                gamma=gamma,
+                prediction_type=self.noise_scheduler.config.prediction_type,
+            )
         )
-        l_mse = diffusion_mse(self.denoise(noisy, timesteps, hint), self.diffusion_target(x0, noise, timesteps),
-                              weights=snr_weights)
+        l_mse = diffusion_mse(
+            self.denoise(noisy, timesteps, hint), self.diffusion_target(x0, noise, timesteps), weights=snr_weights
+        )
         weights = LossWeights(
             mse=self.config.lambda_mse,
             modal=self.config.lambda_modal,
@@ -1012,9 +1045,11 @@ class C3DiffModel(ModelMixin, ConfigMixin):
         ours = self.noise_scheduler.config
         for key in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type"):
             if key in scheduler.config and scheduler.config[key] != ours[key]:
-                raise ValueError(f"`scheduler.config[{key!r}]` is {scheduler.config[key]!r}, but the model was trained "
-                                 f"with {ours[key]!r}; build it with `{type(scheduler).__name__}.from_config("
-                                 "model.noise_scheduler.config)`.")
+                raise ValueError(
+                    f"`scheduler.config[{key!r}]` is {scheduler.config[key]!r}, but the model was trained "
+                    f"with {ours[key]!r}; build it with `{type(scheduler).__name__}.from_config("
+                    "model.noise_scheduler.config)`."
+                )
         self.noise_scheduler = scheduler
 
     def __reduce__(self):

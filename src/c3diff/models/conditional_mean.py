@@ -3,10 +3,10 @@
 A deterministic network reads the same hint as the ControlNet (histology and LR features, gene code), plus the
 histology and the LR conditioning image folded to the latent grid (``pixel_unshuffle``, lossless, so every 10 um
 pixel reaches the output pixel it lies on), and gives one logit ``z_p`` per output pixel. Its histology trunk runs
-once per tile and a light gene head once per (tile, gene), so predicting many genes costs little more than one. Within each LR pixel
-``L`` the logits become shares ``pi_p = softmax_{p in L}(z_p)``; the expected count of pixel ``p`` is
-``mu_p = Y_L pi_p`` with ``Y_L`` the LR count, so the prediction is LR-consistent by construction and the network
-learns only the placement that per-LR-pixel calibration leaves open (the method page, "Conditional mean").
+once per tile and a light gene head once per (tile, gene), so predicting many genes costs little more than one.
+Within each LR pixel ``L`` the logits become shares ``pi_p = softmax_{p in L}(z_p)``; the expected count of
+pixel ``p`` is ``mu_p = Y_L pi_p`` with ``Y_L`` the LR count, so the prediction is LR-consistent by construction and
+the network learns only the placement that per-LR-pixel calibration leaves open (the method page, "Conditional mean").
 
 Count likelihoods (:func:`multinomial_nll`, :func:`poisson_nll`) train it on observed 10 um (or 20 um) counts. The
 logits start from the log of the bicubic LR image (times the squared darkness of the H&E with ``histology_prior``),
@@ -157,8 +157,15 @@ class ConditionalMeanNet(nn.Module):
         histology of each item's tile ``(B, 3, S, S)`` in [0, 1]."""
         scale, shift = self.gene_film(gene_index)[:, :, None, None].chunk(2, dim=1)
         h = features * (1 + scale) + shift
-        h = torch.cat([h, st_hint, F.pixel_unshuffle(lr_image * 2 - 1, self.fold),
-                       F.pixel_unshuffle(histology * 2 - 1, self.fold)], dim=1)
+        h = torch.cat(
+            [
+                h,
+                st_hint,
+                F.pixel_unshuffle(lr_image * 2 - 1, self.fold),
+                F.pixel_unshuffle(histology * 2 - 1, self.fold),
+            ],
+            dim=1,
+        )
         h = self.head_out(F.silu(self.head_mid(F.silu(self.head_in(h)))))
         correction = F.pixel_shuffle(h, self.fold) if self.fold > 1 else h
         prior = torch.log(lr_image.clamp_min(0) + _PRIOR_FLOOR)
@@ -262,7 +269,9 @@ def poisson_nll(logits: torch.Tensor, counts: torch.Tensor, density: torch.Tenso
     True
     """
     if logits.shape != counts.shape or density.shape != counts.shape:
-        raise ValueError(f"logits {tuple(logits.shape)}, counts {tuple(counts.shape)} and density "
-                         f"{tuple(density.shape)} must have the same shape.")
+        raise ValueError(
+            f"logits {tuple(logits.shape)}, counts {tuple(counts.shape)} and density "
+            f"{tuple(density.shape)} must have the same shape."
+        )
     log_mu = logits + torch.log(density.clamp_min(1e-6))
     return (log_mu.exp() - counts * log_mu).sum() / counts.sum().clamp_min(1.0)

@@ -76,8 +76,10 @@ class HintEncoder(nn.Module):
     ):
         super().__init__()
         if fold < 1 or (fold > 1 and num_downsamples):
-            raise ValueError(f"`fold={fold}` must be >= 1, and a folding encoder has no stride-2 steps "
-                             f"(`num_downsamples` must be 0, got {num_downsamples}).")
+            raise ValueError(
+                f"`fold={fold}` must be >= 1, and a folding encoder has no stride-2 steps "
+                f"(`num_downsamples` must be 0, got {num_downsamples})."
+            )
         self.fold = fold
         stages = len(block_out_channels) - 1
         if num_downsamples > stages:

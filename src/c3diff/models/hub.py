@@ -115,8 +115,11 @@ def save_pretrained(
 
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     if safe_serialization:
-        save_file(state, str(folder / _weights_name(WEIGHTS_NAME, variant)),
-                  metadata={"format": "pt", "c3diff_version": __version__})
+        save_file(
+            state,
+            str(folder / _weights_name(WEIGHTS_NAME, variant)),
+            metadata={"format": "pt", "c3diff_version": __version__},
+        )
     else:
         torch.save(state, folder / _weights_name(_PICKLE_WEIGHTS_NAME, variant))
     model.noise_scheduler.save_pretrained(str(folder))
@@ -178,8 +181,13 @@ def from_pretrained(
         local_files_only=local_files_only,
         cache_dir=cache_dir,
         token=token,
-        allow_patterns=[CONFIG_NAME, _weights_name(WEIGHTS_NAME, variant), _weights_name(_PICKLE_WEIGHTS_NAME, variant),
-                        SCHEDULER_NAME, CARD_NAME],
+        allow_patterns=[
+            CONFIG_NAME,
+            _weights_name(WEIGHTS_NAME, variant),
+            _weights_name(_PICKLE_WEIGHTS_NAME, variant),
+            SCHEDULER_NAME,
+            CARD_NAME,
+        ],
         what="C3-Diff model",
     )
     weights = folder / _weights_name(WEIGHTS_NAME, variant)
@@ -227,8 +235,10 @@ def load_scheduler(path: str | Path):
     name = config.get("_class_name")
     cls = getattr(diffusers, str(name), None)
     if cls is None or not isinstance(cls, type) or not issubclass(cls, diffusers.SchedulerMixin):
-        raise ValueError(f"{path} names the scheduler class {name!r}, which is not a diffusers scheduler in "
-                         f"diffusers {diffusers.__version__}; install a diffusers version that has it.")
+        raise ValueError(
+            f"{path} names the scheduler class {name!r}, which is not a diffusers scheduler in "
+            f"diffusers {diffusers.__version__}; install a diffusers version that has it."
+        )
     return cls.from_config(config)
 
 
@@ -283,8 +293,16 @@ def warn_ignored_revision(revision: str | None, *, what: str) -> None:
 
 #: Python types accepted for annotation names in model constructor signatures (``float`` also takes ints).
 _ANNOTATION_TYPES = {
-    "int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "None": (type(None),),
-    "Sequence": (list, tuple), "list": (list, tuple), "tuple": (list, tuple), "Mapping": (dict,), "dict": (dict,),
+    "int": (int,),
+    "float": (int, float),
+    "str": (str,),
+    "bool": (bool,),
+    "None": (type(None),),
+    "Sequence": (list, tuple),
+    "list": (list, tuple),
+    "tuple": (list, tuple),
+    "Mapping": (dict,),
+    "dict": (dict,),
 }
 
 
@@ -491,8 +509,15 @@ def _resolve_folder(
             stacklevel=3,
         )
     pinned = revision is not None and _COMMIT.match(revision) is not None
-    download = {"repo_id": repo_id, "revision": revision, "cache_dir": cache_dir, "token": token,
-                "allow_patterns": allow_patterns, "library_name": "c3diff", "library_version": __version__}
+    download = {
+        "repo_id": repo_id,
+        "revision": revision,
+        "cache_dir": cache_dir,
+        "token": token,
+        "allow_patterns": allow_patterns,
+        "library_name": "c3diff",
+        "library_version": __version__,
+    }
     if pinned and not local_files_only and not _snapshot_cached(repo_id, revision, cache_dir):
         _check_hub_reachable(repo_id, revision, token=token, what=what)
     try:
@@ -519,7 +544,8 @@ def _check_hub_reachable(repo_id: str, revision: str, *, token: str | bool | Non
     before giving up."""
     try:
         HfApi(token=token, library_name="c3diff", library_version=__version__).repo_info(
-            repo_id, revision=revision, timeout=10)
+            repo_id, revision=revision, timeout=10
+        )
     except (RevisionNotFoundError, RepositoryNotFoundError) as err:
         raise _not_found(err, repo_id, revision) from err
     except HfHubHTTPError:
@@ -534,6 +560,7 @@ def _not_found(err: Exception, repo_id: str, revision: str | None) -> OSError:
         return OSError(f"Revision {revision!r} does not exist in the Hub repository {repo_id!r}.")
     return OSError(f"The Hub repository {repo_id!r} does not exist or is private/gated (pass `token=` with access).")
 
+
 def _offline_message(what: str, repo_id: str, revision: str | None, reason: str | None) -> str:
     """The error for a Hub model that is neither cached nor reachable; the download commands name the revision."""
     cli_revision = f" --revision {revision}" if revision else ""
@@ -545,6 +572,7 @@ def _offline_message(what: str, repo_id: str, revision: str | None, reason: str 
         f"`huggingface_hub.snapshot_download({repo_id!r}{py_revision})` (with the same cache_dir / HF_HOME), or copy "
         "its files to a folder and pass that folder instead."
     )
+
 
 def _model_class(config: dict) -> type:
     """The model class recorded in a config, looked up in :data:`MODEL_CLASSES` (no module is imported)."""

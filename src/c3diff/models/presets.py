@@ -120,14 +120,24 @@ _TINY_RESIDUAL = {
     "hint_space_to_depth": True,
     "hint_channels": 8,
     "hint_encoder_channels": [16, 32, 32],
-    "mean_net_config": {"block_out_channels": [32, 64], "layers_per_block": 1, "norm_num_groups": 8,
-                        "head_channels": 32, "histology_prior": True},
+    "mean_net_config": {
+        "block_out_channels": [32, 64],
+        "layers_per_block": 1,
+        "norm_num_groups": 8,
+        "head_channels": 32,
+        "histology_prior": True,
+    },
 }
 _PAPER_RESIDUAL = {
     **_PAPER,
     "formulation": "residual",
-    "mean_net_config": {"block_out_channels": [64, 128, 256], "layers_per_block": 2, "norm_num_groups": 32,
-                        "head_channels": 64, "histology_prior": True},
+    "mean_net_config": {
+        "block_out_channels": [64, 128, 256],
+        "layers_per_block": 2,
+        "norm_num_groups": 32,
+        "head_channels": 64,
+        "histology_prior": True,
+    },
 }
 
 #: The named presets: ``paper`` and ``tiny-paper`` reproduce the paper's formulation; ``residual`` (paper sizes) and

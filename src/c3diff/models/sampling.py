@@ -199,14 +199,22 @@ def sample(
                     st_hint = st_imputed.expand(to_gene_batch)
                 st_features = st_hint
                 if mode == "sample":  # the ControlNet's hint; the mean stage does not use it
-                    hint = encoders.assemble(h_hint.expand(to_gene_batch), st_hint, gene_ids,
-                                             num_genes=model.num_genes)
+                    hint = encoders.assemble(h_hint.expand(to_gene_batch), st_hint, gene_ids, num_genes=model.num_genes)
                 if residual:
-                    lr_maps = (lr[t, chunk][:, None].to(device, dtype) if available[t]
-                               else torch.zeros(n, 1, lr_size, lr_size, device=device, dtype=dtype))
+                    lr_maps = (
+                        lr[t, chunk][:, None].to(device, dtype)
+                        if available[t]
+                        else torch.zeros(n, 1, lr_size, lr_size, device=device, dtype=dtype)
+                    )
                     log_shares = model.mean_log_shares(
-                        model.mean_head(trunk.expand(n, -1, -1, -1), st_features, lr_maps, gene_ids,
-                                        tile_histology.expand(n, -1, -1, -1)))
+                        model.mean_head(
+                            trunk.expand(n, -1, -1, -1),
+                            st_features,
+                            lr_maps,
+                            gene_ids,
+                            tile_histology.expand(n, -1, -1, -1),
+                        )
+                    )
                     expected = model.expected_map(log_shares, lr_maps)
                     mean[t, chunk] = _to_scale(expected, model, scale).float().cpu()[:, 0]
                     if mode == "mean":
@@ -216,8 +224,9 @@ def sample(
                     hint = torch.cat([hint, model._mean_hint(shares)], dim=1)
                 hint = hint.repeat_interleave(n_samples, dim=0)  # order: gene-major, then sample
                 generators = [noise_generator(seeds[t], genes[j], k) for j in chunk for k in range(n_samples)]
-                images = _denoise_loop(model, hint, generators, num_inference_steps=num_inference_steps, eta=eta,
-                                       raw=residual)
+                images = _denoise_loop(
+                    model, hint, generators, num_inference_steps=num_inference_steps, eta=eta, raw=residual
+                )
                 if residual:  # a sample: the mean's shares plus a sampled residual, never negative
                     images = _fit_output(images, model)
                     images = (shares.repeat_interleave(n_samples, dim=0) + images).clamp_min(0.0)

@@ -43,8 +43,10 @@ def _table_names(sdata: SpatialData, key: str) -> list[str] | None:
         columns.sort(key=lambda c: c != "cell_type")
         if columns:
             values = obs[instance_key].to_numpy(dtype=np.int64)
-            return _from_mapping(dict(zip(values.tolist(), obs[columns[0]].astype(str), strict=True)),
-                                 f"`sdata.tables[{name!r}].obs[{columns[0]!r}]`")
+            return _from_mapping(
+                dict(zip(values.tolist(), obs[columns[0]].astype(str), strict=True)),
+                f"`sdata.tables[{name!r}].obs[{columns[0]!r}]`",
+            )
     return None
 
 
@@ -58,8 +60,9 @@ def _categories(sdata: SpatialData, key: str, given: Sequence[str] | None, arg: 
     if "categories" in entry:
         return [str(c) for c in entry["categories"]]
     if "labels" in entry:
-        return _from_mapping({int(k): str(v) for k, v in entry["labels"].items()},
-                             f"`sdata.attrs['c3diff'][{key!r}]['labels']`")
+        return _from_mapping(
+            {int(k): str(v) for k, v in entry["labels"].items()}, f"`sdata.attrs['c3diff'][{key!r}]['labels']`"
+        )
     return _table_names(sdata, key)
 
 
@@ -160,13 +163,15 @@ def celltype_map(
 
     hne_part = None
     if image_key is not None:
-        hne_part = crop(get_element(sdata, image_key, "images", arg="image_key"), extent, max_pixels=max_pixels,
-                        arg="image_key")
+        hne_part = crop(
+            get_element(sdata, image_key, "images", arg="image_key"), extent, max_pixels=max_pixels, arg="image_key"
+        )
         if hne_part is None:
             raise ValueError(f"`image_key={image_key!r}` does not overlap the extent of `key={key!r}`.")
     n_panels = len(maps) + (hne_part is not None)
-    fig, axes = plt.subplots(1, n_panels, figsize=(panel_size * n_panels + 2.0, panel_size), squeeze=False,
-                             layout="constrained")
+    fig, axes = plt.subplots(
+        1, n_panels, figsize=(panel_size * n_panels + 2.0, panel_size), squeeze=False, layout="constrained"
+    )
     axes = list(axes[0])
     if hne_part is not None:
         ax = axes.pop(0)
@@ -180,8 +185,12 @@ def celltype_map(
             ax.text(0.5, 0.5, "outside the map", ha="center", va="center", transform=ax.transAxes)
         else:
             labels, own = part
-            ax.imshow(_to_rgba(np.asarray(labels), names, colours, title), extent=imshow_extent(own), origin="upper",
-                      interpolation="nearest")
+            ax.imshow(
+                _to_rgba(np.asarray(labels), names, colours, title),
+                extent=imshow_extent(own),
+                origin="upper",
+                interpolation="nearest",
+            )
             present = set(np.unique(labels).tolist()) - {0}
             shown += [t for i, t in enumerate(names) if i + 1 in present]
         set_view(ax, extent)

@@ -61,8 +61,9 @@ def downsample(window: Any, factor: int) -> np.ndarray:
     return out
 
 
-def crop(element: Any, extent: Extent, *, max_pixels: int = 1024, arg: str, channels: list[str] | None = None
-         ) -> tuple[np.ndarray, Extent] | None:
+def crop(
+    element: Any, extent: Extent, *, max_pixels: int = 1024, arg: str, channels: list[str] | None = None
+) -> tuple[np.ndarray, Extent] | None:
     """The part of a raster that covers ``extent``: an array (``(c, h, w)`` for images, ``(h, w)`` for labels) and
     its own extent in um; ``None`` if the raster does not reach into ``extent``.
 

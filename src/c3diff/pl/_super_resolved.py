@@ -22,8 +22,18 @@ def _gene_raster(sdata: SpatialData, key: str, genes: list[str], arg: str) -> An
     return element
 
 
-def _draw_raster(ax: Any, element: Any, gene: str, extent: Extent, *, cmap: str, robust: bool, alpha: float = 1.0,
-                 max_pixels: int, arg: str) -> Any:
+def _draw_raster(
+    ax: Any,
+    element: Any,
+    gene: str,
+    extent: Extent,
+    *,
+    cmap: str,
+    robust: bool,
+    alpha: float = 1.0,
+    max_pixels: int,
+    arg: str,
+) -> Any:
     """Draw one gene of a raster on ``ax`` (cropped to ``extent``) and return the image artist."""
     part = crop(element, extent, max_pixels=max_pixels, arg=arg, channels=[gene])
     if part is None:
@@ -32,8 +42,16 @@ def _draw_raster(ax: Any, element: Any, gene: str, extent: Extent, *, cmap: str,
     values, own = part
     values = values[0].astype(np.float32)
     vmin, vmax = colour_limits(values, robust)
-    return ax.imshow(values, extent=imshow_extent(own), origin="upper", cmap=cmap, vmin=vmin, vmax=vmax,
-                     alpha=alpha, interpolation="nearest")
+    return ax.imshow(
+        values,
+        extent=imshow_extent(own),
+        origin="upper",
+        cmap=cmap,
+        vmin=vmin,
+        vmax=vmax,
+        alpha=alpha,
+        interpolation="nearest",
+    )
 
 
 def _spots(sdata: SpatialData, key: str, gene: str) -> Any:
@@ -56,8 +74,9 @@ def _draw_spots(ax: Any, spots: Any, extent: Extent, *, cmap: str, robust: bool)
     y, x = spots.centres[:, 0], spots.centres[:, 1]
     keep = (x >= xmin - r) & (x <= xmax + r) & (y >= ymin - r) & (y <= ymax + r)
     counts = spots.counts[keep, 0]
-    collection = PatchCollection([Circle((cx, cy), r) for cx, cy in zip(x[keep], y[keep], strict=True)],
-                                 cmap=cmap, linewidth=0)
+    collection = PatchCollection(
+        [Circle((cx, cy), r) for cx, cy in zip(x[keep], y[keep], strict=True)], cmap=cmap, linewidth=0
+    )
     collection.set_array(counts)
     collection.set_clim(*colour_limits(counts, robust))
     ax.add_collection(collection)
@@ -166,8 +185,10 @@ def super_resolved(
                 f"`lr_key={lr_key!r}` is neither a gene raster in `sdata.images` ({sorted(sdata.images)}) nor a "
                 f"spot table in `sdata.tables` ({sorted(sdata.tables)})."
             )
-    compare = {title: _gene_raster(sdata, other, genes, f"compare_keys[{title!r}]")
-               for title, other in (compare_keys or {}).items()}
+    compare = {
+        title: _gene_raster(sdata, other, genes, f"compare_keys[{title!r}]")
+        for title, other in (compare_keys or {}).items()
+    }
     if label in compare or label in ("H&E", "LR input", "truth", "std"):
         raise ValueError(f"`label={label!r}` clashes with another panel's title; choose another.")
     truth = _gene_raster(sdata, truth_key, genes, "truth_key") if truth_key is not None else None
@@ -177,14 +198,19 @@ def super_resolved(
     if hne is not None:
         hne_part = crop(hne, extent, max_pixels=max_pixels, arg="image_key")
         if hne_part is None:
-            raise ValueError(f"`image_key={image_key!r}` does not overlap the extent of `key={key!r}` "
-                             f"(y {extent[0]:g}..{extent[2]:g}, x {extent[1]:g}..{extent[3]:g} um).")
+            raise ValueError(
+                f"`image_key={image_key!r}` does not overlap the extent of `key={key!r}` "
+                f"(y {extent[0]:g}..{extent[2]:g}, x {extent[1]:g}..{extent[3]:g} um)."
+            )
     panels = (["H&E"] if hne is not None else []) + (["LR input"] if lr_key is not None else []) + [*compare, label]
     panels += (["truth"] if truth is not None else []) + (["std"] if std is not None else [])
 
     fig, axes = plt.subplots(
-        len(genes), len(panels), figsize=(panel_size * len(panels) * 1.25, panel_size * len(genes)),
-        squeeze=False, layout="constrained",
+        len(genes),
+        len(panels),
+        figsize=(panel_size * len(panels) * 1.25, panel_size * len(genes)),
+        squeeze=False,
+        layout="constrained",
     )
     for row, gene in zip(axes, genes, strict=True):
         for ax, panel in zip(row, panels, strict=True):
@@ -193,24 +219,44 @@ def super_resolved(
                 ax.imshow(rgb(hne_part[0]), extent=imshow_extent(hne_part[1]), origin="upper")
             elif panel == "LR input":
                 if lr is not None:
-                    artist = _draw_raster(ax, lr, gene, extent, cmap=cmap, robust=robust, max_pixels=max_pixels,
-                                          arg="lr_key")
+                    artist = _draw_raster(
+                        ax, lr, gene, extent, cmap=cmap, robust=robust, max_pixels=max_pixels, arg="lr_key"
+                    )
                 else:
                     artist = _draw_spots(ax, lr_spots[gene], extent, cmap=cmap, robust=robust)
             elif panel in compare:
-                artist = _draw_raster(ax, compare[panel], gene, extent, cmap=cmap, robust=robust,
-                                      max_pixels=max_pixels, arg=f"compare_keys[{panel!r}]")
+                artist = _draw_raster(
+                    ax,
+                    compare[panel],
+                    gene,
+                    extent,
+                    cmap=cmap,
+                    robust=robust,
+                    max_pixels=max_pixels,
+                    arg=f"compare_keys[{panel!r}]",
+                )
             elif panel == label:
                 if overlay:
                     ax.imshow(rgb(hne_part[0]), extent=imshow_extent(hne_part[1]), origin="upper")
-                artist = _draw_raster(ax, pred, gene, extent, cmap=cmap, robust=robust, max_pixels=max_pixels,
-                                      alpha=alpha if overlay else 1.0, arg="key")
+                artist = _draw_raster(
+                    ax,
+                    pred,
+                    gene,
+                    extent,
+                    cmap=cmap,
+                    robust=robust,
+                    max_pixels=max_pixels,
+                    alpha=alpha if overlay else 1.0,
+                    arg="key",
+                )
             elif panel == "truth":
-                artist = _draw_raster(ax, truth, gene, extent, cmap=cmap, robust=robust, max_pixels=max_pixels,
-                                      arg="truth_key")
+                artist = _draw_raster(
+                    ax, truth, gene, extent, cmap=cmap, robust=robust, max_pixels=max_pixels, arg="truth_key"
+                )
             else:
-                artist = _draw_raster(ax, std, gene, extent, cmap=std_cmap, robust=robust, max_pixels=max_pixels,
-                                      arg="std_key")
+                artist = _draw_raster(
+                    ax, std, gene, extent, cmap=std_cmap, robust=robust, max_pixels=max_pixels, arg="std_key"
+                )
             if artist is not None:
                 fig.colorbar(artist, ax=ax, shrink=0.8)
             set_view(ax, extent)

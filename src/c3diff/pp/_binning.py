@@ -143,8 +143,10 @@ def bin_transcripts(
         inside = (row >= 0) & (row < grid.height) & (col >= 0) & (col < grid.width)
         n_outside += int((keep & ~inside).sum())
         keep &= inside
-        flat = codes[keep].astype(np.int64) * n_pixels + row[keep].astype(np.int64) * grid.width + col[keep].astype(
-            np.int64
+        flat = (
+            codes[keep].astype(np.int64) * n_pixels
+            + row[keep].astype(np.int64) * grid.width
+            + col[keep].astype(np.int64)
         )
         values, n = np.unique(flat, return_counts=True)
         counts[values] += n

@@ -87,8 +87,9 @@ def select_genes(
     adata = _resolve_table(data, table_key)
     var_names = [str(v) for v in adata.var_names]
     if not isinstance(n_top_genes, int | np.integer) or not 0 < n_top_genes <= adata.n_vars:
-        raise ValueError(f"`n_top_genes` must be an integer in [1, {adata.n_vars}] (the number of genes), got "
-                         f"{n_top_genes!r}.")
+        raise ValueError(
+            f"`n_top_genes` must be an integer in [1, {adata.n_vars}] (the number of genes), got {n_top_genes!r}."
+        )
     include = [] if include is None else check_genes(include, var_names, arg="include")
     if len(include) > n_top_genes:
         raise ValueError(f"`include` has {len(include)} genes, more than `n_top_genes={n_top_genes}`.")
@@ -128,8 +129,14 @@ def select_genes(
     if inplace:
         adata.var[key_added] = [g in set(selected) for g in var_names]
         adata.var[f"{key_added}_rank"] = [rank[g] for g in var_names]
-        adata.uns.setdefault(ATTRS_KEY, {})["select_genes"] = _plain({
-            "n_top_genes": int(n_top_genes), "flavor": flavor, "include": include, "batch_key": batch_key,
-            "key_added": key_added, "genes": selected,
-        })
+        adata.uns.setdefault(ATTRS_KEY, {})["select_genes"] = _plain(
+            {
+                "n_top_genes": int(n_top_genes),
+                "flavor": flavor,
+                "include": include,
+                "batch_key": batch_key,
+                "key_added": key_added,
+                "genes": selected,
+            }
+        )
     return selected

@@ -22,7 +22,17 @@ if TYPE_CHECKING:  # pragma: no cover
     from spatialdata import SpatialData
 
 _ARRAYS = (
-    "histology", "tissue", "lr", "lr_low", "lr_high", "lr_mask", "hr", "hr_low", "hr_high", "origins", "sample_id",
+    "histology",
+    "tissue",
+    "lr",
+    "lr_low",
+    "lr_high",
+    "lr_mask",
+    "hr",
+    "hr_low",
+    "hr_high",
+    "origins",
+    "sample_id",
 )
 
 
@@ -125,8 +135,10 @@ class PatchSet:
                 raise ValueError("Cannot concatenate PatchSets with different genes (or gene order).")
             for k in geometry_keys:
                 if other.params.get(k) != first.params.get(k):
-                    raise ValueError(f"Cannot concatenate PatchSets with different {k}: "
-                                     f"{first.params.get(k)} vs {other.params.get(k)}.")
+                    raise ValueError(
+                        f"Cannot concatenate PatchSets with different {k}: "
+                        f"{first.params.get(k)} vs {other.params.get(k)}."
+                    )
             if (other.hr is None) != (first.hr is None):
                 raise ValueError("Cannot concatenate PatchSets with and without HR ground truth.")
         arrays = {
@@ -316,11 +328,18 @@ def make_patches(
         sources["hr_key"] = hr_key
     elif points_key is not None:
         data = bin_transcripts(
-            sdata, points_key=points_key, bin_size=hr_px, genes=genes, image_key=image_key, inplace=False,
+            sdata,
+            points_key=points_key,
+            bin_size=hr_px,
+            genes=genes,
+            image_key=image_key,
+            inplace=False,
             coordinate_system=coordinate_system,
         )
-        hr_data = (np.asarray(data.data, dtype=np.float32),
-                   raster_geometry(data, coordinate_system=coordinate_system, arg="points_key"))
+        hr_data = (
+            np.asarray(data.data, dtype=np.float32),
+            raster_geometry(data, coordinate_system=coordinate_system, arg="points_key"),
+        )
         sources["points_key"] = points_key
 
     # --- LR maps ---------------------------------------------------------------------------------------------
@@ -333,7 +352,12 @@ def make_patches(
         sources["lr_key"] = lr_key
     elif table_key is not None:
         raster, mask = spots_to_grid(
-            sdata, table_key=table_key, pixel_size=lr_px, genes=genes, image_key=image_key, inplace=False,
+            sdata,
+            table_key=table_key,
+            pixel_size=lr_px,
+            genes=genes,
+            image_key=image_key,
+            inplace=False,
             coordinate_system=coordinate_system,
         )
         lr_full = np.asarray(raster.data, dtype=np.float32)
@@ -342,7 +366,12 @@ def make_patches(
         sources["table_key"] = table_key
     elif points_key is not None:
         raster = bin_transcripts(
-            sdata, points_key=points_key, bin_size=lr_px, genes=genes, image_key=image_key, inplace=False,
+            sdata,
+            points_key=points_key,
+            bin_size=lr_px,
+            genes=genes,
+            image_key=image_key,
+            inplace=False,
             coordinate_system=coordinate_system,
         )
         lr_full = np.asarray(raster.data, dtype=np.float32)
@@ -421,7 +450,17 @@ def make_patches(
         "n_candidates": len(rows) * len(cols),
     }
     return PatchSet(
-        histology=histology, tissue=tissue_patches, lr=lr, lr_low=lr_low, lr_high=lr_high, lr_mask=lr_mask, hr=hr,
-        hr_low=hr_low, hr_high=hr_high, origins=origins,
-        sample_id=np.array([sample_id or _default_sample_id(sdata)] * n), genes=genes, params=params,
+        histology=histology,
+        tissue=tissue_patches,
+        lr=lr,
+        lr_low=lr_low,
+        lr_high=lr_high,
+        lr_mask=lr_mask,
+        hr=hr,
+        hr_low=hr_low,
+        hr_high=hr_high,
+        origins=origins,
+        sample_id=np.array([sample_id or _default_sample_id(sdata)] * n),
+        genes=genes,
+        params=params,
     )

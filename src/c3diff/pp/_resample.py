@@ -86,8 +86,11 @@ def resample_raster(
         pad_top, pad_left = max(-sy0, 0), max(-sx0, 0)
         window = np.pad(
             window,
-            ((0, 0), (pad_top, max(want_h - window.shape[1] - pad_top, 0)),
-             (pad_left, max(want_w - window.shape[2] - pad_left, 0))),
+            (
+                (0, 0),
+                (pad_top, max(want_h - window.shape[1] - pad_top, 0)),
+                (pad_left, max(want_w - window.shape[2] - pad_left, 0)),
+            ),
             mode="edge",
         )[:, :want_h, :want_w]
         blocks = window.reshape(n_channels, r1 - r0, fy, c1 - c0, fx).mean(axis=(2, 4))

@@ -26,6 +26,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from anndata import AnnData
     from spatialdata import SpatialData
 
+
 @dataclass(frozen=True)
 class Spots:
     """Measured spots in micrometres: centres ``(n, 2)`` as (y, x), one radius, counts ``(n, genes)``, and each
@@ -169,9 +170,9 @@ def _rbf_pixel_means(
         if len(centres) < 3:
             raise np.linalg.LinAlgError("fewer than 3 spots")
         neighbours = None if len(centres) <= RBF_GLOBAL_MAX else RBF_NEIGHBOURS
-        surface = RBFInterpolator(
-            (centres - shift) / scale, known, kernel="thin_plate_spline", neighbors=neighbours
-        )((points - shift) / scale)
+        surface = RBFInterpolator((centres - shift) / scale, known, kernel="thin_plate_spline", neighbors=neighbours)(
+            (points - shift) / scale
+        )
     except (np.linalg.LinAlgError, ValueError):  # degenerate layouts (spots on one line): nearest spot
         surface = known[cKDTree(centres).query(points)[1]]
     values = np.expm1(np.maximum(surface, 0.0))
@@ -274,13 +275,16 @@ def spots_to_grid(
     image_geometry = None
     if image_key is not None:
         image_geometry = raster_geometry(
-            get_element(sdata, image_key, "images", arg="image_key"), coordinate_system=coordinate_system,
+            get_element(sdata, image_key, "images", arg="image_key"),
+            coordinate_system=coordinate_system,
             arg="image_key",
         )
         ymin, xmin, ymax, xmax = image_geometry.extent
         outside = (
-            (spots.centres[:, 0] < ymin) | (spots.centres[:, 0] >= ymax)
-            | (spots.centres[:, 1] < xmin) | (spots.centres[:, 1] >= xmax)
+            (spots.centres[:, 0] < ymin)
+            | (spots.centres[:, 0] >= ymax)
+            | (spots.centres[:, 1] < xmin)
+            | (spots.centres[:, 1] >= xmax)
         )
         if outside.all():
             raise ValueError(
@@ -295,8 +299,10 @@ def spots_to_grid(
             )
     r = spots.radius
     extent = (
-        spots.centres[:, 0].min() - r, spots.centres[:, 1].min() - r,
-        spots.centres[:, 0].max() + r, spots.centres[:, 1].max() + r,
+        spots.centres[:, 0].min() - r,
+        spots.centres[:, 1].min() - r,
+        spots.centres[:, 0].max() + r,
+        spots.centres[:, 1].max() + r,
     )
     grid = grid_for(bin_size=pixel_size, image_geometry=image_geometry, origin=origin, data_extent=extent)
 
@@ -355,8 +361,19 @@ def spots_to_grid(
     sdata.images[key] = raster
     sdata.labels[f"{key}_mask"] = mask_element
     record(
-        sdata, key, "spots_to_grid", table_key=table_key, pixel_size=pixel_size, fill=fill, image_key=image_key,
-        origin=(grid.y0, grid.x0), n_spots=len(spots.centres), spot_radius_um=spots.radius, pitch_um=spots.pitch,
-        n_measured=int(measured.sum()), n_filled=int(gaps.sum()), units="counts per pixel",
+        sdata,
+        key,
+        "spots_to_grid",
+        table_key=table_key,
+        pixel_size=pixel_size,
+        fill=fill,
+        image_key=image_key,
+        origin=(grid.y0, grid.x0),
+        n_spots=len(spots.centres),
+        spot_radius_um=spots.radius,
+        pitch_um=spots.pitch,
+        n_measured=int(measured.sum()),
+        n_filled=int(gaps.sum()),
+        units="counts per pixel",
     )
     return None

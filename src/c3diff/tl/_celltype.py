@@ -80,8 +80,10 @@ def _marker_set(markers: Any, genes: list[str]) -> tuple[Any, str | None]:
         return MARKER_SETS[species], species
     if isinstance(markers, str):
         if markers not in MARKER_SETS:
-            raise ValueError(f"`markers={markers!r}` is not a marker set; use one of {sorted(MARKER_SETS)} or a "
-                             "mapping of cell type -> marker genes.")
+            raise ValueError(
+                f"`markers={markers!r}` is not a marker set; use one of {sorted(MARKER_SETS)} or a "
+                "mapping of cell type -> marker genes."
+            )
         return MARKER_SETS[markers], markers
     return markers, None
 
@@ -102,8 +104,10 @@ def _resolve_markers(
     for cell_type, type_markers in markers.items():
         type_markers = [type_markers] if isinstance(type_markers, str) else list(dict.fromkeys(type_markers))
         if cell_type in (MAX_SCORE, UNASSIGNED) or not isinstance(cell_type, str) or not cell_type:
-            raise ValueError(f"`markers`: cell type names must be non-empty strings other than {MAX_SCORE!r} and "
-                             f"{UNASSIGNED!r}, got {cell_type!r}.")
+            raise ValueError(
+                f"`markers`: cell type names must be non-empty strings other than {MAX_SCORE!r} and "
+                f"{UNASSIGNED!r}, got {cell_type!r}."
+            )
         present = [g for g in type_markers if g in known]
         absent = [g for g in type_markers if g not in known]
         if absent:
@@ -125,9 +129,9 @@ def _resolve_markers(
     return used, missing, excluded, hint
 
 
-def _compute(data: Any, used: dict[str, list[str]], min_score: float | None) -> tuple[
-    np.ndarray, np.ndarray, np.ndarray, list[str]
-]:
+def _compute(
+    data: Any, used: dict[str, list[str]], min_score: float | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
     """Scores, max score and labels from a ``(c, y, x)`` DataArray; also the markers that are constant."""
     import dask.array as da
 
@@ -190,8 +194,13 @@ def _annotation_table(key: str, labels: np.ndarray, scores: np.ndarray, types: l
     flat = labels.ravel().astype(np.int64)
     n_pixels = np.bincount(flat, minlength=len(names))
     finite = np.isfinite(scores).reshape(len(types), -1)
-    sums = np.stack([np.bincount(flat, weights=np.where(f, s, 0.0), minlength=len(names))
-                     for f, s in zip(finite, scores.reshape(len(types), -1), strict=True)], axis=1)
+    sums = np.stack(
+        [
+            np.bincount(flat, weights=np.where(f, s, 0.0), minlength=len(names))
+            for f, s in zip(finite, scores.reshape(len(types), -1), strict=True)
+        ],
+        axis=1,
+    )
     counts = np.stack([np.bincount(flat, weights=f.astype(np.float64), minlength=len(names)) for f in finite], axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
         mean_scores = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan).astype(np.float32)
@@ -295,10 +304,12 @@ def celltype_map(
 
     element = get_element(sdata, sr_key, "images", arg="sr_key")
     genes = raster_channels(element)
-    if min_score is not None and (isinstance(min_score, bool) or not isinstance(min_score, int | float)
-                                  or not 0 <= min_score <= 1):
-        raise ValueError(f"`min_score` must be a number in [0, 1] (scores are mean min-max values) or None, got "
-                         f"{min_score!r}.")
+    if min_score is not None and (
+        isinstance(min_score, bool) or not isinstance(min_score, int | float) or not 0 <= min_score <= 1
+    ):
+        raise ValueError(
+            f"`min_score` must be a number in [0, 1] (scores are mean min-max values) or None, got {min_score!r}."
+        )
     chosen, species = _marker_set(markers, genes)
     used, missing, excluded, hint = _resolve_markers(chosen, genes, sr_key)
     key = key_added if key_added is not None else f"{sr_key}_celltypes"
@@ -340,7 +351,11 @@ def celltype_map(
     finite = np.isfinite(max_score)
     logger.info(
         "celltype_map: %d of %d pixels with data assigned to %d type(s), %d unassigned (min_score=%s)",
-        int((labels > 0).sum()), int(finite.sum()), len(types), int((finite & (labels == NO_CALL)).sum()), min_score,
+        int((labels > 0).sum()),
+        int(finite.sum()),
+        len(types),
+        int((finite & (labels == NO_CALL)).sum()),
+        min_score,
     )
     if not inplace:
         return CelltypeMap(labels, scores, max_score, types, used, missing, excluded)
@@ -360,8 +375,10 @@ def celltype_map(
 
     from c3diff._provenance import record
 
-    previous = {kind: getattr(sdata, kind)[name] if name in getattr(sdata, kind) else None
-                for kind, name in (("labels", key), ("images", scores_key), ("tables", table_key))}
+    previous = {
+        kind: getattr(sdata, kind)[name] if name in getattr(sdata, kind) else None
+        for kind, name in (("labels", key), ("images", scores_key), ("tables", table_key))
+    }
     try:
         sdata.labels[key] = label_el
         sdata.images[scores_key] = scores_el
@@ -376,7 +393,13 @@ def celltype_map(
                 del elements[name]
         raise
     entry = record(
-        sdata, key, "celltype_map", sr_key=sr_key, markers=used, min_score=min_score, scores_key=scores_key,
+        sdata,
+        key,
+        "celltype_map",
+        sr_key=sr_key,
+        markers=used,
+        min_score=min_score,
+        scores_key=scores_key,
         species=species,
     )
     entry.update(

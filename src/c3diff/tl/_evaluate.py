@@ -21,7 +21,18 @@ if TYPE_CHECKING:  # pragma: no cover
 #: ``protocol`` values of :func:`evaluate`'s table.
 HR_TRUTH, LR_SPOTS = "hr_truth", "lr_spots"
 _COLUMNS = [
-    "protocol", "tile", "tile_row", "tile_col", "y0_um", "x0_um", "gene", "rmse", "pcc", "ssim", "n_pixels", "status",
+    "protocol",
+    "tile",
+    "tile_row",
+    "tile_col",
+    "y0_um",
+    "x0_um",
+    "gene",
+    "rmse",
+    "pcc",
+    "ssim",
+    "n_pixels",
+    "status",
 ]
 _TOL = 1e-6
 
@@ -355,8 +366,9 @@ def evaluate(
     genes_all = list(dict.fromkeys(scores["gene"].astype(str)))
     scores["gene"] = pd.Categorical(scores["gene"].astype(str), categories=genes_all)
     for column in ("tile", "tile_row", "tile_col"):
-        scores[column] = scores[column].astype("Int64") if column in scores else pd.array([pd.NA] * len(scores),
-                                                                                          dtype="Int64")
+        scores[column] = (
+            scores[column].astype("Int64") if column in scores else pd.array([pd.NA] * len(scores), dtype="Int64")
+        )
     scores = scores.reindex(columns=_COLUMNS)
     scores["protocol"] = pd.Categorical(scores["protocol"], categories=[HR_TRUTH, LR_SPOTS])
 
@@ -365,8 +377,9 @@ def evaluate(
         by_reason = skipped.groupby(["protocol", "status"], observed=True).size()
         warnings.warn(
             "evaluate: skipped (NaN) "
-            + ", ".join(f"{n} {protocol} row(s) with {status.replace('_', ' ')}" for (protocol, status), n in
-                        by_reason.items())
+            + ", ".join(
+                f"{n} {protocol} row(s) with {status.replace('_', ' ')}" for (protocol, status), n in by_reason.items()
+            )
             + f" of {len(scores)}.",
             UserWarning,
             stacklevel=2,
@@ -478,7 +491,10 @@ def sample_at_spots(
     if table.n_vars == 0:
         raise ValueError(f"`table_key={table_key!r}` has no gene; it must be a spot table (spots x genes counts).")
     spots = spots_from_table(
-        sdata, table_key, genes=[str(table.var_names[0])], in_tissue_only=in_tissue_only,
+        sdata,
+        table_key,
+        genes=[str(table.var_names[0])],
+        in_tissue_only=in_tissue_only,
         coordinate_system=coordinate_system,
     )
     grid = raster_geometry(element, coordinate_system=coordinate_system, arg="layer_key")
@@ -488,7 +504,9 @@ def sample_at_spots(
     per_chunk = max(1, int(2**28 // (8 * grid.height * grid.width)))
     parts = [
         sum_over_spots(
-            np.asarray(data.sel(c=read[start : start + per_chunk]).data, dtype=np.float64), grid, spots.centres,
+            np.asarray(data.sel(c=read[start : start + per_chunk]).data, dtype=np.float64),
+            grid,
+            spots.centres,
             2 * spots.radius,
         )
         for start in range(0, len(read), per_chunk)
@@ -524,9 +542,15 @@ def sample_at_spots(
         layers={"counts": counts.astype(np.float32)},
     )
     out.obsm["spatial"] = spots.centres[:, ::-1].copy()
-    out.uns["c3diff"] = {"sample_at_spots": {
-        "layer_key": layer_key, "table_key": table_key, "normalize": bool(normalize), "library_key": library_key,
-        "target_sum": float(target_sum), "spot_diameter_um": 2 * spots.radius, "units": (
-            f"log1p(counts / library * {target_sum:g})" if normalize else "counts per spot"),
-    }}
+    out.uns["c3diff"] = {
+        "sample_at_spots": {
+            "layer_key": layer_key,
+            "table_key": table_key,
+            "normalize": bool(normalize),
+            "library_key": library_key,
+            "target_sum": float(target_sum),
+            "spot_diameter_um": 2 * spots.radius,
+            "units": (f"log1p(counts / library * {target_sum:g})" if normalize else "counts per spot"),
+        }
+    }
     return out

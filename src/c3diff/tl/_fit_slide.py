@@ -87,8 +87,10 @@ def _spot_diameter(sdata: SpatialData, table_key: str, *, coordinate_system: str
     m = transform_matrix(shapes, coordinate_system=coordinate_system, arg=f"shapes {region!r}")
     radius = float(np.median(shapes["radius"].to_numpy()))
     if not (np.isfinite(radius) and radius > 0):
-        raise ValueError(f"The circles {region!r} of `table_key={table_key!r}` have no positive radius (spot "
-                         f"diameter), got {radius!r}.")
+        raise ValueError(
+            f"The circles {region!r} of `table_key={table_key!r}` have no positive radius (spot "
+            f"diameter), got {radius!r}."
+        )
     return 2.0 * radius * math.sqrt(abs(np.linalg.det(m[:2, :2])))
 
 
@@ -99,8 +101,9 @@ def _array_coordinates(obs, n: int) -> tuple[np.ndarray | None, bool]:
         if row_key in obs and col_key in obs:
             rows = np.asarray(obs[row_key].to_numpy(), dtype=np.int64)
             cols = np.asarray(obs[col_key].to_numpy(), dtype=np.int64)
-            hexagonal = bool(row_key == "array_row" and n > 1 and np.all((rows + cols) % 2 == 0)
-                             and len(np.unique(rows % 2)) > 1)
+            hexagonal = bool(
+                row_key == "array_row" and n > 1 and np.all((rows + cols) % 2 == 0) and len(np.unique(rows % 2)) > 1
+            )
             return np.stack([rows, cols], axis=1), hexagonal
     return None, False
 
@@ -121,8 +124,13 @@ def slide_spots(
     layout = _spot_layout(sdata, table_key)
     pitch = float(layout.get("pitch_um") or spots.pitch)
     return SlideSpots(
-        centres=spots.centres[keep], counts=np.asarray(spots.counts, dtype=np.float64)[keep], library=library[keep],
-        array=None if array is None else array[keep], diameter=diameter, pitch=pitch, hexagonal=hexagonal,
+        centres=spots.centres[keep],
+        counts=np.asarray(spots.counts, dtype=np.float64)[keep],
+        library=library[keep],
+        array=None if array is None else array[keep],
+        diameter=diameter,
+        pitch=pitch,
+        hexagonal=hexagonal,
     )
 
 
@@ -149,8 +157,12 @@ def pool_spots(spots: SlideSpots, pool: int) -> PooledSpots:
     new_index = np.full(n_blocks, -1, dtype=np.int64)
     new_index[kept] = np.arange(int(kept.sum()))
     return PooledSpots(
-        centres=summed(spots.centres) / members[:, None], counts=summed(spots.counts), library=summed(spots.library),
-        members=members, blocks=keys[kept], block_of_spot=new_index[block_id],
+        centres=summed(spots.centres) / members[:, None],
+        counts=summed(spots.counts),
+        library=summed(spots.library),
+        members=members,
+        blocks=keys[kept],
+        block_of_spot=new_index[block_id],
     )
 
 
@@ -164,8 +176,12 @@ def pooled_sdata(pooled: PooledSpots, spots: SlideSpots, genes: list[str], *, po
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*not whole numbers.*")
         return spots_from_arrays(
-            per_member, pooled.centres[:, ::-1], genes=genes, spot_diameter=spots.diameter,
-            pitch=spots.pitch * pool, obs={"total_counts": pooled.library / pooled.members},
+            per_member,
+            pooled.centres[:, ::-1],
+            genes=genes,
+            spot_diameter=spots.diameter,
+            pitch=spots.pitch * pool,
+            obs={"total_counts": pooled.library / pooled.members},
             layout=f"pooled {pool}x{pool}",
         )
 
@@ -217,16 +233,20 @@ def _start_model(model: Any, genes: list[str]):
     if isinstance(model, str) and model in PRESETS:
         fresh = build_model(model, genes=genes)
         if fresh.mean_net is None:
-            raise ValueError(f"`model={model!r}` has no conditional-mean stage; fit_slide needs a residual preset "
-                             "('tiny' or 'residual').")
+            raise ValueError(
+                f"`model={model!r}` has no conditional-mean stage; fit_slide needs a residual preset "
+                "('tiny' or 'residual')."
+            )
         return fresh, f"preset {model!r}"
     if isinstance(model, str | Path):
         source, name = from_pretrained(str(model)), str(model)
     elif isinstance(model, C3DiffModel):
         source, name = model, type(model).__name__
     else:
-        raise TypeError(f"`model` must be a preset name ({sorted(PRESETS)}), a model folder or a C3DiffModel, got "
-                        f"{type(model).__name__}.")
+        raise TypeError(
+            f"`model` must be a preset name ({sorted(PRESETS)}), a model folder or a C3DiffModel, got "
+            f"{type(model).__name__}."
+        )
     config = config_kwargs(source.config)
     config.update(genes=list(genes), mean_fitted=False, training_data=None)
     if source.mean_net is None:  # a paper-formulation model: its geometry and hint encoders, a fresh mean stage
@@ -375,8 +395,9 @@ def fit_slide(
     pseudo = pooled_sdata(pooled, spots, list(genes), pool=int(pool))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*not whole numbers.*")
-        raster, _ = spots_to_grid(pseudo, table_key="table", genes=list(genes), origin=(hist_grid.y0, hist_grid.x0),
-                                  inplace=False)
+        raster, _ = spots_to_grid(
+            pseudo, table_key="table", genes=list(genes), origin=(hist_grid.y0, hist_grid.x0), inplace=False
+        )
     # the LR grid of super_resolve: the image's extent (0 where no spot reaches), its edge repeated past it
     n_lr_y, n_lr_x = math.ceil(hist_grid.height / lr_factor), math.ceil(hist_grid.width / lr_factor)
     values = np.asarray(raster.data, dtype=np.float32)[:, :n_lr_y, :n_lr_x]
@@ -430,12 +451,14 @@ def fit_slide(
         for _ in range(steps):
             picks = rng.choice(len(origins), size=min(batch_size, len(origins)), replace=False)
             k = min(genes_per_tile, n_genes)
-            histology, lr_norm, lr_counts, gene_index, patch_index, tile_of = [], [], [], [], [], []
+            histology, lr_norm, lr_counts, gene_index, patch_index = [], [], [], [], []
             for t, pick in enumerate(picks):
                 r, c, _ = origins[pick]
                 chosen = rng.choice(n_genes, size=k, replace=False)
                 hist = window(rgb, r, c, size, 255).astype(np.float32) / 255.0
-                lr = lr_full[chosen, r // lr_factor : r // lr_factor + lr_size, c // lr_factor : c // lr_factor + lr_size]
+                lr = lr_full[
+                    chosen, r // lr_factor : r // lr_factor + lr_size, c // lr_factor : c // lr_factor + lr_size
+                ]
                 histology.append(np.broadcast_to(hist, (k, *hist.shape)))
                 lr_norm.append(minmax_normalize(lr)[0])
                 lr_counts.append(lr)
@@ -447,8 +470,13 @@ def fit_slide(
             genes_t = torch.as_tensor(np.concatenate(gene_index), device=device)
             missing = torch.zeros(len(genes_t), dtype=torch.bool, device=device)
             h_hint, st_hint, inverse, _, first = fitted._features(
-                histology_t, lr_t, genes_t, missing, patch_index=torch.as_tensor(np.concatenate(patch_index)),
-                generator=generator, contrastive=False,
+                histology_t,
+                lr_t,
+                genes_t,
+                missing,
+                patch_index=torch.as_tensor(np.concatenate(patch_index)),
+                generator=generator,
+                contrastive=False,
             )
             logits = fitted.mean_logits(h_hint, histology_t[first], st_hint, lr_t, genes_t, inverse)
             shares = fitted.mean_log_shares(logits).exp()[:, 0]
@@ -458,9 +486,14 @@ def fit_slide(
             for t, pick in enumerate(picks):
                 r, c, inside = origins[pick]
                 items = slice(t * k, (t + 1) * k)
-                lam = footprint_sums(mu[items], torch.as_tensor(rows[inside], device=device),
-                                     torch.as_tensor(cols[inside], device=device),
-                                     torch.as_tensor(weights[inside], dtype=mu.dtype, device=device), r, c)
+                lam = footprint_sums(
+                    mu[items],
+                    torch.as_tensor(rows[inside], device=device),
+                    torch.as_tensor(cols[inside], device=device),
+                    torch.as_tensor(weights[inside], dtype=mu.dtype, device=device),
+                    r,
+                    c,
+                )
                 y = counts_t[inside][:, torch.as_tensor(gene_index[t])].T.to(device)  # (k, n_spots)
                 lam = lam.clamp_min(1e-6)
                 nll = nll + (lam - y * torch.log(lam)).sum()

@@ -62,8 +62,13 @@ def spot_footprints(
 
     spots = spots_from_table(sdata, table_key, genes=genes, coordinate_system=coordinate_system)
     weights = spot_footprint(grid, spots.centres, spots.radius)
-    return Footprints(weights=weights, centres=np.asarray(spots.centres, dtype=np.float64),
-                      counts=np.asarray(spots.counts, dtype=np.float64), pitch=float(spots.pitch), kind="spots")
+    return Footprints(
+        weights=weights,
+        centres=np.asarray(spots.centres, dtype=np.float64),
+        counts=np.asarray(spots.counts, dtype=np.float64),
+        pitch=float(spots.pitch),
+        kind="spots",
+    )
 
 
 def bin_footprints(lr_counts: np.ndarray, bin_size: float, grid: RasterGeometry) -> Footprints:
@@ -158,8 +163,14 @@ def match_footprints(
     full_area = np.asarray(footprints.weights.sum(axis=1)).ravel()
     tissue_area = np.asarray(weights.sum(axis=1)).ravel()
     used = (full_area > 0) & (tissue_area >= MIN_FOOTPRINT_ON_TISSUE * np.where(full_area > 0, full_area, 1.0))
-    summary = {"kind": footprints.kind, "matched": int(used.sum()), "left_out": int((~used).sum()), "rounds": 0,
-               "max_relative_error": 0.0, "tolerance": tolerance}
+    summary = {
+        "kind": footprints.kind,
+        "matched": int(used.sum()),
+        "left_out": int((~used).sum()),
+        "rounds": 0,
+        "max_relative_error": 0.0,
+        "tolerance": tolerance,
+    }
     if not used.any() or on_tissue.size == 0:
         return summary
     weights = weights[np.flatnonzero(used)]

@@ -31,8 +31,15 @@ def available_memory() -> int | None:
 
 
 def bytes_per_gene(
-    *, out_shape: tuple[int, int], lr_shape: tuple[int, int], n_tiles: int, lr_tile: int, out_tile: int,
-    n_layers: int, streamed: bool, spots: bool = False,
+    *,
+    out_shape: tuple[int, int],
+    lr_shape: tuple[int, int],
+    n_tiles: int,
+    lr_tile: int,
+    out_tile: int,
+    n_layers: int,
+    streamed: bool,
+    spots: bool = False,
 ) -> int:
     """Bytes super_resolve holds per gene: the LR raster (and, from ``spots``, its RBF fill), the tiles' LR inputs
     and predictions, and - unless the output is streamed to a store - each output layer twice (the weighted sums and
@@ -64,8 +71,10 @@ def check_memory(
     if not streamed and streamed_per_gene:
         fit_streamed = max(0, math.floor(budget / streamed_per_gene))
         if fit_streamed > fit:
-            stream = (f", or pass `store=\"out.zarr\"` to stream the output layers to disk (then at most "
-                      f"{min(fit_streamed, n_genes)} genes fit)")
+            stream = (
+                f', or pass `store="out.zarr"` to stream the output layers to disk (then at most '
+                f"{min(fit_streamed, n_genes)} genes fit)"
+            )
     raise MemoryError(
         f"super_resolve: `{arg}` has {n_genes} genes, which would need {needed / 2**30:.1f} GiB of memory, but "
         f"{available / 2**30:.1f} GiB are available ({MEMORY_SHARE:.0%} of it usable): at most {fit} genes fit. "

@@ -128,8 +128,10 @@ def _load_model(model: Any, revision: str | None):
     if model is None:
         from c3diff.models.bundled import MODEL_CHOICES
 
-        raise ValueError(f"`model` is required with method='c3diff', got None. Pass {MODEL_CHOICES}; or use "
-                         "method='bicubic', which needs no model.")
+        raise ValueError(
+            f"`model` is required with method='c3diff', got None. Pass {MODEL_CHOICES}; or use "
+            "method='bicubic', which needs no model."
+        )
     if isinstance(model, str | Path):
         from c3diff.models import from_pretrained
 
@@ -176,7 +178,11 @@ def _transformations_like(image: Any, grid: RasterGeometry, coordinate_system: s
 
 
 def _to_counts(
-    pred: np.ndarray, std: np.ndarray | None, lr_counts: np.ndarray, lr_mask: np.ndarray, per_lr: int,
+    pred: np.ndarray,
+    std: np.ndarray | None,
+    lr_counts: np.ndarray,
+    lr_mask: np.ndarray,
+    per_lr: int,
     calibration: str = "lr_pixel",
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Map a [0, 1] tile prediction ``(G, h, w)`` to counts per output pixel (see :data:`UNITS`).
@@ -219,7 +225,11 @@ def _tile_calibration(
 
 
 def _lr_pixel_calibration(
-    pred: np.ndarray, counts: np.ndarray, factors: np.ndarray, lr_counts: np.ndarray, lr_mask: np.ndarray,
+    pred: np.ndarray,
+    counts: np.ndarray,
+    factors: np.ndarray,
+    lr_counts: np.ndarray,
+    lr_mask: np.ndarray,
     per_lr: int,
 ) -> tuple[np.ndarray, np.ndarray]:
     n_genes, height, width = pred.shape
@@ -273,19 +283,27 @@ def _temporary_store(store: str | Path, sdata: SpatialData, key: str, *, overwri
     final = Path(store).expanduser().absolute()
     if final.exists() and not (final.is_dir() and not any(final.iterdir())):
         layers = sdata.attrs.get(ATTRS_KEY, {})
-        owner = [k for k, v in layers.items() if isinstance(v, dict) and v.get("params", {}).get("store") in
-                 (str(final), str(final.resolve()))]
+        owner = [
+            k
+            for k, v in layers.items()
+            if isinstance(v, dict) and v.get("params", {}).get("store") in (str(final), str(final.resolve()))
+        ]
         if not (overwrite and owner == [key]):
             held = f" and holds the layer {owner[0]!r}" if owner else ""
             raise ValueError(
                 f"`store={str(store)!r}` already exists{held}. A store holds one layer: writing another into it would "
                 "change the layer it holds. Pass a new path for `store`"
-                + (", or overwrite=True with that layer's `key_added` to replace it." if owner else
-                   ", or delete the folder if no layer uses it.")
+                + (
+                    ", or overwrite=True with that layer's `key_added` to replace it."
+                    if owner
+                    else ", or delete the folder if no layer uses it."
+                )
             )
     if not final.parent.is_dir():
-        raise FileNotFoundError(f"`store={str(store)!r}`: the folder {str(final.parent)!r} does not exist; create it "
-                                "or choose another path.")
+        raise FileNotFoundError(
+            f"`store={str(store)!r}`: the folder {str(final.parent)!r} does not exist; create it "
+            "or choose another path."
+        )
     for stale in final.parent.glob(f".{final.name}.c3diff-tmp-*"):
         pid = stale.name.rsplit("-", 1)[-1]
         if pid.isdigit() and int(pid) != os.getpid():
@@ -382,7 +400,8 @@ def super_resolve(
     model
         A c3diff model object, a local folder written by ``save_pretrained``, or a Hugging Face Hub repo id.
     method
-        ``"c3diff"`` (the model) or ``"bicubic"`` (bicubic upsampling of the LR map through the same path: the baseline).
+        ``"c3diff"`` (the model) or ``"bicubic"`` (bicubic upsampling of the LR map through the same path: the
+        baseline).
     mode
         What a model with a conditional-mean stage (``formulation="residual"``, e.g. the bundled demo model)
         computes. ``"mean"`` (the default for such models): the expected map, one deterministic forward pass per
@@ -452,7 +471,8 @@ def super_resolve(
     --------
     >>> import c3diff as c3
     >>> sdata = c3.datasets.simulate_section(seed=0)  # doctest: +SKIP
-    >>> c3.tl.super_resolve(sdata, "hne", table_key="visium_table", model="org/c3diff-breast", revision="v1")  # doctest: +SKIP
+    >>> c3.tl.super_resolve(sdata, "hne", table_key="visium_table", model="org/c3diff-breast",
+    ...                     revision="v1")  # doctest: +SKIP
     >>> c3.tl.super_resolve(sdata, "hne", table_key="visium_table", method="bicubic")  # doctest: +SKIP
     """
     from tqdm.auto import tqdm
@@ -469,8 +489,11 @@ def super_resolve(
     chosen = {k: defaults[k] for k, v in (("steps", steps), ("batch_size", batch_size)) if v is None}
     steps = defaults["steps"] if steps is None else steps
     batch_size = defaults["batch_size"] if batch_size is None else batch_size
-    for name, value, low in (("steps", steps, 1), ("n_samples", 1 if n_samples is None else n_samples, 1),
-                             ("batch_size", batch_size, 1)):
+    for name, value, low in (
+        ("steps", steps, 1),
+        ("n_samples", 1 if n_samples is None else n_samples, 1),
+        ("batch_size", batch_size, 1),
+    ):
         if not isinstance(value, int | np.integer) or value < low:
             raise ValueError(f"`{name}` must be an integer >= {low}, got {value!r}.")
     if not 0.0 <= eta <= 1.0:
@@ -496,8 +519,10 @@ def super_resolve(
         geometry = _model_geometry(model_obj)
         has_mean = getattr(model_obj, "mean_net", None) is not None
         if mode == "mean" and not has_mean:
-            raise ValueError("`mode='mean'` needs a model with a conditional-mean stage (formulation='residual'); "
-                             "this model only samples: pass mode='sample' or None.")
+            raise ValueError(
+                "`mode='mean'` needs a model with a conditional-mean stage (formulation='residual'); "
+                "this model only samples: pass mode='sample' or None."
+            )
         mode = mode or ("mean" if has_mean else "sample")
         if scale > geometry["scale"]:
             raise ValueError(f"This model was trained for {geometry['scale']}x; it cannot predict {scale}x.")
@@ -531,15 +556,19 @@ def super_resolve(
                 f"{len(missing)} of the {len(genes)} gene(s) to predict are not in {where}: {shown}. Pass `genes` to "
                 "choose a subset, or `drop_missing_genes=True` to skip them."
             )
-        warnings.warn(f"super_resolve: dropping {len(missing)} gene(s) absent from the data: {missing}.",
-                      UserWarning, stacklevel=2)
+        warnings.warn(
+            f"super_resolve: dropping {len(missing)} gene(s) absent from the data: {missing}.",
+            UserWarning,
+            stacklevel=2,
+        )
         genes = [g for g in genes if g not in set(missing)]
 
     key = key_added or f"{image_key}_{method}_x{scale}"
     if inplace:
         writes_std = n_samples > 1 and method == "c3diff" and mode == "sample"
-        check_key_added(sdata, [key, *([f"{key}_std"] if writes_std else [])], overwrite=overwrite,
-                        inputs=(image_key, source_key))
+        check_key_added(
+            sdata, [key, *([f"{key}_std"] if writes_std else [])], overwrite=overwrite, inputs=(image_key, source_key)
+        )
     store_tmp = None if store is None else _temporary_store(store, sdata, key, overwrite=overwrite and inplace)
 
     hist_px = HISTOLOGY_PIXEL_SIZE
@@ -558,21 +587,36 @@ def super_resolve(
     sizes = dict(  # the memory is checked before the LR rasters and the output are allocated
         out_shape=(math.ceil(hist_grid.height / out_factor), math.ceil(hist_grid.width / out_factor)),
         lr_shape=(math.ceil(hist_grid.height / lr_factor), math.ceil(hist_grid.width / lr_factor)),
-        n_tiles=len(plan_tiles(hist_grid.height, hist_grid.width, size=size, stride=stride)), lr_tile=lr_size,
-        out_tile=size // out_factor, n_layers=2 if n_samples > 1 and method == "c3diff" else 1,
+        n_tiles=len(plan_tiles(hist_grid.height, hist_grid.width, size=size, stride=stride)),
+        lr_tile=lr_size,
+        out_tile=size // out_factor,
+        n_layers=2 if n_samples > 1 and method == "c3diff" else 1,
         spots=source_kind == "table",
     )
-    check_memory(len(genes), bytes_per_gene(**sizes, streamed=store is not None), streamed=store is not None,
-                 streamed_per_gene=bytes_per_gene(**sizes, streamed=True))
+    check_memory(
+        len(genes),
+        bytes_per_gene(**sizes, streamed=store is not None),
+        streamed=store is not None,
+        streamed_per_gene=bytes_per_gene(**sizes, streamed=True),
+    )
     if source_kind == "table":
         raster, mask = spots_to_grid(
-            sdata, table_key=source_key, genes=genes, image_key=image_key, inplace=False,
+            sdata,
+            table_key=source_key,
+            genes=genes,
+            image_key=image_key,
+            inplace=False,
             coordinate_system=coordinate_system,
         )
         lr_full, lr_mask = np.asarray(raster.data, dtype=np.float32), np.asarray(mask.data, dtype=np.uint8)
     else:
         raster = bin_transcripts(
-            sdata, points_key=source_key, bin_size=LR_PIXEL_SIZE, genes=genes, image_key=image_key, inplace=False,
+            sdata,
+            points_key=source_key,
+            bin_size=LR_PIXEL_SIZE,
+            genes=genes,
+            image_key=image_key,
+            inplace=False,
             coordinate_system=coordinate_system,
         )
         lr_full = np.asarray(raster.data, dtype=np.float32)
@@ -589,8 +633,12 @@ def super_resolve(
     plan = plan_tiles(hist_grid.height, hist_grid.width, size=size, stride=stride, keep=tissue)
 
     out_grid = RasterGeometry(
-        y0=hist_grid.y0, x0=hist_grid.x0, sy=hist_px * out_factor, sx=hist_px * out_factor,
-        height=math.ceil(hist_grid.height / out_factor), width=math.ceil(hist_grid.width / out_factor),
+        y0=hist_grid.y0,
+        x0=hist_grid.x0,
+        sy=hist_px * out_factor,
+        sx=hist_px * out_factor,
+        height=math.ceil(hist_grid.height / out_factor),
+        width=math.ceil(hist_grid.width / out_factor),
     )
     out_size = size // out_factor
     per_lr = lr_factor // out_factor  # output pixels per LR pixel
@@ -613,11 +661,13 @@ def super_resolve(
     batches = []
     for group in groups:
         lr = np.stack([lr_window(t)[0] for t in group])
-        batches.append(TileBatch(
-            histology=np.stack([window(rgb, t.row, t.col, size, 255) for t in group]),
-            lr=minmax_normalize(lr)[0],
-            seeds=tuple(int(seed) + t.index for t in group),
-        ))
+        batches.append(
+            TileBatch(
+                histology=np.stack([window(rgb, t.row, t.col, size, 255) for t in group]),
+                lr=minmax_normalize(lr)[0],
+                seeds=tuple(int(seed) + t.index for t in group),
+            )
+        )
 
     # --- run -------------------------------------------------------------------------------------------------
     if method == "c3diff":
@@ -625,10 +675,21 @@ def super_resolve(
 
         model_genes = _model_geometry(model_obj)["genes"]
         predictor = ModelPredictor(
-            revision=revision, gene_indices=tuple(model_genes.index(g) for g in genes), scale=scale, steps=steps,
-            eta=float(eta), n_samples=n_samples if mode == "sample" else 1, device=device, mode=mode,
-            gene_batch_size=auto_gene_batch_size(model_obj, len(genes), mode=mode, device=resolve_device(device),
-                                                 n_samples=n_samples if mode == "sample" else 1),
+            revision=revision,
+            gene_indices=tuple(model_genes.index(g) for g in genes),
+            scale=scale,
+            steps=steps,
+            eta=float(eta),
+            n_samples=n_samples if mode == "sample" else 1,
+            device=device,
+            mode=mode,
+            gene_batch_size=auto_gene_batch_size(
+                model_obj,
+                len(genes),
+                mode=mode,
+                device=resolve_device(device),
+                n_samples=n_samples if mode == "sample" else 1,
+            ),
         )
         client = active_client()
         if client is not None:
@@ -643,19 +704,20 @@ def super_resolve(
         predictor, model_arg = BicubicPredictor(factor=per_lr, out_size=out_size), None
 
     weight = blend_window(out_size, (size - stride) // out_factor)
-    mean_acc = BlendAccumulator(len(genes), out_grid.height, out_grid.width, chunk=256,
-                                store=None if store is None else store_tmp / "mean")
+    mean_acc = BlendAccumulator(
+        len(genes), out_grid.height, out_grid.width, chunk=256, store=None if store is None else store_tmp / "mean"
+    )
     std_acc = None
     if n_samples > 1 and method == "c3diff" and mode == "sample":
-        std_acc = BlendAccumulator(len(genes), out_grid.height, out_grid.width, chunk=256,
-                                   store=None if store is None else store_tmp / "std")
+        std_acc = BlendAccumulator(
+            len(genes), out_grid.height, out_grid.width, chunk=256, store=None if store is None else store_tmp / "std"
+        )
     bar = tqdm(total=len(plan), desc=f"super_resolve ({method})", unit="tile", disable=not progress)
     for b, (mean, std) in run_tasks(run_predictor, batches, extra_args=(predictor, model_arg)):
         group = groups[b]
         for k, tile in enumerate(group):
             lr_counts, mask = lr_window(tile)
-            counts, spread = _to_counts(mean[k], None if std is None else std[k], lr_counts, mask, per_lr,
-                                        calibration)
+            counts, spread = _to_counts(mean[k], None if std is None else std[k], lr_counts, mask, per_lr, calibration)
             row, col = tile.row // out_factor, tile.col // out_factor
             mean_acc.add(row, col, counts, weight)
             if std_acc is not None and spread is not None:
@@ -665,12 +727,17 @@ def super_resolve(
 
     transformations = _transformations_like(image, out_grid, coordinate_system)
     results = [acc.result() for acc in (mean_acc, std_acc) if acc is not None]
-    arrays = tuple(acc.values if acc.store is not None else r  # in place: the store, or the in-memory result
-                   for acc, r in zip((mean_acc, std_acc), results, strict=False))
+    arrays = tuple(
+        acc.values if acc.store is not None else r  # in place: the store, or the in-memory result
+        for acc, r in zip((mean_acc, std_acc), results, strict=False)
+    )
     on_tissue = layer_tissue_mask(tissue, out_factor, (out_grid.height, out_grid.width))  # one mask, every method
     zero_off_tissue(arrays, on_tissue)
-    footprints = (spot_footprints(sdata, source_key, genes, out_grid, coordinate_system=coordinate_system)
-                  if source_kind == "table" else bin_footprints(lr_full, LR_PIXEL_SIZE, out_grid))
+    footprints = (
+        spot_footprints(sdata, source_key, genes, out_grid, coordinate_system=coordinate_system)
+        if source_kind == "table"
+        else bin_footprints(lr_full, LR_PIXEL_SIZE, out_grid)
+    )
     footprint_fit = match_footprints(arrays[0], out_grid, footprints, on_tissue, others=arrays[1:])
     if store is not None:  # complete: only now does the layer appear at `store`
         results = _publish_store(store_tmp, Path(store), len(results))
@@ -687,11 +754,28 @@ def super_resolve(
     elif replaced_std is not None and replaced_std in sdata.images:
         del sdata.images[replaced_std]  # the replaced layer's uncertainty, which would no longer match its layer
     record(
-        sdata, key, "super_resolve", image_key=image_key, source=f"{source_kind}:{source_key}", method=method,
+        sdata,
+        key,
+        "super_resolve",
+        image_key=image_key,
+        source=f"{source_kind}:{source_key}",
+        method=method,
         model=model_id if model_id is not None else (type(model_obj).__name__ if model_obj is not None else None),
-        revision=revision, scale=scale, mode=mode, steps=steps, eta=eta, n_samples=n_samples, seed=seed, tile_size=size,
-        overlap=size - stride, n_tiles=len(plan), genes=genes, units=UNITS, calibration=calibration,
-        pixel_size_um=out_grid.sy, footprints=footprint_fit,
+        revision=revision,
+        scale=scale,
+        mode=mode,
+        steps=steps,
+        eta=eta,
+        n_samples=n_samples,
+        seed=seed,
+        tile_size=size,
+        overlap=size - stride,
+        n_tiles=len(plan),
+        genes=genes,
+        units=UNITS,
+        calibration=calibration,
+        pixel_size_um=out_grid.sy,
+        footprints=footprint_fit,
         std_key=f"{key}_std" if layers["std"] is not None else None,
         store=None if store is None else str(Path(store).resolve()),
     )

@@ -99,8 +99,12 @@ class BlendAccumulator:
             import zarr
 
             self.values = zarr.open_array(
-                str(store), mode="w", shape=self.shape, chunks=(1, min(chunk, height), min(chunk, width)),
-                dtype="float32", fill_value=0.0,
+                str(store),
+                mode="w",
+                shape=self.shape,
+                chunks=(1, min(chunk, height), min(chunk, width)),
+                dtype="float32",
+                fill_value=0.0,
             )
 
     def add(self, row: int, col: int, values: np.ndarray, weight: np.ndarray) -> None:

@@ -146,7 +146,9 @@ def _patches_from(
         elif isinstance(item, str | Path):
             patches = PatchSet.load(item)
         else:
-            raise TypeError(f"`{arg}[{i}]` must be a SpatialData, a PatchSet or a patch file, got {type(item).__name__}.")
+            raise TypeError(
+                f"`{arg}[{i}]` must be a SpatialData, a PatchSet or a patch file, got {type(item).__name__}."
+            )
         for sample in patches.samples:  # distinct sections must not share a sample id (splits are by sample)
             if sample in seen and seen[sample] != i:
                 patches.sample_id = np.where(patches.sample_id == sample, f"{sample}#{i}", patches.sample_id)
@@ -211,7 +213,9 @@ def _check_output_dir(output_dir: str | Path) -> Path:
         probe.write_text("ok")
         probe.unlink()
     except OSError as err:
-        raise PermissionError(f"`output_dir={str(path)!r}` is not writable ({err.strerror}); choose another folder.") from err
+        raise PermissionError(
+            f"`output_dir={str(path)!r}` is not writable ({err.strerror}); choose another folder."
+        ) from err
     return path
 
 
@@ -219,13 +223,20 @@ def _latest_checkpoint(output_dir: Path) -> Path | None:
     """The newest complete checkpoint (``checkpoints/step-N`` with its state file), after cleaning up after a
     killed run (see :func:`_clean_checkpoints`)."""
     _clean_checkpoints(output_dir / "checkpoints")
-    steps = [(int(m.group(1)), p) for p in (output_dir / "checkpoints").glob("step-*")
-             if (m := _CHECKPOINT_NAME.fullmatch(p.name)) and p.is_dir()]
+    steps = [
+        (int(m.group(1)), p)
+        for p in (output_dir / "checkpoints").glob("step-*")
+        if (m := _CHECKPOINT_NAME.fullmatch(p.name)) and p.is_dir()
+    ]
     incomplete = [p.name for _, p in steps if not (p / _STATE_FILE).exists()]
     if incomplete:
-        warnings.warn(f"`resume='latest'`: ignoring incomplete checkpoint folder(s) {sorted(incomplete)} under "
-                      f"{str(output_dir / 'checkpoints')!r} (no {_STATE_FILE}; written by a run that was killed); "
-                      "delete them to silence this warning.", UserWarning, stacklevel=3)
+        warnings.warn(
+            f"`resume='latest'`: ignoring incomplete checkpoint folder(s) {sorted(incomplete)} under "
+            f"{str(output_dir / 'checkpoints')!r} (no {_STATE_FILE}; written by a run that was killed); "
+            "delete them to silence this warning.",
+            UserWarning,
+            stacklevel=3,
+        )
     complete = sorted((n, p) for n, p in steps if (p / _STATE_FILE).exists())
     return complete[-1][1] if complete else None
 
@@ -261,7 +272,7 @@ def _clean_checkpoints(folder: Path) -> None:
     if not folder.is_dir():
         return
     for path in sorted(folder.glob(".old-*")):
-        name = path.name[len(".old-"):].rsplit("-", 1)[0]
+        name = path.name[len(".old-") :].rsplit("-", 1)[0]
         if not (folder / name).exists():
             try:
                 path.rename(folder / name)
@@ -302,8 +313,9 @@ def _mixed_precision(value: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- validation
-def _validation_losses(model, loader, *, seed: int, max_batches: int, stage: str = "diffusion",
-                       mean_loss: str = "multinomial") -> dict[str, float]:
+def _validation_losses(
+    model, loader, *, seed: int, max_batches: int, stage: str = "diffusion", mean_loss: str = "multinomial"
+) -> dict[str, float]:
     generator = torch.Generator(device=model.device).manual_seed(seed)
     sums: dict[str, float] = {}
     n = 0
@@ -375,9 +387,12 @@ def _global_rng_state() -> dict[str, Any]:
     numpy_state = np.random.get_state(legacy=False)
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
-        "numpy": {"key": torch.from_numpy(numpy_state["state"]["key"].astype(np.int64)),
-                  "pos": int(numpy_state["state"]["pos"]), "has_gauss": int(numpy_state["has_gauss"]),
-                  "gauss": float(numpy_state["gauss"])},
+        "numpy": {
+            "key": torch.from_numpy(numpy_state["state"]["key"].astype(np.int64)),
+            "pos": int(numpy_state["state"]["pos"]),
+            "has_gauss": int(numpy_state["has_gauss"]),
+            "gauss": float(numpy_state["gauss"]),
+        },
         "python": random.getstate(),
     }
     if torch.cuda.is_available():
@@ -388,9 +403,14 @@ def _global_rng_state() -> dict[str, Any]:
 def _set_global_rng_state(state: Mapping[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     numpy_state = state["numpy"]
-    np.random.set_state({"bit_generator": "MT19937",
-                         "state": {"key": numpy_state["key"].numpy().astype(np.uint32), "pos": numpy_state["pos"]},
-                         "has_gauss": numpy_state["has_gauss"], "gauss": numpy_state["gauss"]})
+    np.random.set_state(
+        {
+            "bit_generator": "MT19937",
+            "state": {"key": numpy_state["key"].numpy().astype(np.uint32), "pos": numpy_state["pos"]},
+            "has_gauss": numpy_state["has_gauss"],
+            "gauss": numpy_state["gauss"],
+        }
+    )
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
@@ -416,16 +436,21 @@ def _load_checkpoint(path: Path) -> tuple[C3DiffModel, dict, Any, dict[str, Any]
     from c3diff.models import from_pretrained
 
     if not path.is_dir():
-        raise FileNotFoundError(f"`resume`: no checkpoint folder at {str(path)!r}; pass 'latest' or a "
-                                "`checkpoints/step-N` folder of the run's `output_dir`.")
+        raise FileNotFoundError(
+            f"`resume`: no checkpoint folder at {str(path)!r}; pass 'latest' or a "
+            "`checkpoints/step-N` folder of the run's `output_dir`."
+        )
     if not (path / _STATE_FILE).exists():
-        raise FileNotFoundError(f"`resume`: {str(path)!r} is not a c3diff checkpoint (no {_STATE_FILE}); it may have "
-                                "been cut short by a killed run. Pass resume='latest' to take the newest complete one.")
+        raise FileNotFoundError(
+            f"`resume`: {str(path)!r} is not a c3diff checkpoint (no {_STATE_FILE}); it may have "
+            "been cut short by a killed run. Pass resume='latest' to take the newest complete one."
+        )
     model = from_pretrained(str(path / "model"))
     optimizer_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
     generator_state = torch.load(path / "generator.pt", map_location="cpu", weights_only=True)
-    rng_state = (torch.load(path / _RNG_FILE, map_location="cpu", weights_only=True)
-                 if (path / _RNG_FILE).exists() else None)  # (checkpoints of c3diff <= 0.1 have no global streams)
+    rng_state = (
+        torch.load(path / _RNG_FILE, map_location="cpu", weights_only=True) if (path / _RNG_FILE).exists() else None
+    )  # (checkpoints of c3diff <= 0.1 have no global streams)
     return model, optimizer_state, generator_state, rng_state, json.loads((path / _STATE_FILE).read_text())
 
 
@@ -638,8 +663,12 @@ def train(
     from tqdm.auto import tqdm
 
     # ---- validate everything before any work ------------------------------------------------------------------
-    for name, value in (("epochs", epochs), ("batch_size", batch_size), ("gradient_accumulation_steps",
-                        gradient_accumulation_steps), ("checkpoint_every", checkpoint_every)):
+    for name, value in (
+        ("epochs", epochs),
+        ("batch_size", batch_size),
+        ("gradient_accumulation_steps", gradient_accumulation_steps),
+        ("checkpoint_every", checkpoint_every),
+    ):
         if not isinstance(value, int | np.integer) or value < 1:
             raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
     if learning_rate <= 0:
@@ -678,23 +707,38 @@ def train(
     genes_model = net.genes
     scale_model = int(net.config.scale)
     patch_size = int(net.config.image_size)
-    patch_kwargs = {"image_key": image_key, "points_key": points_key, "hr_key": hr_key, "lr_key": lr_key,
-                    "table_key": table_key, "min_tissue": min_tissue}
-    train_patches = _patches_from(data, genes=genes_model, scale=scale_model, patch_size=patch_size,
-                                  patch_kwargs=patch_kwargs, arg="data")
-    val_patches = _patches_from(val_data, genes=genes_model, scale=scale_model, patch_size=patch_size,
-                                patch_kwargs=patch_kwargs, arg="val_data")
+    patch_kwargs = {
+        "image_key": image_key,
+        "points_key": points_key,
+        "hr_key": hr_key,
+        "lr_key": lr_key,
+        "table_key": table_key,
+        "min_tissue": min_tissue,
+    }
+    train_patches = _patches_from(
+        data, genes=genes_model, scale=scale_model, patch_size=patch_size, patch_kwargs=patch_kwargs, arg="data"
+    )
+    val_patches = _patches_from(
+        val_data, genes=genes_model, scale=scale_model, patch_size=patch_size, patch_kwargs=patch_kwargs, arg="val_data"
+    )
     if val_patches is None and len(train_patches.samples) > 1 and val_fraction > 0:
         splits = split_samples(train_patches.samples, val_fraction=val_fraction, test_fraction=0.0, seed=seed)
         val_patches = train_patches.subset(samples=splits["val"])
         train_patches = train_patches.subset(samples=splits["train"])
     if val_patches is None:
-        warnings.warn("train: no validation data (no `val_data`, and `val_fraction=0` or a single sample); keeping the last model.",
-                      UserWarning, stacklevel=2)
-    dataset = train_patches.dataset(genes=genes_model, lr_missing_fraction=lr_missing_fraction,
-                                    skip_constant=skip_constant, seed=seed)
+        warnings.warn(
+            "train: no validation data (no `val_data`, and `val_fraction=0` or a single sample); keeping the last "
+            "model.",
+            UserWarning,
+            stacklevel=2,
+        )
+    dataset = train_patches.dataset(
+        genes=genes_model, lr_missing_fraction=lr_missing_fraction, skip_constant=skip_constant, seed=seed
+    )
     if len(dataset) < batch_size:
-        raise ValueError(f"The training set has {len(dataset)} (patch, gene) samples, fewer than `batch_size={batch_size}`.")
+        raise ValueError(
+            f"The training set has {len(dataset)} (patch, gene) samples, fewer than `batch_size={batch_size}`."
+        )
 
     cpu = device == "cpu" or not torch.cuda.is_available()
     accelerator = Accelerator(
@@ -713,14 +757,27 @@ def train(
     val_loader = None
     if val_patches is not None:
         val_set = val_patches.dataset(genes=genes_model, skip_constant=skip_constant, seed=seed)
-        val_loader = DataLoader(val_set, batch_sampler=PatchBatchSampler(val_set.pairs[:, 0], batch_size=batch_size,
-                                                                         seed=seed))
+        val_loader = DataLoader(
+            val_set, batch_sampler=PatchBatchSampler(val_set.pairs[:, 0], batch_size=batch_size, seed=seed)
+        )
     generator = torch.Generator(device=accelerator.device).manual_seed(seed + accelerator.process_index)
-    state: dict[str, Any] = {"stage": stages[0], "epoch": 0, "step_in_epoch": 0, "global_step": 0,
-                             "stage_step": 0, "best_pcc": -math.inf, "best_loss": math.inf, "elapsed": 0.0,
-                             "history": []}
-    data_order = {"items": len(dataset), "batch_size": int(batch_size), "seed": int(seed),
-                  "mean_genes_per_patch": int(mean_genes_per_patch)}
+    state: dict[str, Any] = {
+        "stage": stages[0],
+        "epoch": 0,
+        "step_in_epoch": 0,
+        "global_step": 0,
+        "stage_step": 0,
+        "best_pcc": -math.inf,
+        "best_loss": math.inf,
+        "elapsed": 0.0,
+        "history": [],
+    }
+    data_order = {
+        "items": len(dataset),
+        "batch_size": int(batch_size),
+        "seed": int(seed),
+        "mean_genes_per_patch": int(mean_genes_per_patch),
+    }
     log_path = output_dir / "log.jsonl"
     if resume_state is not None:
         saved_order = resume_state.get("data_order", data_order)
@@ -757,53 +814,101 @@ def train(
         fresh = resume_state is None or resume_state.get("stage") != stage
 
         # ---- diffusion stages: first stage and backbone fitted to (up to 4096 of) the training maps once -------
-        if stage != "mean" and fresh and not (net.config.get("first_stage_fitted", False)
-                                              and net.config.get("backbone_fitted", False)):
+        if (
+            stage != "mean"
+            and fresh
+            and not (net.config.get("first_stage_fitted", False) and net.config.get("backbone_fitted", False))
+        ):
             maps = _stage_maps(net, train_patches, genes=genes_model, seed=seed)
             if not net.config.get("first_stage_fitted", False):
-                net.fit_first_stage(maps.to(accelerator.device), steps=autoencoder_steps, batch_size=batch_size,
-                                    seed=seed, progress=show)
+                net.fit_first_stage(
+                    maps.to(accelerator.device),
+                    steps=autoencoder_steps,
+                    batch_size=batch_size,
+                    seed=seed,
+                    progress=show,
+                )
             if not net.config.get("backbone_fitted", False) and backbone_steps > 0:
                 remaining = None if max_time is None else max(0.0, max_time - (time.perf_counter() - start_time))
-                net.fit_backbone(maps, steps=backbone_steps, batch_size=batch_size,
-                                 learning_rate=backbone_learning_rate,
-                                 max_time=None if remaining is None else remaining / 4, seed=seed, progress=show)
+                net.fit_backbone(
+                    maps,
+                    steps=backbone_steps,
+                    batch_size=batch_size,
+                    learning_rate=backbone_learning_rate,
+                    max_time=None if remaining is None else remaining / 4,
+                    seed=seed,
+                    progress=show,
+                )
 
-        sampler = PatchBatchSampler(dataset.pairs[:, 0], batch_size=batch_size, seed=seed,
-                                    genes_per_patch=mean_genes_per_patch if stage == "mean" else 1)
+        sampler = PatchBatchSampler(
+            dataset.pairs[:, 0],
+            batch_size=batch_size,
+            seed=seed,
+            genes_per_patch=mean_genes_per_patch if stage == "mean" else 1,
+        )
         loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers)
-        optimizer = make_optimizer(net, learning_rate=learning_rate, betas=betas, eps=eps, weight_decay=weight_decay,
-                                   stage="mean" if stage == "mean" else "diffusion")
+        optimizer = make_optimizer(
+            net,
+            learning_rate=learning_rate,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            stage="mean" if stage == "mean" else "diffusion",
+        )
         loss_module = _LossModule(net, stage=stage, mean_loss=mean_loss)
         loss_module, optimizer, loader = accelerator.prepare(loss_module, optimizer, loader)
         if not fresh:
             optimizer.load_state_dict(optimizer_state)
 
-        def checkpoint() -> None:
+        def checkpoint(optimizer: Any = optimizer) -> None:  # this stage's optimizer
             state["elapsed"] = time.perf_counter() - start_time
             if accelerator.is_main_process:
-                _save_checkpoint(output_dir / "checkpoints" / f"step-{state['global_step']}", model=net,
-                                 optimizer=optimizer, generator=generator, state=state)
+                _save_checkpoint(
+                    output_dir / "checkpoints" / f"step-{state['global_step']}",
+                    model=net,
+                    optimizer=optimizer,
+                    generator=generator,
+                    state=state,
+                )
 
         def validate(epoch: int, stage: str = stage) -> None:
-            row: dict[str, Any] = {"type": "epoch", "stage": stage, "epoch": epoch, "step": state["global_step"],
-                                   "time": time.perf_counter() - start_time}
+            row: dict[str, Any] = {
+                "type": "epoch",
+                "stage": stage,
+                "epoch": epoch,
+                "step": state["global_step"],
+                "time": time.perf_counter() - start_time,
+            }
             if val_patches is not None and accelerator.is_main_process:
-                row.update(_validation_losses(net, val_loader, seed=seed, max_batches=val_max_batches, stage=stage,
-                                              mean_loss=mean_loss))
+                row.update(
+                    _validation_losses(
+                        net, val_loader, seed=seed, max_batches=val_max_batches, stage=stage, mean_loss=mean_loss
+                    )
+                )
                 if stage == "residual":  # the mean (and its PCC) is fixed: keep the best residual by its loss
                     better = row["val_mse"] < state["best_loss"]
                     if better:
                         state["best_loss"] = row["val_mse"]
                 else:
-                    row.update(validation_scores(net, val_patches, steps=val_steps, max_patches=val_max_patches,
-                                                 max_genes=val_max_genes, n_samples=val_samples, seed=seed))
+                    row.update(
+                        validation_scores(
+                            net,
+                            val_patches,
+                            steps=val_steps,
+                            max_patches=val_max_patches,
+                            max_genes=val_max_genes,
+                            n_samples=val_samples,
+                            seed=seed,
+                        )
+                    )
                     better = row["val_pcc"] > state["best_pcc"]
                     if better:
                         state["best_pcc"] = row["val_pcc"]
                 if better:
-                    _write_folder_atomically(best_dir, lambda folder: net.save_pretrained(
-                        str(folder), training_data=_describe(train_patches)))
+                    _write_folder_atomically(
+                        best_dir,
+                        lambda folder: net.save_pretrained(str(folder), training_data=_describe(train_patches)),
+                    )
                     row["best"] = True
             state["history"].append(row)
             log(row)
@@ -816,7 +921,12 @@ def train(
         stage_start = time.perf_counter()
         step_budget = mean_max_steps if stage == "mean" and mean_max_steps is not None else max_steps
 
-        def stage_progress() -> float:
+        def stage_progress(
+            deadline: float | None = deadline,
+            stage_start: float = stage_start,
+            step_budget: int | None = step_budget,
+            sampler: Any = sampler,
+        ) -> float:
             """How far the stage is through its budget, in [0, 1] (for the cosine learning rate)."""
             if deadline is not None:
                 elapsed = time.perf_counter() - stage_start
@@ -824,16 +934,23 @@ def train(
             if step_budget is not None:
                 return min(1.0, state["stage_step"] / step_budget)
             return min(1.0, (state["epoch"] * len(sampler) + state["step_in_epoch"]) / max(epochs * len(sampler), 1))
+
         while state["epoch"] < epochs and not stop:
             epoch = state["epoch"]
             sampler.set_epoch(epoch)
             dataset.set_epoch(epoch)
             if hasattr(loader, "set_epoch"):  # accelerate's loader re-seeds the sampler with its own epoch count
                 loader.set_epoch(epoch)  # (from 0 in a resumed run), and a skipping loader inherits it
-            epoch_loader = (accelerator.skip_first_batches(loader, state["step_in_epoch"]) if state["step_in_epoch"]
-                            else loader)
-            bar = tqdm(epoch_loader, total=len(sampler) - state["step_in_epoch"],
-                       desc=f"{stage} epoch {epoch + 1}/{epochs}", disable=not show, leave=False)
+            epoch_loader = (
+                accelerator.skip_first_batches(loader, state["step_in_epoch"]) if state["step_in_epoch"] else loader
+            )
+            bar = tqdm(
+                epoch_loader,
+                total=len(sampler) - state["step_in_epoch"],
+                desc=f"{stage} epoch {epoch + 1}/{epochs}",
+                disable=not show,
+                leave=False,
+            )
             for batch in bar:
                 if lr_schedule == "cosine":
                     for group in optimizer.param_groups:
@@ -851,7 +968,8 @@ def train(
                 if state["global_step"] % log_every == 0:
                     log({"type": "step", "stage": stage, "epoch": epoch, "step": state["global_step"], **values})
                 over_steps = (max_steps is not None and state["global_step"] >= max_steps) or (
-                    stage == "mean" and mean_max_steps is not None and state["stage_step"] >= mean_max_steps)
+                    stage == "mean" and mean_max_steps is not None and state["stage_step"] >= mean_max_steps
+                )
                 if over_steps or (deadline is not None and time.perf_counter() - start_time >= deadline):
                     stop = True
                     break
@@ -867,7 +985,8 @@ def train(
                 validate(state["epoch"])
         last_stage = stage == stages[-1]
         finished = (max_steps is not None and state["global_step"] >= max_steps) or (
-            max_time is not None and time.perf_counter() - start_time >= max_time)
+            max_time is not None and time.perf_counter() - start_time >= max_time
+        )
         if stage == "mean" and not finished:  # (stopped by the run's budget, the mean stage continues on resume)
             if (best_dir / "config.json").exists():
                 _restore_weights(net, best_dir)  # the residual stage refines the best mean, not the last
@@ -887,8 +1006,9 @@ def train(
 
         final = from_pretrained(str(best))
     final.register_to_config(training_data=_describe(train_patches))
-    return TrainingResult(model=final, history=pd.DataFrame(state["history"]), output_dir=output_dir,
-                          best_checkpoint=best)
+    return TrainingResult(
+        model=final, history=pd.DataFrame(state["history"]), output_dir=output_dir, best_checkpoint=best
+    )
 
 
 def _restore_weights(net: C3DiffModel, folder: Path) -> None:
@@ -908,4 +1028,6 @@ def _preset_names() -> list[str]:
 def _describe(patches: PatchSet) -> str:
     samples = patches.samples
     shown = ", ".join(samples[:5]) + (f" and {len(samples) - 5} more" if len(samples) > 5 else "")
-    return f"{len(patches)} patches from {len(samples)} sample(s) ({shown}); {ATTRS_KEY} PatchSet, scale {patches.scale}x"
+    return (
+        f"{len(patches)} patches from {len(samples)} sample(s) ({shown}); {ATTRS_KEY} PatchSet, scale {patches.scale}x"
+    )
