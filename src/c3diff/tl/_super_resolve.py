@@ -59,6 +59,8 @@ DEVICE_DEFAULTS = {
     "cpu": {"steps": 2, "n_samples": 4, "batch_size": 4},
     "cuda": {"steps": 50, "n_samples": 4, "batch_size": 16},
 }
+#: Paper-formulation models (no conditional mean: the samples are the map) keep the previous defaults on any device.
+PAPER_FORMULATION_DEFAULTS = {"steps": 50, "n_samples": 1}
 _ANNOUNCED: set[tuple] = set()
 
 
@@ -412,9 +414,10 @@ def super_resolve(
         Paper-formulation models only sample (``None`` or ``"sample"``).
     steps, eta
         DDIM sampling steps and eta. Default steps: :data:`DEVICE_DEFAULTS` for the device (50 on a GPU, 2 on the
-        CPU; the choice is printed once).
+        CPU; the choice is printed once); paper-formulation models: 50 (:data:`PAPER_FORMULATION_DEFAULTS`).
     n_samples
-        Samples per tile (default: :data:`DEVICE_DEFAULTS` in sample mode, 4; 1 in mean mode); with more than one
+        Samples per tile (default: :data:`DEVICE_DEFAULTS` in sample mode, 4; 1 in mean mode and for
+        paper-formulation models); with more than one
         a ``f"{key_added}_std"`` layer holds their standard deviation (an
         uncertainty map). Paper-formulation models write the mean of the samples: one sample is one plausible map,
         with cell-level detail that may sit in the wrong place; the mean of several is closer to the expected map
@@ -532,6 +535,10 @@ def super_resolve(
     else:
         size = 256 if tile_size is None else int(tile_size)
         genes = available if genes is None else check_genes(genes, available)
+    if method == "c3diff" and getattr(model_obj, "mean_net", None) is None:
+        defaults = {**defaults, **PAPER_FORMULATION_DEFAULTS}
+        if "steps" in chosen:
+            steps = chosen["steps"] = defaults["steps"]
     if n_samples is None:
         n_samples = defaults["n_samples"] if method == "c3diff" and mode == "sample" else 1
         if n_samples > 1:
