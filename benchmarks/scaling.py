@@ -176,6 +176,10 @@ def _worker(spec: dict) -> dict:
         return {"seconds": total, "tiles": None, "lattice": list(result.maps.shape[1:]), **memory.stop(),
                 "stages": {"read": read_zarr, "model": result.params.get("seconds_imputation")},
                 "torch_threads": torch.get_num_threads()}
+    if spec.get("store") and Path(spec["store"]).exists():  # the benchmark's own output of an earlier run
+        import shutil
+
+        shutil.rmtree(spec["store"])
     timer = StageTimer()
     kwargs = dict(points_key="transcripts", store=spec["store"], progress=False, genes=genes)
     if spec["method"] == "bicubic":
@@ -332,6 +336,8 @@ def main() -> None:
     parser.add_argument("--dpm-grid", type=int, nargs="*", default=[2, 5])
     parser.add_argument("--work", default=None, help="folder for sections, model and outputs (default: a temp dir)")
     parser.add_argument("--out", default=None, help="markdown output (default docs/benchmarks/scaling.md)")
+    parser.add_argument("--render", action="store_true",
+                        help="only write the report from the rows a run saved in --work (rows.json, steps.json)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker is not None:
@@ -350,7 +356,7 @@ def main() -> None:
     rows: list[dict] = []
     sections: dict = {}
     n = args.genes
-    if {"slide", "areas", "compare"} & set(parts):
+    if {"slide", "areas", "compare"} & set(parts) and not args.render:
         model_path, genes = _model(work, n)
         path, info = _section(work, args.edge, seed=16)
         sections["16x"] = info
@@ -358,30 +364,37 @@ def main() -> None:
         if "areas" in parts:  # every section first: the timed runs then follow one another
             for factor, seed in ((1, 1), (4, 4)):
                 sections[f"{factor}x"] = _section(work, args.edge / (16 / factor) ** 0.5, seed=seed)[1]
-    if "slide" in parts or "areas" in parts:
+    progress = work / "rows.json"  # rows so far: `--render` writes the report from them (e.g. after a stopped run)
+
+    def add(row: dict) -> None:
+        rows.append(row)
+        progress.write_text(json.dumps({"sections": sections, "rows": rows}))
+
+    if args.render:
+        saved = json.loads(progress.read_text())
+        rows, sections = saved["rows"], saved["sections"]
+    if not args.render and ("slide" in parts or "areas" in parts):
         mean = _run_worker(base | {"method": "c3diff", "mode": "mean", "store": str(work / "out_mean.zarr")})
-        rows.append(_row("C3-Diff mean", mean, n, info) | {"area": "16x"})
-    if "areas" in parts:
+        add(_row("C3-Diff mean", mean, n, info) | {"area": "16x"})
+    if not args.render and "areas" in parts:
         for factor, seed in ((1, 1), (4, 4)):
             sub_path, sub_info = _section(work, args.edge / (16 / factor) ** 0.5, seed=seed)
-            sections[f"{factor}x"] = sub_info
             result = _run_worker(base | {"zarr": str(sub_path), "method": "c3diff", "mode": "mean",
                                          "store": str(work / f"out_mean_{factor}x.zarr")})
-            rows.append(_row("C3-Diff mean", result, n, sub_info) | {"area": f"{factor}x"})
-    if "compare" in parts:
-        result = _run_worker(base | {"method": "bicubic", "mode": None, "store": str(work / "out_bicubic.zarr")})
-        rows.append(_row("bicubic", result, n, info) | {"area": "16x"})
-        try:
-            result = _run_worker(base | {"method": "tesla", "mode": None, "store": None})
-            rows.append(_row("TESLA (vectorised)", result, n, info) | {"area": "16x"})
-        except RuntimeError as err:
-            print(f"TESLA row skipped: {err}", flush=True)
-            rows.append({"run": "TESLA (vectorised)", "area": "16x", "skipped": str(err)[-300:]})
-    if "slide" in parts:
+            add(_row("C3-Diff mean", result, n, sub_info) | {"area": f"{factor}x"})
+    if not args.render and "slide" in parts:
         result = _run_worker(base | {"method": "c3diff", "mode": "sample", "steps": args.steps,
                                      "samples": args.samples, "store": str(work / "out_sample.zarr")})
-        rows.append(_row(f"C3-Diff mean + {args.samples} samples ({args.steps} steps)", result, n, info)
-                    | {"area": "16x"})
+        add(_row(f"C3-Diff mean + {args.samples} samples ({args.steps} steps)", result, n, info) | {"area": "16x"})
+    if not args.render and "compare" in parts:
+        result = _run_worker(base | {"method": "bicubic", "mode": None, "store": str(work / "out_bicubic.zarr")})
+        add(_row("bicubic", result, n, info) | {"area": "16x"})
+        try:
+            result = _run_worker(base | {"method": "tesla", "mode": None, "store": None})
+            add(_row("TESLA (vectorised)", result, n, info) | {"area": "16x"})
+        except RuntimeError as err:
+            print(f"TESLA row skipped: {err}", flush=True)
+            add({"run": "TESLA (vectorised)", "area": "16x", "skipped": str(err)[-300:]})
     steps_cache = work / "steps.json"  # the steps table, reused by later runs in the same --work folder
     if "steps" in parts:
         steps_cache.write_text(json.dumps(_steps_table(args)))
