@@ -210,20 +210,21 @@ def _run_worker(spec: dict) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------- parts
-def _section(work: Path, edge: float, seed: int) -> tuple[Path, dict]:
+def _section(work: Path, edge: float, seed: int, pixel_size: float = 1.0) -> tuple[Path, dict]:
     """Simulate (once) and write a section; its size and tissue area."""
     import c3diff as c3
 
-    path = work / f"section_{edge:.0f}um_seed{seed}.zarr"
+    path = work / f"section_{edge:.0f}um_seed{seed}_{pixel_size:g}umpx.zarr"
     info_path = path.with_suffix(".json")
     if not info_path.exists():
         start = time.perf_counter()
-        sdata = c3.datasets.simulate_section(width=edge, height=edge, seed=seed, progress=False)
+        sdata = c3.datasets.simulate_section(width=edge, height=edge, seed=seed, pixel_size=pixel_size,
+                                             progress=False)
         simulated = time.perf_counter() - start
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             sdata.write(path, overwrite=True)
-        info = {"edge_mm": edge / 1000, "seed": seed, "simulate_s": simulated,
+        info = {"edge_mm": edge / 1000, "seed": seed, "simulate_s": simulated, "pixel_size": pixel_size,
                 "tissue_mm2": float(sdata.attrs["c3diff"]["simulation"]["tissue_fraction_realised"])
                 * (edge / 1000) ** 2,
                 "transcripts": int(len(sdata.points["transcripts"])), "cells": int(len(sdata.shapes["cells"]))}
@@ -327,6 +328,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--edge", type=float, default=6500.0, help="edge of the whole section in um (16x area)")
     parser.add_argument("--genes", type=int, default=200, help="genes predicted")
+    parser.add_argument("--pixel-size", type=float, default=1.0,
+                        help="H&E pixel size (um) of the simulated sections (the simulator caps an H&E at 1.5e8 px: "
+                             "6.5 mm needs >= 0.54 um/px; super_resolve reads a 10 um-or-finer pyramid level anyway)")
     parser.add_argument("--steps", type=int, default=DEVICE_DEFAULTS["cpu"]["steps"],
                         help="DDIM steps of the sample-mode run (default: super_resolve's CPU default)")
     parser.add_argument("--samples", type=int, default=4, help="residual samples per (tile, gene) in sample mode")
@@ -358,12 +362,13 @@ def main() -> None:
     n = args.genes
     if {"slide", "areas", "compare"} & set(parts) and not args.render:
         model_path, genes = _model(work, n)
-        path, info = _section(work, args.edge, seed=16)
+        path, info = _section(work, args.edge, seed=16, pixel_size=args.pixel_size)
         sections["16x"] = info
         base = {"zarr": str(path), "genes": genes, "model": model_path}
         if "areas" in parts:  # every section first: the timed runs then follow one another
             for factor, seed in ((1, 1), (4, 4)):
-                sections[f"{factor}x"] = _section(work, args.edge / (16 / factor) ** 0.5, seed=seed)[1]
+                sections[f"{factor}x"] = _section(work, args.edge / (16 / factor) ** 0.5, seed=seed,
+                                                  pixel_size=args.pixel_size)[1]
     progress = work / "rows.json"  # rows so far: `--render` writes the report from them (e.g. after a stopped run)
 
     def add(row: dict) -> None:
@@ -378,7 +383,8 @@ def main() -> None:
         add(_row("C3-Diff mean", mean, n, info) | {"area": "16x"})
     if not args.render and "areas" in parts:
         for factor, seed in ((1, 1), (4, 4)):
-            sub_path, sub_info = _section(work, args.edge / (16 / factor) ** 0.5, seed=seed)
+            sub_path, sub_info = _section(work, args.edge / (16 / factor) ** 0.5, seed=seed,
+                                          pixel_size=args.pixel_size)
             result = _run_worker(base | {"zarr": str(sub_path), "method": "c3diff", "mode": "mean",
                                          "store": str(work / f"out_mean_{factor}x.zarr")})
             add(_row("C3-Diff mean", result, n, sub_info) | {"area": f"{factor}x"})
@@ -410,7 +416,8 @@ def _markdown(args, results: dict) -> str:
         big = sections["16x"]
         lines += [
             f"A {big['edge_mm']:g} x {big['edge_mm']:g} mm simulated section (a Visium capture area; "
-            f"{big['tissue_mm2']:.1f} mm^2 of tissue, {big['cells']:,} cells, {big['transcripts']:,} transcripts), "
+            f"{big['tissue_mm2']:.1f} mm^2 of tissue, {big['cells']:,} cells, {big['transcripts']:,} transcripts, "
+            f"H&E at {big.get('pixel_size', 0.5):g} um/px), "
             f"{args.genes} genes, 10x (10 um output pixels), LR = transcripts binned at 100 um. C3-Diff: a "
             "`tiny`-preset model built for those genes with random weights - the time does not depend on training, "
             "only on the "
