@@ -48,7 +48,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import ROOT, machine, write_report  # noqa: E402
 
-PARTS = ("slide", "areas", "compare", "steps")
+PARTS = ("slide", "areas", "compare", "steps", "sample")
 
 
 # ------------------------------------------------------------------------------------------------- measuring
@@ -340,6 +340,8 @@ def main() -> None:
     parser.add_argument("--dpm-grid", type=int, nargs="*", default=[2, 5])
     parser.add_argument("--work", default=None, help="folder for sections, model and outputs (default: a temp dir)")
     parser.add_argument("--out", default=None, help="markdown output (default docs/benchmarks/scaling.md)")
+    parser.add_argument("--sample-area", default="16x", choices=["1x", "4x", "16x"],
+                        help="section of the sample-mode run (parts slide, sample)")
     parser.add_argument("--render", action="store_true",
                         help="only write the report from the rows a run saved in --work (rows.json, steps.json)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -360,7 +362,7 @@ def main() -> None:
     rows: list[dict] = []
     sections: dict = {}
     n = args.genes
-    if {"slide", "areas", "compare"} & set(parts) and not args.render:
+    if {"slide", "areas", "compare", "sample"} & set(parts) and not args.render:
         model_path, genes = _model(work, n)
         path, info = _section(work, args.edge, seed=16, pixel_size=args.pixel_size)
         sections["16x"] = info
@@ -371,8 +373,13 @@ def main() -> None:
                                                   pixel_size=args.pixel_size)[1]
     progress = work / "rows.json"  # rows so far: `--render` writes the report from them (e.g. after a stopped run)
 
+    if progress.exists():  # rows of earlier runs in this --work folder; a rerun replaces its own (run, area) rows
+        saved = json.loads(progress.read_text())
+        rows[:] = saved["rows"]
+        sections = {**saved["sections"], **sections}
+
     def add(row: dict) -> None:
-        rows.append(row)
+        rows[:] = [r for r in rows if (r["run"], r["area"]) != (row["run"], row["area"])] + [row]
         progress.write_text(json.dumps({"sections": sections, "rows": rows}))
 
     if args.render:
@@ -388,10 +395,14 @@ def main() -> None:
             result = _run_worker(base | {"zarr": str(sub_path), "method": "c3diff", "mode": "mean",
                                          "store": str(work / f"out_mean_{factor}x.zarr")})
             add(_row("C3-Diff mean", result, n, sub_info) | {"area": f"{factor}x"})
-    if not args.render and "slide" in parts:
-        result = _run_worker(base | {"method": "c3diff", "mode": "sample", "steps": args.steps,
+    if not args.render and ("slide" in parts or "sample" in parts):
+        factor = int(args.sample_area.rstrip("x"))
+        sub_path, sub_info = (path, info) if factor == 16 else _section(
+            work, args.edge / (16 / factor) ** 0.5, seed=factor, pixel_size=args.pixel_size)
+        result = _run_worker(base | {"zarr": str(sub_path), "method": "c3diff", "mode": "sample", "steps": args.steps,
                                      "samples": args.samples, "store": str(work / "out_sample.zarr")})
-        add(_row(f"C3-Diff mean + {args.samples} samples ({args.steps} steps)", result, n, info) | {"area": "16x"})
+        add(_row(f"C3-Diff mean + {args.samples} samples ({args.steps} steps)", result, n, sub_info)
+            | {"area": args.sample_area})
     if not args.render and "compare" in parts:
         result = _run_worker(base | {"method": "bicubic", "mode": None, "store": str(work / "out_bicubic.zarr")})
         add(_row("bicubic", result, n, info) | {"area": "16x"})
