@@ -83,8 +83,14 @@ class StageTimer:
     STAGES = {
         "read": ("histology_raster",),
         "model": ("_load_model",),
-        "calibrate": ("_to_counts", "layer_tissue_mask", "zero_off_tissue", "spot_footprints", "bin_footprints",
-                      "match_footprints"),
+        "calibrate": (
+            "_to_counts",
+            "layer_tissue_mask",
+            "zero_off_tissue",
+            "spot_footprints",
+            "bin_footprints",
+            "match_footprints",
+        ),
         "write": ("_parse_layer",),
     }
 
@@ -173,9 +179,14 @@ def _worker(spec: dict) -> dict:
 
         result = tesla_impute(sdata, genes=genes, points_key="transcripts", res_um=10.0, backend="vectorized")
         total = time.perf_counter() - start
-        return {"seconds": total, "tiles": None, "lattice": list(result.maps.shape[1:]), **memory.stop(),
-                "stages": {"read": read_zarr, "model": result.params.get("seconds_imputation")},
-                "torch_threads": torch.get_num_threads()}
+        return {
+            "seconds": total,
+            "tiles": None,
+            "lattice": list(result.maps.shape[1:]),
+            **memory.stop(),
+            "stages": {"read": read_zarr, "model": result.params.get("seconds_imputation")},
+            "torch_threads": torch.get_num_threads(),
+        }
     if spec.get("store") and Path(spec["store"]).exists():  # the benchmark's own output of an earlier run
         import shutil
 
@@ -194,14 +205,21 @@ def _worker(spec: dict) -> dict:
     total = time.perf_counter() - call
     key = f"hne_{spec['method']}_x10"
     params = sdata.attrs["c3diff"][key]["params"]
-    return {"seconds": total + read_zarr, "tiles": params["n_tiles"], **memory.stop(),
-            "stages": timer.split(total, read_zarr), "steps": params.get("steps"),
-            "n_samples": params.get("n_samples"), "torch_threads": torch.get_num_threads()}
+    return {
+        "seconds": total + read_zarr,
+        "tiles": params["n_tiles"],
+        **memory.stop(),
+        "stages": timer.split(total, read_zarr),
+        "steps": params.get("steps"),
+        "n_samples": params.get("n_samples"),
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 def _run_worker(spec: dict) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True,
-                         cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True, cwd=ROOT
+    )
     if out.returncode:
         raise RuntimeError(f"worker failed ({spec}):\n{out.stderr[-3000:]}")
     result = json.loads(out.stdout.strip().splitlines()[-1])
@@ -218,16 +236,20 @@ def _section(work: Path, edge: float, seed: int, pixel_size: float = 1.0) -> tup
     info_path = path.with_suffix(".json")
     if not info_path.exists():
         start = time.perf_counter()
-        sdata = c3.datasets.simulate_section(width=edge, height=edge, seed=seed, pixel_size=pixel_size,
-                                             progress=False)
+        sdata = c3.datasets.simulate_section(width=edge, height=edge, seed=seed, pixel_size=pixel_size, progress=False)
         simulated = time.perf_counter() - start
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             sdata.write(path, overwrite=True)
-        info = {"edge_mm": edge / 1000, "seed": seed, "simulate_s": simulated, "pixel_size": pixel_size,
-                "tissue_mm2": float(sdata.attrs["c3diff"]["simulation"]["tissue_fraction_realised"])
-                * (edge / 1000) ** 2,
-                "transcripts": int(len(sdata.points["transcripts"])), "cells": int(len(sdata.shapes["cells"]))}
+        info = {
+            "edge_mm": edge / 1000,
+            "seed": seed,
+            "simulate_s": simulated,
+            "pixel_size": pixel_size,
+            "tissue_mm2": float(sdata.attrs["c3diff"]["simulation"]["tissue_fraction_realised"]) * (edge / 1000) ** 2,
+            "transcripts": int(len(sdata.points["transcripts"])),
+            "cells": int(len(sdata.shapes["cells"])),
+        }
         info_path.write_text(json.dumps(info))
         print(f"simulated {info}", flush=True)
         del sdata
@@ -238,8 +260,9 @@ def _model(work: Path, n_genes: int) -> tuple[str, list[str]]:
     import c3diff as c3
     from c3diff._panels import paper_genes
 
-    panel = set(c3.datasets.simulate_section(width=300, height=300, seed=0, progress=False).tables["cell_table"]
-                .var_names)
+    panel = set(
+        c3.datasets.simulate_section(width=300, height=300, seed=0, progress=False).tables["cell_table"].var_names
+    )
     genes = [g for g in paper_genes() if g in panel]
     genes += sorted(panel - set(genes))
     genes = genes[:n_genes]
@@ -251,9 +274,15 @@ def _model(work: Path, n_genes: int) -> tuple[str, list[str]]:
 
 def _row(name: str, result: dict, n_genes: int, info: dict) -> dict:
     tiles = result.get("tiles")
-    return {"run": name, "edge_mm": info["edge_mm"], "tissue_mm2": info["tissue_mm2"], "genes": n_genes, **result,
-            "tiles_per_s": None if not tiles else tiles / result["seconds"],
-            "gene_tiles_per_s": None if not tiles else tiles * n_genes / result["seconds"]}
+    return {
+        "run": name,
+        "edge_mm": info["edge_mm"],
+        "tissue_mm2": info["tissue_mm2"],
+        "genes": n_genes,
+        **result,
+        "tiles_per_s": None if not tiles else tiles / result["seconds"],
+        "gene_tiles_per_s": None if not tiles else tiles * n_genes / result["seconds"],
+    }
 
 
 def _steps_table(args) -> list[dict]:
@@ -269,32 +298,54 @@ def _steps_table(args) -> list[dict]:
     warnings.filterwarnings("ignore")
     model = c3.models.load_demo_model().eval()
     sdata = c3.datasets.simulate_section(width=args.steps_size, height=args.steps_size, seed=1000, progress=False)
-    patches = c3.pp.make_patches(sdata, genes=model.genes, points_key="transcripts", patch_size=64, stride=60,
-                                 scale=10, sample_id="seed1000")
+    patches = c3.pp.make_patches(
+        sdata, genes=model.genes, points_key="transcripts", patch_size=64, stride=60, scale=10, sample_id="seed1000"
+    )
     lr_counts = patches.lr_counts()
 
     def calibrated(pred: np.ndarray) -> np.ndarray:
-        return np.stack([_to_counts(np.maximum(pred[i], 0), None, lr_counts[i], patches.lr_mask[i], 10, "lr_pixel")[0]
-                         for i in range(len(pred))])
+        return np.stack(
+            [
+                _to_counts(np.maximum(pred[i], 0), None, lr_counts[i], patches.lr_mask[i], 10, "lr_pixel")[0]
+                for i in range(len(pred))
+            ]
+        )
 
     def pcc(pred: np.ndarray) -> float:
         scores = c3.metrics.score_maps(calibrated(pred), patches.hr, genes=patches.genes)
         return float(c3.metrics.summarize_scores(scores)["pcc"].iloc[0])
 
     def inputs(i: int):
-        return (torch.from_numpy(patches.histology[i : i + 1].astype(np.float32) / 255.0),
-                torch.from_numpy(patches.lr[i : i + 1]))
+        return (
+            torch.from_numpy(patches.histology[i : i + 1].astype(np.float32) / 255.0),
+            torch.from_numpy(patches.lr[i : i + 1]),
+        )
 
-    mean = np.concatenate([model.predict(*inputs(i), mode="mean", gene_batch_size=None)[0].numpy()
-                           for i in range(len(patches))])
+    mean = np.concatenate(
+        [model.predict(*inputs(i), mode="mean", gene_batch_size=None)[0].numpy() for i in range(len(patches))]
+    )
 
     def spread(draws: np.ndarray) -> float:  # the std layer super_resolve writes: scaled as the mean is, in counts
         std = draws.std(axis=2, ddof=1)
-        return float(np.mean([_to_counts(np.maximum(mean[i], 0), std[i], lr_counts[i], patches.lr_mask[i], 10,
-                                         "lr_pixel")[1] for i in range(len(mean))]))
+        return float(
+            np.mean(
+                [
+                    _to_counts(np.maximum(mean[i], 0), std[i], lr_counts[i], patches.lr_mask[i], 10, "lr_pixel")[1]
+                    for i in range(len(mean))
+                ]
+            )
+        )
 
-    rows = [{"sampler": "conditional mean (the layer written in both modes)", "steps": 0, "pcc_one": pcc(mean),
-             "pcc_avg": pcc(mean), "spread": 0.0, "s_per_patch": None}]
+    rows = [
+        {
+            "sampler": "conditional mean (the layer written in both modes)",
+            "steps": 0,
+            "pcc_one": pcc(mean),
+            "pcc_avg": pcc(mean),
+            "spread": 0.0,
+            "s_per_patch": None,
+        }
+    ]
     ddim = model.noise_scheduler
     runs = [("DDIM", s) for s in sorted(set(args.steps_grid) | {args.steps_default, 50})]
     runs += [("DPM-Solver++ (2M)", s) for s in args.dpm_grid]
@@ -302,12 +353,26 @@ def _steps_table(args) -> list[dict]:
     for sampler, steps in runs:
         model.set_scheduler(ddim if sampler == "DDIM" else DPMSolverMultistepScheduler.from_config(ddim.config))
         start = time.perf_counter()
-        draws = np.concatenate([draw_samples(model, *inputs(i), n_samples=args.samples, num_inference_steps=steps,
-                                             seed=i, gene_batch_size=None).numpy() for i in range(len(patches))])
+        draws = np.concatenate(
+            [
+                draw_samples(
+                    model, *inputs(i), n_samples=args.samples, num_inference_steps=steps, seed=i, gene_batch_size=None
+                ).numpy()
+                for i in range(len(patches))
+            ]
+        )
         seconds = (time.perf_counter() - start) / len(patches)
         spreads[(sampler, steps)] = spread(draws)
-        rows.append({"sampler": sampler, "steps": steps, "pcc_one": pcc(draws[:, :, 0]), "pcc_avg": pcc(draws.mean(2)),
-                     "spread": spreads[(sampler, steps)], "s_per_patch": seconds})
+        rows.append(
+            {
+                "sampler": sampler,
+                "steps": steps,
+                "pcc_one": pcc(draws[:, :, 0]),
+                "pcc_avg": pcc(draws.mean(2)),
+                "spread": spreads[(sampler, steps)],
+                "s_per_patch": seconds,
+            }
+        )
         print(rows[-1], flush=True)
     model.set_scheduler(ddim)
     reference = spreads[("DDIM", 50)]
@@ -328,11 +393,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--edge", type=float, default=6500.0, help="edge of the whole section in um (16x area)")
     parser.add_argument("--genes", type=int, default=200, help="genes predicted")
-    parser.add_argument("--pixel-size", type=float, default=1.0,
-                        help="H&E pixel size (um) of the simulated sections (the simulator caps an H&E at 1.5e8 px: "
-                             "6.5 mm needs >= 0.54 um/px; super_resolve reads a 10 um-or-finer pyramid level anyway)")
-    parser.add_argument("--steps", type=int, default=DEVICE_DEFAULTS["cpu"]["steps"],
-                        help="DDIM steps of the sample-mode run (default: super_resolve's CPU default)")
+    parser.add_argument(
+        "--pixel-size",
+        type=float,
+        default=1.0,
+        help="H&E pixel size (um) of the simulated sections (the simulator caps an H&E at 1.5e8 px: "
+        "6.5 mm needs >= 0.54 um/px; super_resolve reads a 10 um-or-finer pyramid level anyway)",
+    )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=DEVICE_DEFAULTS["cpu"]["steps"],
+        help="DDIM steps of the sample-mode run (default: super_resolve's CPU default)",
+    )
     parser.add_argument("--samples", type=int, default=4, help="residual samples per (tile, gene) in sample mode")
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {PARTS}")
     parser.add_argument("--steps-size", type=float, default=1920.0, help="edge (um) of the steps-table section")
@@ -340,10 +413,17 @@ def main() -> None:
     parser.add_argument("--dpm-grid", type=int, nargs="*", default=[2, 5])
     parser.add_argument("--work", default=None, help="folder for sections, model and outputs (default: a temp dir)")
     parser.add_argument("--out", default=None, help="markdown output (default docs/benchmarks/scaling.md)")
-    parser.add_argument("--sample-area", default="16x", choices=["1x", "4x", "16x"],
-                        help="section of the sample-mode run (parts slide, sample)")
-    parser.add_argument("--render", action="store_true",
-                        help="only write the report from the rows a run saved in --work (rows.json, steps.json)")
+    parser.add_argument(
+        "--sample-area",
+        default="16x",
+        choices=["1x", "4x", "16x"],
+        help="section of the sample-mode run (parts slide, sample)",
+    )
+    parser.add_argument(
+        "--render",
+        action="store_true",
+        help="only write the report from the rows a run saved in --work (rows.json, steps.json)",
+    )
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker is not None:
@@ -357,8 +437,11 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="c3diff_scaling_"))
     work.mkdir(parents=True, exist_ok=True)
-    results: dict = {"args": {k: v for k, v in vars(args).items() if k != "worker"}, "machine": machine(),
-                     "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
+    results: dict = {
+        "args": {k: v for k, v in vars(args).items() if k != "worker"},
+        "machine": machine(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+    }
     rows: list[dict] = []
     sections: dict = {}
     n = args.genes
@@ -369,8 +452,9 @@ def main() -> None:
         base = {"zarr": str(path), "genes": genes, "model": model_path}
         if "areas" in parts:  # every section first: the timed runs then follow one another
             for factor, seed in ((1, 1), (4, 4)):
-                sections[f"{factor}x"] = _section(work, args.edge / (16 / factor) ** 0.5, seed=seed,
-                                                  pixel_size=args.pixel_size)[1]
+                sections[f"{factor}x"] = _section(
+                    work, args.edge / (16 / factor) ** 0.5, seed=seed, pixel_size=args.pixel_size
+                )[1]
     progress = work / "rows.json"  # rows so far: `--render` writes the report from them (e.g. after a stopped run)
 
     if progress.exists():  # rows of earlier runs in this --work folder; a rerun replaces its own (run, area) rows
@@ -390,19 +474,39 @@ def main() -> None:
         add(_row("C3-Diff mean", mean, n, info) | {"area": "16x"})
     if not args.render and "areas" in parts:
         for factor, seed in ((1, 1), (4, 4)):
-            sub_path, sub_info = _section(work, args.edge / (16 / factor) ** 0.5, seed=seed,
-                                          pixel_size=args.pixel_size)
-            result = _run_worker(base | {"zarr": str(sub_path), "method": "c3diff", "mode": "mean",
-                                         "store": str(work / f"out_mean_{factor}x.zarr")})
+            sub_path, sub_info = _section(work, args.edge / (16 / factor) ** 0.5, seed=seed, pixel_size=args.pixel_size)
+            result = _run_worker(
+                base
+                | {
+                    "zarr": str(sub_path),
+                    "method": "c3diff",
+                    "mode": "mean",
+                    "store": str(work / f"out_mean_{factor}x.zarr"),
+                }
+            )
             add(_row("C3-Diff mean", result, n, sub_info) | {"area": f"{factor}x"})
     if not args.render and ("slide" in parts or "sample" in parts):
         factor = int(args.sample_area.rstrip("x"))
-        sub_path, sub_info = (path, info) if factor == 16 else _section(
-            work, args.edge / (16 / factor) ** 0.5, seed=factor, pixel_size=args.pixel_size)
-        result = _run_worker(base | {"zarr": str(sub_path), "method": "c3diff", "mode": "sample", "steps": args.steps,
-                                     "samples": args.samples, "store": str(work / "out_sample.zarr")})
-        add(_row(f"C3-Diff mean + {args.samples} samples ({args.steps} steps)", result, n, sub_info)
-            | {"area": args.sample_area})
+        sub_path, sub_info = (
+            (path, info)
+            if factor == 16
+            else _section(work, args.edge / (16 / factor) ** 0.5, seed=factor, pixel_size=args.pixel_size)
+        )
+        result = _run_worker(
+            base
+            | {
+                "zarr": str(sub_path),
+                "method": "c3diff",
+                "mode": "sample",
+                "steps": args.steps,
+                "samples": args.samples,
+                "store": str(work / "out_sample.zarr"),
+            }
+        )
+        add(
+            _row(f"C3-Diff mean + {args.samples} samples ({args.steps} steps)", result, n, sub_info)
+            | {"area": args.sample_area}
+        )
     if not args.render and "compare" in parts:
         result = _run_worker(base | {"method": "bicubic", "mode": None, "store": str(work / "out_bicubic.zarr")})
         add(_row("bicubic", result, n, info) | {"area": "16x"})
@@ -452,12 +556,22 @@ def _markdown(args, results: dict) -> str:
                 f"{r['seconds']:.1f} | "
                 f"{_fmt(r['tiles_per_s'], '.2f')} | {_fmt(r['gene_tiles_per_s'], '.0f')} | {r['peak_rss_mib']:.0f} | "
                 f"{r['peak_above_start_mib']:.0f} | "
-                + " | ".join(_fmt(st.get(k)) for k in ("read", "inputs", "model", "calibrate", "write")) + " |")
-        lines += ["", "Stage columns are seconds; *model* includes loading the model (imports, weights). TESLA's "
-                  "row: *read* is `read_zarr`, *model* its imputation; the rest "
-                  "of its time is binning the transcripts and resampling the H&E for it. Sections of the area rows: "
-                  + ", ".join(f"{k}: {v['edge_mm']:.2f} mm, {v['tissue_mm2']:.1f} mm^2 tissue (seed {v['seed']}), "
-                              f"simulated in {v['simulate_s']:.0f} s" for k, v in sorted(sections.items())) + ".", ""]
+                + " | ".join(_fmt(st.get(k)) for k in ("read", "inputs", "model", "calibrate", "write"))
+                + " |"
+            )
+        lines += [
+            "",
+            "Stage columns are seconds; *model* includes loading the model (imports, weights). TESLA's "
+            "row: *read* is `read_zarr`, *model* its imputation; the rest "
+            "of its time is binning the transcripts and resampling the H&E for it. Sections of the area rows: "
+            + ", ".join(
+                f"{k}: {v['edge_mm']:.2f} mm, {v['tissue_mm2']:.1f} mm^2 tissue (seed {v['seed']}), "
+                f"simulated in {v['simulate_s']:.0f} s"
+                for k, v in sorted(sections.items())
+            )
+            + ".",
+            "",
+        ]
     if results["steps"]:
         first = results["steps"][0]
         lines += [
@@ -467,16 +581,21 @@ def _markdown(args, results: dict) -> str:
             "",
             "| sampler | steps | PCC, one sample | PCC, average of the samples | spread vs 50 DDIM steps | s / patch |",
             "|---|---|---|---|---|---|",
-            *[f"| {r['sampler']} | {r['steps'] or '-'} | {r['pcc_one']:.3f} | {r['pcc_avg']:.3f} | "
-              f"{r['spread_vs_50']:.2f} | {_fmt(r['s_per_patch'], '.2f')} |" for r in results["steps"]],
+            *[
+                f"| {r['sampler']} | {r['steps'] or '-'} | {r['pcc_one']:.3f} | {r['pcc_avg']:.3f} | "
+                f"{r['spread_vs_50']:.2f} | {_fmt(r['s_per_patch'], '.2f')} |"
+                for r in results["steps"]
+            ],
             "",
             "PCC: the method page's per-(patch, gene) |PCC| against the 10 um truth, after the `lr_pixel` calibration "
             "super_resolve applies, averaged. Spread: the mean per-pixel standard deviation of the samples (counts), "
             "relative to 50 DDIM steps'.",
             "",
         ]
-    lines += [f"Machine: {results['machine']}; torch threads in the workers: "
-              f"{sorted({r.get('torch_threads') for r in rows if r.get('torch_threads')}) or '-'}."]
+    lines += [
+        f"Machine: {results['machine']}; torch threads in the workers: "
+        f"{sorted({r.get('torch_threads') for r in rows if r.get('torch_threads')}) or '-'}."
+    ]
     return "\n".join(lines) + "\n"
 
 
