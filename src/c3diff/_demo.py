@@ -168,30 +168,19 @@ def run_demo(
     _say("[6/6] writing the SpatialData, the metrics and the figures", quiet=quiet)
     figure_genes = [g for g in FIGURE_GENES if g in genes][:3] or genes[:3]
     figures = {}
-    fig = c3.pl.super_resolved(
-        sdata,
-        "hne_c3diff_x10",
-        figure_genes,
-        lr_key="lr_input",
-        truth_key="truth_x10",
-        compare_keys={"bicubic": "hne_bicubic_x10"},
-        label="C3-Diff",
-    )
-    figures["genes_x10"] = output / "genes_x10.png"
-    fig.savefig(figures["genes_x10"], dpi=90)
-    plt.close(fig)
-    fig = c3.pl.super_resolved(
-        sdata,
-        "hne_c3diff_x5",
-        figure_genes,
-        lr_key="lr_input",
-        truth_key="truth_x5",
-        compare_keys={"bicubic": "hne_bicubic_x5"},
-        label="C3-Diff",
-    )
-    figures["genes_x5"] = output / "genes_x5.png"
-    fig.savefig(figures["genes_x5"], dpi=90)
-    plt.close(fig)
+    for scale in (10, 5):
+        fig = c3.pl.super_resolved(
+            sdata,
+            f"hne_c3diff_x{scale}",
+            figure_genes,
+            lr_key="lr_input",
+            truth_key=f"truth_x{scale}",
+            compare_keys={"bicubic": f"hne_bicubic_x{scale}"},
+            label="C3-Diff",
+        )
+        figures[f"genes_x{scale}"] = output / f"genes_x{scale}.png"
+        fig.savefig(figures[f"genes_x{scale}"], dpi=90)
+        plt.close(fig)
     if "hne_c3diff_x10_std" in sdata.images:
         fig = c3.pl.super_resolved(
             sdata,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -18,12 +19,10 @@ RBF_BYTES_PER_LR_PIXEL = 3 * 3 * 8 * 4
 
 def available_memory() -> int | None:
     """Bytes of memory available to new allocations now (``psutil`` when installed, else ``sysconf``), or None."""
-    try:
+    with contextlib.suppress(ImportError):  # psutil is optional
         import psutil
 
         return int(psutil.virtual_memory().available)
-    except ImportError:
-        pass
     try:
         return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
     except (AttributeError, ValueError, OSError):

@@ -308,16 +308,23 @@ def _temporary_store(store: str | Path, sdata: SpatialData, key: str, *, overwri
         )
     for stale in final.parent.glob(f".{final.name}.c3diff-tmp-*"):
         pid = stale.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and int(pid) != os.getpid():
-            try:
-                os.kill(int(pid), 0)
-                continue  # another process is writing it
-            except ProcessLookupError:
-                pass
-            except PermissionError:
-                continue
+        if pid.isdigit() and int(pid) != os.getpid() and _process_alive(int(pid)):
+            continue  # another process is writing it
         shutil.rmtree(stale, ignore_errors=True)
     return final.parent / f".{final.name}.c3diff-tmp-{os.getpid()}"
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (one of another user counts as alive)."""
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _publish_store(tmp: Path, final: Path, n_arrays: int) -> list[Any]:

@@ -3,6 +3,7 @@ checkpoints."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -274,10 +275,9 @@ def _clean_checkpoints(folder: Path) -> None:
     for path in sorted(folder.glob(".old-*")):
         name = path.name[len(".old-") :].rsplit("-", 1)[0]
         if not (folder / name).exists():
-            try:
+            # another process of the same run (several GPUs) may have put it back first
+            with contextlib.suppress(FileNotFoundError):
                 path.rename(folder / name)
-            except FileNotFoundError:  # another process of the same run (several GPUs) put it back first
-                pass
         else:
             shutil.rmtree(path, ignore_errors=True)
     for path in folder.glob(".tmp-*"):
