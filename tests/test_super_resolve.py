@@ -36,7 +36,8 @@ def test_plan_covers_grid_and_skips_empty_tiles():
 @pytest.mark.parametrize("store", [False, True])
 def test_blending_constant_tiles_is_seamless(tmp_path, store):
     plan = plan_tiles(70, 90, size=32, stride=20)
-    acc = BlendAccumulator(2, 70, 90, chunk=16, store=tmp_path / "acc" if store else None)
+    corners = [(t.row, t.col) for t in plan.tiles]
+    acc = BlendAccumulator(2, 70, 90, chunk=16, store=tmp_path / "acc" if store else None, tiles=corners, tile_size=32)
     weight = blend_window(32, 12)
     assert weight.min() > 0 and weight.max() == 1
     for t in plan.tiles:

@@ -718,14 +718,12 @@ def super_resolve(
         predictor, model_arg = BicubicPredictor(factor=per_lr, out_size=out_size), None
 
     weight = blend_window(out_size, (size - stride) // out_factor)
-    mean_acc = BlendAccumulator(
-        len(genes), out_grid.height, out_grid.width, chunk=256, store=None if store is None else store_tmp / "mean"
-    )
+    corners = [(t.row // out_factor, t.col // out_factor) for t in plan.tiles]  # each store chunk written once
+    layout = dict(height=out_grid.height, width=out_grid.width, chunk=256, tiles=corners, tile_size=out_size)
+    mean_acc = BlendAccumulator(len(genes), **layout, store=None if store is None else store_tmp / "mean")
     std_acc = None
     if n_samples > 1 and method == "c3diff" and mode == "sample":
-        std_acc = BlendAccumulator(
-            len(genes), out_grid.height, out_grid.width, chunk=256, store=None if store is None else store_tmp / "std"
-        )
+        std_acc = BlendAccumulator(len(genes), **layout, store=None if store is None else store_tmp / "std")
     bar = tqdm(total=len(plan), desc=f"super_resolve ({method})", unit="tile", disable=not progress)
     for b, (mean, std) in run_tasks(run_predictor, batches, extra_args=(predictor, model_arg)):
         group = groups[b]
