@@ -222,6 +222,49 @@ def test_clean_stop_mid_epoch_resumes_exactly_and_the_data_order_is_checked(patc
     assert steps == list(range(1, 13))
 
 
+def test_a_stop_and_resume_with_validation_keeps_the_uninterrupted_runs_best(patch_files, tmp_path, monkeypatch):
+    """A run stopped by ``max_steps`` validates at the stop (so ``best/`` can hold its last weights); resumed, it must
+    forget that validation, which an uninterrupted run never made: same ``best/``, model, log and history.
+
+    The validation is replaced by a scorer that calls the weights the run had at the stop (step 6, mid-epoch in the
+    residual stage) the best ever seen, and every other state equally good: remembered across the resume, they would
+    stay in ``best/`` instead of the step-8 weights the uninterrupted run keeps."""
+    import c3diff.tl._train as T
+
+    favourite: dict[str, torch.Tensor] = {}
+
+    def losses(model, loader, **kwargs):
+        weights = model.state_dict()
+        best = bool(favourite) and all(torch.equal(weights[k].cpu(), v) for k, v in favourite.items())
+        return {"val_total": 1.0, "val_mse": 0.0 if best else 1.0}
+
+    monkeypatch.setattr(T, "_validation_losses", losses)
+    monkeypatch.setattr(T, "validation_scores", lambda *args, **kwargs: {"val_pcc": 0.5, "val_rmse": 1.0})
+    files = [str(f) for f in patch_files]
+    run = {**RUN, "val_data": files[1]}
+    train(files, output_dir=tmp_path / "probe", max_steps=6, **run)  # the weights at the stop
+    favourite.update(_weights(c3.models.from_pretrained(str(tmp_path / "probe" / "checkpoints" / "step-6" / "model"))))
+
+    reference = train(files, output_dir=tmp_path / "full", **run)
+    stopped = train(files, output_dir=tmp_path / "split", max_steps=6, **run)
+    _assert_same_weights(
+        stopped.model, c3.models.from_pretrained(str(tmp_path / "probe" / "checkpoints" / "step-6" / "model"))
+    )
+    resumed = train(files, output_dir=tmp_path / "split", resume="latest", **run)
+    assert reference.best_checkpoint is not None and resumed.best_checkpoint is not None
+    _assert_same_weights(reference.model, resumed.model)
+    _assert_same_weights(
+        c3.models.from_pretrained(str(tmp_path / "full" / "best")),
+        c3.models.from_pretrained(str(tmp_path / "split" / "best")),
+    )
+    assert _log_steps(tmp_path / "split") == _log_steps(tmp_path / "full")
+    assert resumed.history.drop(columns="time").equals(reference.history.drop(columns="time"))
+    # the stopped run itself: its last weights were validated at the stop, logged as such, and kept as its best
+    last = stopped.history.iloc[-1]
+    assert last["stopped"] is True and last["step"] == 6 and last["val_mse"] == 0.0
+    assert stopped.best_checkpoint == tmp_path / "split" / "best"
+
+
 def _complete(folder: Path, text: str = "{}") -> None:
     folder.mkdir()
     (folder / "trainer_state.json").write_text(text)

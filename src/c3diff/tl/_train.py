@@ -42,6 +42,7 @@ PAPER_RECIPE = {
 
 _STATE_FILE = "trainer_state.json"
 _RNG_FILE = "rng_state.pt"
+_BEST_AT_STOP = "best_at_stop"  # a stopped run's best/ before its validation at the stop (in its last checkpoint)
 _CHECKPOINT_NAME = re.compile(r"step-(\d+)")
 
 
@@ -286,7 +287,8 @@ def _clean_checkpoints(folder: Path) -> None:
 
 def _trim_log(log_path: Path, step: int) -> None:
     """Keep the rows of ``log.jsonl`` up to ``step`` (the checkpoint a run resumes from): rows a killed or stopped
-    run wrote after it, and a row cut short by a kill, are dropped, so the log reads as one run."""
+    run wrote after it, the validation row of a run's stop (marked ``"stopped"``) and a row cut short by a kill are
+    dropped, so the log reads as one run."""
     if not log_path.exists():
         return
     kept = []
@@ -295,7 +297,7 @@ def _trim_log(log_path: Path, step: int) -> None:
             row = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if isinstance(row, dict) and int(row.get("step", 0)) <= step:
+        if isinstance(row, dict) and int(row.get("step", 0)) <= step and not row.get("stopped"):
             kept.append(line + "\n")
     tmp = log_path.with_name(f".{log_path.name}.tmp-{os.getpid()}")
     tmp.write_text("".join(kept))
@@ -417,9 +419,15 @@ def _set_global_rng_state(state: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _save_checkpoint(path: Path, *, model, optimizer, generator, state: dict[str, Any]) -> None:
+def _save_checkpoint(
+    path: Path, *, model, optimizer, generator, state: dict[str, Any], best_dir: Path | None = None
+) -> None:
     """Write a checkpoint folder atomically (see :func:`_write_folder_atomically`): the model, the optimizer, the
-    training noise generator and the process-wide random streams, then the progress state (written last)."""
+    training noise generator and the process-wide random streams, then the progress state (written last).
+
+    With ``best_dir`` (a run stopped by its budget, before the validation at the stop), a copy of ``best_dir`` as it
+    stands goes into the checkpoint too and the state is marked ``"stopped"``: a run resumed from it puts ``best/``
+    back as the regular validations left it (see :func:`_undo_stop_validation`)."""
 
     def write(folder: Path) -> None:
         folder.mkdir(parents=True)
@@ -427,9 +435,27 @@ def _save_checkpoint(path: Path, *, model, optimizer, generator, state: dict[str
         torch.save(optimizer.state_dict(), folder / "optimizer.pt")
         torch.save(generator.get_state(), folder / "generator.pt")
         torch.save(_global_rng_state(), folder / _RNG_FILE)
-        (folder / _STATE_FILE).write_text(json.dumps(state, indent=1))
+        saved = state
+        if best_dir is not None:
+            saved = {**state, "stopped": True}
+            if (best_dir / "config.json").exists():
+                shutil.copytree(best_dir, folder / _BEST_AT_STOP)
+        (folder / _STATE_FILE).write_text(json.dumps(saved, indent=1))
 
     _write_folder_atomically(path, write)
+
+
+def _undo_stop_validation(checkpoint: Path, best_dir: Path) -> None:
+    """Before resuming from a checkpoint written where a run stopped (marked ``"stopped"``), put ``best/`` back as
+    it was before the validation at the stop: an uninterrupted run never validates there, so the resumed run's
+    ``best/`` (and returned model) must not remember it. Without a ``best/`` at the stop, the folder is removed."""
+    saved = checkpoint / _BEST_AT_STOP
+    if saved.is_dir():
+        _write_folder_atomically(best_dir, lambda folder: shutil.copytree(saved, folder))
+    elif best_dir.exists():
+        aside = best_dir.with_name(f".{best_dir.name}.removed-{os.getpid()}")
+        best_dir.rename(aside)  # gone at once, never half-deleted
+        shutil.rmtree(aside)
 
 
 def _load_checkpoint(path: Path) -> tuple[C3DiffModel, dict, Any, dict[str, Any] | None, dict[str, Any]]:
@@ -793,6 +819,9 @@ def train(
         state.update(resume_state)
         if accelerator.is_main_process:
             _trim_log(log_path, int(state["global_step"]))
+            if state.pop("stopped", False):
+                _undo_stop_validation(checkpoint, output_dir / "best")
+    state.pop("stopped", None)
     state["data_order"] = data_order
     best_dir = output_dir / "best"
     start_time = time.perf_counter() - float(state["elapsed"])
@@ -860,7 +889,7 @@ def train(
         if not fresh:
             optimizer.load_state_dict(optimizer_state)
 
-        def checkpoint(optimizer: Any = optimizer) -> None:  # this stage's optimizer
+        def checkpoint(optimizer: Any = optimizer, *, stopped: bool = False) -> None:  # this stage's optimizer
             state["elapsed"] = time.perf_counter() - start_time
             if accelerator.is_main_process:
                 _save_checkpoint(
@@ -869,9 +898,10 @@ def train(
                     optimizer=optimizer,
                     generator=generator,
                     state=state,
+                    best_dir=best_dir if stopped else None,
                 )
 
-        def validate(epoch: int, stage: str = stage) -> None:
+        def validate(epoch: int, stage: str = stage, *, stopped: bool = False) -> None:
             row: dict[str, Any] = {
                 "type": "epoch",
                 "stage": stage,
@@ -879,6 +909,8 @@ def train(
                 "step": state["global_step"],
                 "time": time.perf_counter() - start_time,
             }
+            if stopped:  # validated where the run's budget stopped it, not at an epoch's end
+                row["stopped"] = True
             if val_patches is not None and accelerator.is_main_process:
                 row.update(
                     _validation_losses(
@@ -980,13 +1012,23 @@ def train(
                 validate(epoch)
                 if state["epoch"] % checkpoint_every == 0 or state["epoch"] == epochs:
                     checkpoint()
-        if stop:
-            if not state["history"] or state["history"][-1]["step"] != state["global_step"]:
-                validate(state["epoch"])
         last_stage = stage == stages[-1]
         finished = (max_steps is not None and state["global_step"] >= max_steps) or (
             max_time is not None and time.perf_counter() - start_time >= max_time
         )
+        # A run its budget stops mid-epoch is validated there too, so that best/ can hold its last weights; the
+        # checkpoint it resumes from is written before that validation and holds best/ as it was, so a resumed run
+        # forgets the validation at the stop, as an uninterrupted run never made it.
+        stopped_here = (
+            stop
+            and (last_stage or finished)
+            and (not state["history"] or state["history"][-1]["step"] != state["global_step"])
+        )
+        if stopped_here:
+            checkpoint(stopped=True)
+            validate(state["epoch"], stopped=True)
+        elif stop and (not state["history"] or state["history"][-1]["step"] != state["global_step"]):
+            validate(state["epoch"])
         if stage == "mean" and not finished:  # (stopped by the run's budget, the mean stage continues on resume)
             if (best_dir / "config.json").exists():
                 _restore_weights(net, best_dir)  # the residual stage refines the best mean, not the last
@@ -995,7 +1037,8 @@ def train(
             state.update(stage=stages[stages.index(stage) + 1], epoch=0, step_in_epoch=0, stage_step=0)
             resume_state = None
         else:
-            checkpoint()
+            if not stopped_here:
+                checkpoint()
             break
 
     accelerator.wait_for_everyone()
