@@ -9,6 +9,9 @@ import numpy as np
 from c3diff._constants import COORDINATE_SYSTEM
 from c3diff._geometry import RasterGeometry, is_integer, level_geometries
 
+#: Source values (channels x rows x columns) converted to float32 at a time when averaging blocks exactly.
+STRIP_ELEMENTS = 2**22
+
 
 def _choose_level(levels: list[tuple[Any, RasterGeometry]], grid: RasterGeometry) -> tuple[Any, RasterGeometry, bool]:
     """The coarsest level not coarser than the grid; prefer one the grid tiles exactly (integer factor, aligned)."""
@@ -80,7 +83,7 @@ def resample_raster(
         r_idx, c_idx = np.flatnonzero(rows_in), np.flatnonzero(cols_in)
         r0, r1, c0, c1 = r_idx[0], r_idx[-1] + 1, c_idx[0], c_idx[-1] + 1
         sy0, sx0 = oy + r0 * fy, ox + c0 * fx
-        window = np.asarray(data[:, max(sy0, 0) : oy + r1 * fy, max(sx0, 0) : ox + c1 * fx], dtype=np.float32)
+        window = np.asarray(data[:, max(sy0, 0) : oy + r1 * fy, max(sx0, 0) : ox + c1 * fx])  # its own dtype
         # pad partial blocks at the image border with edge values so that border pixels average real data only
         want_h, want_w = (r1 - r0) * fy, (c1 - c0) * fx
         pad_top, pad_left = max(-sy0, 0), max(-sx0, 0)
@@ -93,8 +96,12 @@ def resample_raster(
             ),
             mode="edge",
         )[:, :want_h, :want_w]
-        blocks = window.reshape(n_channels, r1 - r0, fy, c1 - c0, fx).mean(axis=(2, 4))
-        out[:, r0:r1, c0:c1] = blocks
+        # means in float32 over strips of output rows: a whole-slide H&E is never held as float32 at once
+        strip = max(1, STRIP_ELEMENTS // max(n_channels * fy * want_w, 1))
+        for a in range(0, r1 - r0, strip):
+            b = min(a + strip, r1 - r0)
+            part = window[:, a * fy : b * fy].astype(np.float32)
+            out[:, r0 + a : r0 + b, c0:c1] = part.reshape(n_channels, b - a, fy, c1 - c0, fx).mean(axis=(2, 4))
         out[:, ~inside] = fill
         return out, inside
 

@@ -118,7 +118,7 @@ def match_footprints(
     others: tuple[Any, ...] = (),
     tolerance: float = FOOTPRINT_TOLERANCE,
     max_rounds: int = FOOTPRINT_MAX_ROUNDS,
-    max_elements: int = 2**24,
+    max_elements: int = 2**22,
 ) -> dict[str, Any]:
     """Scale a layer ``(genes, height, width)`` in place so that each footprint sum equals its measured count.
 

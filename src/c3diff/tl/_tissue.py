@@ -32,7 +32,7 @@ def layer_tissue_mask(tissue: np.ndarray, out_factor: int, shape: tuple[int, int
     return padded.reshape(height, out_factor, width, out_factor).any(axis=(1, 3))
 
 
-def zero_off_tissue(arrays: tuple[Any, ...], mask: np.ndarray, *, max_elements: int = 2**24) -> None:
+def zero_off_tissue(arrays: tuple[Any, ...], mask: np.ndarray, *, max_elements: int = 2**22) -> None:
     """Set every pixel off ``mask`` to 0 in each ``(genes, height, width)`` array (numpy or zarr), in place.
 
     Gene batches of at most ``max_elements`` values are read and written at a time.
