@@ -34,7 +34,7 @@ def parameter_table(model) -> list[tuple[str, int, str]]:
         (
             "UNet encoder (conv_in, time emb., down, mid)",
             _count(getattr(unet, n) for n in ENCODER_MODULES),
-            "trained" if model.config.train_unet_encoder else "frozen",
+            "frozen (trained in the backbone stage only)",
         ),
         ("UNet decoder (up blocks, out norm/conv)", _count(getattr(unet, n) for n in DECODER_MODULES), "trained"),
         ("ControlNet", _count([model.controlnet]), "trained"),

@@ -74,12 +74,8 @@ def main() -> None:
         overrides["hint_encoder_channels"] = list(args.hint_encoder_channels)
     if args.hint_space_to_depth:
         overrides["hint_space_to_depth"] = True
-    if args.min_snr_gamma is not None:
-        overrides["min_snr_gamma"] = args.min_snr_gamma
     if args.prediction_type is not None:
         overrides["scheduler_config"] = {"prediction_type": args.prediction_type}
-    if args.latent_scaling is not None:
-        overrides["latent_scaling"] = args.latent_scaling
     if args.init_from is not None and overrides:
         parser.error(f"--init-from continues a saved model with its own architecture; drop {sorted(overrides)}.")
     with tempfile.TemporaryDirectory() as tmp:
@@ -89,14 +85,16 @@ def main() -> None:
             genes=genes, output_dir=run, model_overrides=overrides,
             learning_rate=args.learning_rate, epochs=10**6, max_time=args.minutes * 60, seed=args.seed,
             val_steps=10, val_max_patches=16, lr_schedule=args.lr_schedule, mean_time_fraction=args.mean_fraction,
+            min_snr_gamma=args.min_snr_gamma, latent_scaling=args.latent_scaling or "std",
         )
         model = result.model
         if args.timestep_spacing is not None:  # sampling only: training noise does not depend on it
-            scheduler = {**model.config.scheduler_config, "timestep_spacing": args.timestep_spacing}
-            model.register_to_config(scheduler_config=scheduler)
-            model.noise_scheduler = type(model.noise_scheduler).from_config(scheduler)
+            scheduler = {**model.noise_scheduler.config, "timestep_spacing": args.timestep_spacing}
+            model.set_scheduler(type(model.noise_scheduler).from_config(scheduler))  # saved as scheduler_config.json
         start_from = f"continued from {args.init_from.name}" if args.init_from else "tiny preset"
-        options = {**overrides, **({"timestep_spacing": args.timestep_spacing} if args.timestep_spacing else {})}
+        recipe = {"min_snr_gamma": args.min_snr_gamma, "latent_scaling": args.latent_scaling}
+        options = {**overrides, **{k: v for k, v in recipe.items() if v is not None}}
+        options.update({"timestep_spacing": args.timestep_spacing} if args.timestep_spacing else {})
         description = (
             f"DEMO MODEL FOR SIMULATED TISSUE, NOT FOR REAL DATA. Trained by scripts/train_demo_model.py (c3diff "
             f"{c3.__version__}) for {args.minutes:g} min on a CPU: {len(sections) - 1} simulated breast sections "

@@ -161,7 +161,7 @@ def test_start_from_a_pretrained_model_copies_compatible_weights():
     residual = c3.models.build_model("tiny", genes=["X", "Y"])
     for source in (demo, residual):
         model, _ = _fit_slide._start_model(source, GENES)
-        assert model.genes == GENES and model.mean_net is not None and model.config.mean_fitted is False
+        assert model.genes == GENES and model.mean_net is not None and not model.is_fitted("mean")
         own, weights = model.state_dict(), source.state_dict()
         key = next(k for k in own if k.startswith("hint_encoders.") and k.endswith("weight"))
         assert torch.equal(own[key], weights[key])
@@ -172,11 +172,11 @@ def test_start_from_a_pretrained_model_copies_compatible_weights():
 
 
 def test_fitted_model_round_trips_and_super_resolves(section, fitted, tmp_path):
-    assert fitted.config.mean_fitted is True
+    assert fitted.is_fitted("mean")
     assert "fit_slide" in fitted.config.training_data and "visium_table" in fitted.config.training_data
     fitted.save_pretrained(str(tmp_path / "model"), training_data=fitted.config.training_data)
     loaded = c3.models.from_pretrained(str(tmp_path / "model"))
-    assert loaded.config.mean_fitted is True and loaded.genes == GENES
+    assert loaded.is_fitted("mean") and loaded.genes == GENES
     assert "visium_table" in (tmp_path / "model" / "README.md").read_text()
     layers = {}
     for name, model in (("fitted", fitted), ("loaded", loaded)):
@@ -222,7 +222,7 @@ def test_cli_fit_writes_a_model_folder(section, tmp_path, capsys):
         == 0
     )
     assert "model in" in capsys.readouterr().out
-    assert c3.models.from_pretrained(str(tmp_path / "m")).config.mean_fitted is True
+    assert c3.models.from_pretrained(str(tmp_path / "m")).is_fitted("mean")
 
 
 @pytest.mark.slow

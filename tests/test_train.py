@@ -145,7 +145,7 @@ def test_validation_keeps_the_best_model_and_logs(patchsets, tmp_path):
         log_every=1,
         backbone_steps=2,
     )
-    assert result.model.config.first_stage_fitted and result.model.config.backbone_fitted
+    assert result.model.is_fitted("first_stage") and result.model.is_fitted("backbone")
     assert result.best_checkpoint == tmp_path / "best"
     assert {"val_mse", "val_content", "val_pcc", "val_rmse"} <= set(result.history.columns)
     # the logged PCC is that of the returned model's maps on the validation patches (the residual stage leaves the
@@ -217,7 +217,7 @@ def test_residual_training_runs_its_stages_and_resumes_exactly(patchsets, tmp_pa
         mean_genes_per_patch=2,
     )
     full = train(patchsets, output_dir=tmp_path / "full", max_steps=4, **common)
-    assert full.model.config.first_stage_fitted and full.model.config.backbone_fitted
+    assert full.model.is_fitted("first_stage") and full.model.is_fitted("backbone")
     stages = [json.loads(line)["stage"] for line in (tmp_path / "full" / "log.jsonl").read_text().splitlines()]
     assert stages[0] == "mean" and stages[-1] == "residual"
     train(patchsets, output_dir=tmp_path / "split", max_steps=3, **common)  # stops inside the residual stage

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import c3diff
-from c3diff.models import C3DiffModel
+from c3diff.models import C3DiffModel, TrainingConfig
 from c3diff.models.controlnet import unet_forward_with_residuals
 
 ENCODERS = ("histology_content", "st_content", "histology_modal", "st_modal")
@@ -86,17 +86,19 @@ def test_losses_at_5x_and_10x(fixture, make_batch, request):
 
 def test_min_snr_gamma_reweights_only_the_diffusion_loss(tiny, make_batch):
     # gamma below every step's SNR (>= 0.0047 on this schedule): every sample's weight is gamma / SNR < 1
-    weighted = c3diff.models.C3DiffModel(**{**dict(tiny.config), "min_snr_gamma": 1e-3})
-    weighted.load_state_dict(tiny.state_dict())
     batch = make_batch(tiny, 6)
     plain = tiny.compute_losses(batch, generator=torch.Generator().manual_seed(3)).as_dict()
-    snr = weighted.compute_losses(batch, generator=torch.Generator().manual_seed(3)).as_dict()
+    recipe = TrainingConfig(min_snr_gamma=1e-3)
+    snr = tiny.compute_losses(batch, recipe=recipe, generator=torch.Generator().manual_seed(3)).as_dict()
     assert snr["content"] == pytest.approx(plain["content"]) and snr["modal"] == pytest.approx(plain["modal"])
     assert 0 < snr["mse"] < 0.25 * plain["mse"]
     with pytest.raises(ValueError, match="min_snr_gamma"):
-        c3diff.models.build_model("tiny-paper", genes=tiny.genes, min_snr_gamma=-1.0)
+        TrainingConfig(min_snr_gamma=-1.0)
     with pytest.raises(ValueError, match="latent_scaling"):
-        c3diff.models.build_model("tiny-paper", genes=tiny.genes, latent_scaling="max")
+        TrainingConfig(latent_scaling="max")
+    # the recipe is no network option any more
+    with pytest.raises(TypeError, match="Unknown model option"):
+        c3diff.models.build_model("tiny-paper", genes=tiny.genes, min_snr_gamma=5.0)
     with pytest.raises(ValueError, match="hint_space_to_depth"):
         c3diff.models.build_model(
             "tiny-paper",
@@ -268,14 +270,15 @@ def test_pixel_space_and_latent_space_share_the_code_path(make_batch):
 
 
 @pytest.mark.parametrize("scaling", ["std", "range"])
-def test_fit_first_stage_in_pixel_space_centres_and_scales_the_latents(scaling):
-    model = c3diff.models.build_model("tiny-paper", genes=["A", "B"], latent_scaling=scaling)
+def test_first_stage_statistics_centre_and_scale_the_latents(scaling):
+    built = c3diff.models.build_model("tiny-paper", genes=["A", "B"])
     maps = -torch.ones(20, 1, 64, 64)
     maps[:, :, ::9, ::7] = 1.0  # sparse maps: mostly at -1
-    assert not model.config.first_stage_fitted
-    model.fit_first_stage(maps, progress=False)
+    assert not built.is_fitted("first_stage")
+    stats = built.first_stage_statistics(maps, latent_scaling=scaling)
+    model = built.with_config(**stats)  # a new model: the config is written at construction only
+    assert built.config.latent_shift == 0.0 and built.config.latent_scale == 1.0
     latents = model.encode_images(model.target_image(maps))
-    assert model.config.first_stage_fitted
     assert abs(float(latents.mean())) < 1e-4
     if scaling == "std":
         assert float(latents.std()) == pytest.approx(1.0, rel=1e-3)  # peaks then stand ~8 sd high
@@ -284,19 +287,37 @@ def test_fit_first_stage_in_pixel_space_centres_and_scales_the_latents(scaling):
         assert model.config.latent_scale == 1.0
         assert float(latents.max() - latents.min()) == pytest.approx(2.0)
     torch.testing.assert_close(model.decode_latents(latents), (maps + 1) / 2)  # still lossless
+    for (k, a), (_, b) in zip(built.state_dict().items(), model.state_dict().items(), strict=True):
+        assert torch.equal(a, b), k  # same weights
     with pytest.raises(ValueError, match="non-empty"):
-        model.fit_first_stage(torch.zeros(0, 1, 64, 64))
+        model.first_stage_statistics(torch.zeros(0, 1, 64, 64))
+    with pytest.raises(TypeError, match="Unknown model option"):
+        model.with_config(latent_shiftt=1.0)
 
 
-def test_fit_backbone_pretrains_the_unet_and_copies_it_into_the_controlnet():
+def test_backbone_stage_pretrains_the_unet_and_copies_it_into_the_controlnet():
+    import accelerate
+
+    from c3diff.tl._train import _fit_map_stage
+
     model = c3diff.models.build_model("tiny-paper", genes=["A", "B"])
     maps = -torch.ones(16, 1, 64, 64)
     maps[:, :, 10:20, 30:50] = 1.0
-    model.fit_first_stage(maps, progress=False)
+    recipe = TrainingConfig(batch_size=8, backbone_steps=30, backbone_learning_rate=2e-3)
+    accelerator = accelerate.Accelerator(cpu=True)
+    model = _fit_map_stage(
+        "first_stage", model, maps, recipe=recipe, accelerator=accelerator, max_seconds=None, show=False
+    )
+    assert model.is_fitted("first_stage") and model.config.latent_scale > 1
+    g = torch.Generator().manual_seed(0)
+    loss_before = float(model.compute_backbone_losses(maps, generator=g).total)
     before = {k: v.clone() for k, v in model.unet.conv_in.state_dict().items()}
-    history = model.fit_backbone(maps, steps=30, batch_size=8, learning_rate=2e-3, progress=False)
-    assert len(history) == 30 and np.mean(history[-5:]) < np.mean(history[:5])
-    assert model.config.backbone_fitted
+    model = _fit_map_stage(
+        "backbone", model, maps, recipe=recipe, accelerator=accelerator, max_seconds=None, show=False
+    )
+    g = torch.Generator().manual_seed(0)
+    assert float(model.compute_backbone_losses(maps, generator=g).total) < loss_before
+    assert model.is_fitted("backbone")
     assert not torch.equal(model.unet.conv_in.weight, before["weight"])
     torch.testing.assert_close(model.controlnet.conv_in.weight, model.unet.conv_in.weight)
     # the UNet encoder is frozen again, its decoder trains

@@ -252,3 +252,51 @@ def test_model_mixin_keywords(tmp_path):
     loaded = c3diff.models.from_pretrained(tmp_path / "pickled")
     for (k, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert torch.equal(a, b), k
+
+
+def test_a_folder_of_c3diff_0_1_loads_with_its_recipe_mapped(tmp_path):
+    """config.json of c3diff <= 0.1 held the training recipe and the fitted-stage flags; the weights had no
+    fitted-stage buffer. Such a folder loads with the same outputs, the recipe as `training_config` and the flags
+    as the fitted-stage state; an option the network cannot honour is a clear error."""
+    from safetensors.torch import load_file, save_file
+
+    model = c3diff.models.build_model("tiny", genes=["A", "B", "C", "D"]).eval()
+    model.save_pretrained(str(tmp_path / "old"))
+    config = json.loads((tmp_path / "old" / "config.json").read_text())
+    assert not {"lambda_mse", "st_noise_sigma", "normalization", "mean_fitted"} & set(config)  # the new layout
+    config.update(
+        lambda_mse=3.0, lambda_modal=0.5, lambda_content=1.0, lambda_inter_sphere=1.0, st_noise_sigma=0.05,
+        min_snr_gamma=None, latent_scaling="range", normalization="minmax", train_unet_encoder=False,
+        first_stage_fitted=True, backbone_fitted=True, mean_fitted=False,
+    )  # fmt: skip
+    (tmp_path / "old" / "config.json").write_text(json.dumps(config))
+    state = load_file(str(tmp_path / "old" / "model.safetensors"))
+    del state["fitted_stages"]
+    save_file(state, str(tmp_path / "old" / "model.safetensors"))
+    loaded = c3diff.models.from_pretrained(tmp_path / "old")
+    assert loaded.is_fitted("first_stage") and loaded.is_fitted("backbone") and not loaded.is_fitted("mean")
+    recipe = loaded.training_config
+    assert (recipe.lambda_mse, recipe.lambda_modal, recipe.st_noise_sigma, recipe.latent_scaling) == (
+        3.0,
+        0.5,
+        0.05,
+        "range",
+    )
+    assert "lambda_mse" not in loaded.config and "normalization" not in loaded.config
+    assert torch.equal(_predict(loaded), _predict(model))
+    config["normalization"] = "zscore"
+    (tmp_path / "old" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="normalization='zscore'"):
+        c3diff.models.from_pretrained(tmp_path / "old")
+
+
+def test_training_config_round_trips_beside_the_model(tmp_path):
+    model = c3diff.models.build_model("tiny", genes=["A"])
+    model.training_config = c3diff.models.TrainingConfig(lambda_modal=0.0, min_snr_gamma=5.0, seed=3)
+    model.save_pretrained(str(tmp_path / "m"), training_data="toy")
+    assert model.config.training_data is None  # saving does not change the caller's config
+    assert (tmp_path / "m" / "training_config.json").is_file()
+    loaded = c3diff.models.from_pretrained(tmp_path / "m")
+    assert loaded.training_config == model.training_config and loaded.config.training_data == "toy"
+    with pytest.raises(ValueError, match="Unknown training-config entries"):
+        c3diff.models.TrainingConfig.from_dict({"lambda_msee": 1.0})

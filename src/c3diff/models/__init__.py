@@ -11,6 +11,7 @@ module                        content
 ``controlnet``                :class:`~.controlnet.UNet2DControlNetModel`, the UNet forward with residuals
 ``hint_encoders``             the four hint encoders, gene code, LR conditioning image, ST augmentation
 ``losses``                    ``L_content``, ``L_modal``, ``L_inter-sphere``, ``L_mse``, ``L_overall``
+``training_config``           :class:`TrainingConfig`, the training recipe (``training_config.json``)
 ``imputation``                ST features of samples without LR ST (batch and memory bank)
 ``conditional_mean``          the conditional-mean stage: network, block shares, count likelihoods
 ``c3diff``                    :class:`C3DiffModel`, the composite model (training losses, predict)
@@ -33,14 +34,16 @@ from c3diff.models.c3diff import C3DiffModel
 from c3diff.models.hub import from_ldm, from_pretrained, push_to_hub, save_pretrained
 from c3diff.models.losses import LossWeights
 from c3diff.models.presets import PRESETS, build_model, preset_config
+from c3diff.models.training_config import TrainingConfig
 
-# What a user needs: the model, its presets, its loss weights (`c3diff.tl.train(loss_weights=...)`), persistence and
-# the bundled demo model. The networks, losses and helpers are imported from the modules that define them (table
-# above), e.g. `from c3diff.models.losses import content_loss`.
+# What a user needs: the model, its presets, its loss weights (`c3diff.tl.train(loss_weights=...)`) and training
+# recipe, persistence and the bundled demo model. The networks, losses and helpers are imported from the modules
+# that define them (table above), e.g. `from c3diff.models.losses import content_loss`.
 __all__ = [
     "PRESETS",
     "C3DiffModel",
     "LossWeights",
+    "TrainingConfig",
     "build_model",
     "demo_model_path",
     "from_ldm",

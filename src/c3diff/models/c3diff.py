@@ -8,6 +8,7 @@ training losses of a batch (:meth:`C3DiffModel.compute_losses`) and super-resolv
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -48,7 +49,6 @@ from c3diff.models.hint_encoders import (
 from c3diff.models.imputation import FeatureImputer
 from c3diff.models.losses import (
     LossOutput,
-    LossWeights,
     content_loss,
     diffusion_mse,
     inter_sphere_loss,
@@ -56,6 +56,7 @@ from c3diff.models.losses import (
     modal_loss,
     overall_loss,
 )
+from c3diff.models.training_config import TrainingConfig
 
 __all__ = ["C3DiffModel"]
 
@@ -67,6 +68,15 @@ FORMULATIONS = ("paper", "residual")
 
 #: Count likelihoods of the conditional-mean stage (see :mod:`c3diff.models.conditional_mean`).
 MEAN_LOSSES = ("multinomial", "poisson")
+
+#: Training stages whose completion a model records with its weights (:meth:`C3DiffModel.is_fitted`).
+FITTED_STAGES = ("first_stage", "backbone", "mean")
+
+
+def _stage_index(stage: str) -> int:
+    if stage not in FITTED_STAGES:
+        raise ValueError(f"`stage` must be one of {FITTED_STAGES}, got {stage!r}.")
+    return FITTED_STAGES.index(stage)
 
 
 class C3DiffModel(ModelMixin, ConfigMixin):
@@ -92,8 +102,6 @@ class C3DiffModel(ModelMixin, ConfigMixin):
     scale
         10 (targets ``S x S`` at ``hr_pixel_size``) or 5 (targets ``S/2 x S/2`` at twice that; upsampled nearest to
         ``S`` for the network).
-    normalization
-        How the maps were normalised (recorded; ``"minmax"``: per patch and gene to [0, 1]).
     unet_config
         Arguments of :class:`~diffusers.UNet2DModel` (the denoiser); ``sample_size`` defaults to the latent size.
     autoencoder_config
@@ -118,37 +126,17 @@ class C3DiffModel(ModelMixin, ConfigMixin):
         ``prediction_type`` is ``"epsilon"`` (the paper) or ``"v_prediction"`` (for models trained from scratch; see
         :meth:`diffusion_target`).
     temperature
-        ``tau`` of the contrastive losses and the imputation.
-    st_noise_sigma
-        On-sphere noise augmentation of ST features during training (0.03).
-    lambda_mse, lambda_modal, lambda_content, lambda_inter_sphere
-        Loss weights (2, 1, 1, 1).
-    min_snr_gamma
-        Weight ``L_mse`` per sample by ``min(SNR, gamma) / SNR`` (``/ (SNR + 1)`` for v-prediction; min-SNR-gamma, see
-        :func:`c3diff.models.losses.min_snr_weights`), which moves the effort from low-noise steps to the high-noise
-        steps where the conditioning decides the map. ``None`` (default): the paper's plain mean.
+        ``tau`` of the imputation's softmax over donor features (0.07; used at inference for tiles without LR ST).
+        The contrastive losses take theirs from the training recipe
+        (:class:`~c3diff.models.training_config.TrainingConfig`).
     memory_bank_size, memory_bank_pool
         Inference-time imputation memory bank: entries and pooled size (see :mod:`c3diff.models.imputation`).
-    train_unet_encoder
-        Also train the UNet encoder (the paper freezes it; only for experiments from scratch).
     latent_shift, latent_scale
         Pixel space only: the diffusion space is ``(fold(x) - latent_shift) * latent_scale`` (zero mean, unit
         variance over training maps, as the LDM's ``scaling_factor`` does for VQ latents). Sparse single-gene maps
         sit almost entirely at -1; without this, the UNet's group norms discard that offset and sampling drifts.
-        Set by :meth:`fit_first_stage`.
-    latent_scaling
-        Pixel space only: how :meth:`fit_first_stage` sets ``latent_scale``. ``"std"`` (default): unit variance.
-        ``"range"``: 1, so the maps keep their [-1, 1] range as in a pixel-space DDPM. Single-gene maps are sparse,
-        so at unit variance their peaks stand ~20 noise sd high and stay visible through the noise at every
-        training step (``sqrt(alphas_cumprod)`` ends at 0.068): the denoiser can read count positions off its input
-        instead of the histology, which is all it has at inference. At their own range the peaks are hidden below
-        one noise sd on the noisier 44 % of steps.
-    first_stage_fitted
-        Whether the first stage was fitted to data (VQ autoencoder trained, or the pixel-space shift/scale
-        estimated); :func:`c3diff.tl.train` fits it first when not.
-    backbone_fitted
-        Whether the denoiser is a trained unconditional backbone (the paper starts from a pretrained LDM, see
-        :func:`~c3diff.models.from_ldm`); :func:`c3diff.tl.train` pretrains it (:meth:`fit_backbone`) when not.
+        Estimated by :func:`c3diff.tl.train`'s first stage (its ``latent_scaling`` says how), which then builds the
+        model anew with them: a config is never changed after construction.
     formulation
         ``"paper"``: the diffusion generates the whole normalised HR map (the paper). ``"residual"``: a
         deterministic conditional-mean stage (:class:`~c3diff.models.conditional_mean.ConditionalMeanNet`, on the
@@ -160,10 +148,14 @@ class C3DiffModel(ModelMixin, ConfigMixin):
         network's histology trunk (a U-Net), ``head_channels``, the width of its gene head, and ``histology_prior``
         (start the logits from bicubic times the squared H&E darkness, with a learned exponent per gene; see
         :class:`~c3diff.models.conditional_mean.ConditionalMeanNet`).
-    mean_fitted
-        Whether the conditional-mean stage has been trained; :func:`c3diff.tl.train` trains it first when not.
     training_data
         Free text recorded in the model card (what the model was trained on).
+
+    The config holds the network only: architecture, geometry and the noise schedule it was trained with. The
+    training recipe (loss weights, contrastive temperature, feature augmentation, min-SNR, stage budgets) is a
+    :class:`~c3diff.models.training_config.TrainingConfig`, passed to the loss methods and saved by
+    :func:`c3diff.tl.train` as ``training_config.json`` beside the model. Which training stages are done (first
+    stage, backbone, conditional mean) is state saved with the weights (:meth:`is_fitted`).
 
     Examples
     --------
@@ -193,7 +185,6 @@ class C3DiffModel(ModelMixin, ConfigMixin):
         lr_pixel_size: float = 100.0,
         histology_pixel_size: float = 10.0,
         scale: int = 10,
-        normalization: str = "minmax",
         unet_config: Mapping[str, Any] | None = None,
         autoencoder_config: Mapping[str, Any] | None = None,
         space_to_depth: int = 1,
@@ -203,23 +194,12 @@ class C3DiffModel(ModelMixin, ConfigMixin):
         gene_code_channels: int = 4,
         scheduler_config: Mapping[str, Any] | None = None,
         temperature: float = 0.07,
-        st_noise_sigma: float = 0.03,
-        lambda_mse: float = 2.0,
-        lambda_modal: float = 1.0,
-        lambda_content: float = 1.0,
-        lambda_inter_sphere: float = 1.0,
-        min_snr_gamma: float | None = None,
         memory_bank_size: int = 128,
         memory_bank_pool: int = 8,
-        train_unet_encoder: bool = False,
         latent_shift: float = 0.0,
         latent_scale: float = 1.0,
-        latent_scaling: str = "std",
-        first_stage_fitted: bool = False,
-        backbone_fitted: bool = False,
         formulation: str = "paper",
         mean_net_config: Mapping[str, Any] | None = None,
-        mean_fitted: bool = False,
         training_data: str | None = None,
     ):
         super().__init__()
@@ -332,10 +312,6 @@ class C3DiffModel(ModelMixin, ConfigMixin):
 
         scheduler_config = dict(scheduler_config or {})
         self.noise_scheduler = DDIMScheduler(**scheduler_config)
-        if latent_scaling not in ("std", "range"):
-            raise ValueError(f"`latent_scaling` must be 'std' or 'range', got {latent_scaling!r}.")
-        if min_snr_gamma is not None and not min_snr_gamma > 0:
-            raise ValueError(f"`min_snr_gamma` must be a positive number or None, got {min_snr_gamma!r}.")
         if self.noise_scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(
                 "C3-Diff's denoiser predicts the noise ('epsilon', the paper) or the velocity ('v_prediction'): "
@@ -357,6 +333,10 @@ class C3DiffModel(ModelMixin, ConfigMixin):
                 f"{space_to_depth**2} (image channels x {space_to_depth}^2), got {unet_in}."
             )
         self._image_channels = image_channels or unet_in // space_to_depth**2
+        # training progress (state, not config): which stages are fitted, saved with the weights
+        self.register_buffer("fitted_stages", torch.zeros(len(FITTED_STAGES), dtype=torch.bool))
+        #: the recipe the model was trained with (provenance; ``training_config.json``), when known
+        self.training_config: TrainingConfig | None = None
         self._freeze()
 
     # ------------------------------------------------------------------ geometry
@@ -394,9 +374,8 @@ class C3DiffModel(ModelMixin, ConfigMixin):
         if self.vqvae is not None:
             self.vqvae.requires_grad_(False)
             self.vqvae.eval()
-        if not self.config.train_unet_encoder:
-            for module in self._encoder_modules():
-                module.requires_grad_(False)
+        for module in self._encoder_modules():
+            module.requires_grad_(False)
 
     def trainable_parameters(self, stage: str = "diffusion") -> list[torch.nn.Parameter]:
         """The parameters a training stage updates.
@@ -423,13 +402,9 @@ class C3DiffModel(ModelMixin, ConfigMixin):
         if self.mean_net is not None:
             modules: list[torch.nn.Module] = [self.controlnet]
             modules += [getattr(self.unet, name) for name in DECODER_MODULES]
-            if self.config.train_unet_encoder:
-                modules += self._encoder_modules()
             return [p for m in modules for p in m.parameters()]
         modules = [self.controlnet, self.hint_encoders]
         modules += [getattr(self.unet, name) for name in DECODER_MODULES]
-        if self.config.train_unet_encoder:
-            modules += self._encoder_modules()
         params = [p for m in modules for p in m.parameters()]
         return [*params, self.imputer.alpha, self.imputer.beta]
 
@@ -489,111 +464,91 @@ class C3DiffModel(ModelMixin, ConfigMixin):
                 latents = F.pixel_shuffle(latents, self.config.space_to_depth)
         return latents.mean(dim=1, keepdim=True)
 
-    def fit_first_stage(
-        self,
-        maps: torch.Tensor,
-        *,
-        steps: int = 2000,
-        batch_size: int = 16,
-        seed: int = 0,
-        progress: bool = True,
-    ) -> None:
-        """Fit the first stage to training maps, then freeze it; marks ``config.first_stage_fitted``.
+    # ------------------------------------------------------------------ training stages (run by c3diff.tl.train)
+    def is_fitted(self, stage: str) -> bool:
+        """Whether a training stage is done: ``"first_stage"`` (VQ autoencoder trained, or the pixel-space latent
+        shift/scale estimated), ``"backbone"`` (the denoiser is a trained unconditional model: pretrained, see
+        :func:`~c3diff.models.from_ldm`, or by :func:`c3diff.tl.train`) or ``"mean"`` (the conditional-mean stage).
+        Saved with the weights; :func:`c3diff.tl.train` skips the stages that are done.
 
-        With a VQ autoencoder: :func:`~c3diff.models.autoencoder.fit_autoencoder` (reconstruction of single-gene maps,
-        then the latent scaling factor). In pixel space: ``latent_shift`` is the mean of the (folded) maps and
-        ``latent_scale`` one over their standard deviation (``latent_scaling="std"``) or 1 (``"range"``).
-
-        Parameters
-        ----------
-        maps
-            ``(N, 1, H, H)`` HR maps in [-1, 1] (5x maps are upsampled to the tile size like training targets).
-        steps, batch_size, seed, progress
-            Autoencoder training (VQ only).
+        Examples
+        --------
+        >>> import c3diff
+        >>> model = c3diff.models.build_model("tiny", genes=["A"])
+        >>> model.is_fitted("mean"), c3diff.models.load_demo_model().is_fitted("mean")
+        (False, True)
         """
-        if maps.ndim != 4 or maps.shape[1] != 1 or len(maps) == 0:
-            raise ValueError(f"`maps` must be a non-empty (N, 1, H, H) tensor in [-1, 1], got {tuple(maps.shape)}.")
-        images = self.target_image(maps)
+        return bool(self.fitted_stages[_stage_index(stage)])
+
+    def mark_fitted(self, stage: str, fitted: bool = True) -> None:
+        """Record that a training stage is done (or not); see :meth:`is_fitted`."""
+        self.fitted_stages[_stage_index(stage)] = bool(fitted)
+
+    def with_config(self, **changes: Any) -> C3DiffModel:
+        """A new model built from this one's config with ``changes``, holding the same weights, fitted stages and
+        sampling scheduler: how :func:`c3diff.tl.train` records what a stage estimated (the first stage's latent
+        shift/scale, a VQ autoencoder's scaling factor) and how a description of the training data is attached,
+        without changing a config after construction.
+
+        Examples
+        --------
+        >>> import c3diff
+        >>> model = c3diff.models.build_model("tiny", genes=["A"])
+        >>> shifted = model.with_config(latent_shift=-0.9, latent_scale=2.0)
+        >>> shifted.config.latent_shift, model.config.latent_shift
+        (-0.9, 0.0)
+        """
+        unknown = sorted(set(changes) - set(self.config))
+        if unknown:
+            valid = sorted(config_kwargs(self.config))
+            raise TypeError(f"Unknown model option(s) {unknown}; valid options are {valid}.")
+        model = type(self).from_config({**config_kwargs(self.config), **changes})
+        model.load_state_dict(self.state_dict())
+        model.noise_scheduler = type(self.noise_scheduler).from_config(self.noise_scheduler.config)
+        model.training_config = self.training_config
+        return model.to(self.device, self.dtype).train(self.training)
+
+    @torch.no_grad()
+    def first_stage_statistics(self, maps: torch.Tensor, *, latent_scaling: str = "std") -> dict[str, float]:
+        """Pixel space: the ``latent_shift`` (mean) and ``latent_scale`` (one over the standard deviation with
+        ``latent_scaling="std"``, 1 with ``"range"``) of the folded training ``maps`` ``(N, 1, H, H)`` in [-1, 1]:
+        the config entries :func:`c3diff.tl.train` builds the model with (see :meth:`with_config`)."""
         if self.vqvae is not None:
-            from c3diff.models.autoencoder import fit_autoencoder
-
-            fit_autoencoder(self.vqvae, images, steps=steps, batch_size=batch_size, seed=seed, progress=progress)
-            self.register_to_config(autoencoder_config=config_kwargs(self.vqvae.config))
-        else:
-            self.register_to_config(latent_shift=0.0, latent_scale=1.0)
-            folded = self.encode_images(images)
-            std = float(folded.std())
-            scale = 1.0 / std if std > 0 and self.config.get("latent_scaling", "std") == "std" else 1.0
-            self.register_to_config(latent_shift=float(folded.mean()), latent_scale=scale)
-        self.register_to_config(first_stage_fitted=True)
-
-    def fit_backbone(
-        self,
-        maps: torch.Tensor,
-        *,
-        steps: int = 1000,
-        batch_size: int = 16,
-        learning_rate: float = 1e-3,
-        max_time: float | None = None,
-        seed: int = 0,
-        progress: bool = True,
-    ) -> list[float]:
-        """Pretrain the denoiser as an unconditional diffusion model of gene maps, then copy its encoder into the
-        ControlNet; marks ``config.backbone_fitted``.
-
-        C3-Diff builds on a pretrained unconditional LDM whose UNet encoder is frozen (:doc:`/method`, *Architecture*).
-        Without one (no network, or a preset trained from scratch), this stage provides it: the whole UNet learns
-        epsilon-prediction on HR maps (no hint), AdamW, uniform timesteps.
-
-        Parameters
-        ----------
-        maps
-            ``(N, 1, H, H)`` HR maps in [-1, 1]; the first stage must be fitted (:meth:`fit_first_stage`).
-        steps, batch_size, learning_rate, seed
-            Optimisation (random minibatches of ``maps``).
-        max_time
-            Stop earlier after this many seconds.
-        progress
-            Show a progress bar.
-
-        Returns
-        -------
-        The loss of every step.
-        """
-        import time
-
-        from tqdm.auto import tqdm
-
+            raise ValueError("A VQ first stage is trained (c3diff.models.autoencoder.fit_autoencoder), not estimated.")
+        if latent_scaling not in ("std", "range"):
+            raise ValueError(f"`latent_scaling` must be 'std' or 'range', got {latent_scaling!r}.")
         if maps.ndim != 4 or maps.shape[1] != 1 or len(maps) == 0:
             raise ValueError(f"`maps` must be a non-empty (N, 1, H, H) tensor in [-1, 1], got {tuple(maps.shape)}.")
-        generator = torch.Generator().manual_seed(seed)
-        self.unet.requires_grad_(True)
-        self.unet.train()
-        optimizer = torch.optim.AdamW(self.unet.parameters(), lr=learning_rate)
+        images = self.target_image(maps).to(self.dtype)
+        fold = self.config.space_to_depth
+        folded = F.pixel_unshuffle(images, fold) if fold > 1 else images
+        std = float(folded.std())
+        scale = 1.0 / std if std > 0 and latent_scaling == "std" else 1.0
+        return {"latent_shift": float(folded.mean()), "latent_scale": scale}
+
+    def compute_backbone_losses(self, maps: torch.Tensor, *, generator: torch.Generator | None = None) -> LossOutput:
+        """The backbone stage's loss: the whole UNet as an unconditional diffusion model of gene maps (no hint),
+        uniform timesteps, on ``maps`` ``(B, 1, H, H)`` in [-1, 1]; the first stage must be fitted.
+
+        C3-Diff builds on a pretrained unconditional LDM whose UNet encoder is frozen (:doc:`/method`,
+        *Architecture*); without one, :func:`c3diff.tl.train` runs this stage (then :meth:`finish_backbone`)."""
+        x0 = self.encode_images(self.target_image(maps.to(self.device)))
+        noise = randn_tensor(x0.shape, generator=generator, device=self.device, dtype=x0.dtype)
         n_steps = self.noise_scheduler.config.num_train_timesteps
-        history: list[float] = []
-        start = time.perf_counter()
-        try:
-            for _ in tqdm(range(steps), desc="backbone", disable=not progress):
-                batch = maps[torch.randint(len(maps), (batch_size,), generator=generator)].to(self.device)
-                x0 = self.encode_images(self.target_image(batch))
-                noise = torch.randn(x0.shape, generator=generator).to(self.device, x0.dtype)
-                timesteps = torch.randint(0, n_steps, (len(x0),), generator=generator).to(self.device)
-                loss = diffusion_mse(
-                    self.unet(self.noise_scheduler.add_noise(x0, noise, timesteps), timesteps).sample,
-                    self.diffusion_target(x0, noise, timesteps),
-                )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                history.append(float(loss.detach()))
-                if max_time is not None and time.perf_counter() - start >= max_time:
-                    break
-        finally:
-            self.controlnet.copy_encoder_from(self.unet)
-            self._freeze()
-        self.register_to_config(backbone_fitted=True)
-        return history
+        timesteps = torch.randint(
+            0, n_steps, (len(x0),), generator=generator, device=generator.device if generator else "cpu"
+        ).to(self.device)
+        prediction = self.unet(self.noise_scheduler.add_noise(x0, noise, timesteps), timesteps).sample
+        mse = diffusion_mse(prediction, self.diffusion_target(x0, noise, timesteps))
+        zero = mse.new_zeros(())
+        return LossOutput(total=mse, mse=mse, content=zero, modal=zero, inter_sphere=zero)
+
+    def finish_backbone(self) -> None:
+        """End of the backbone stage: copy the trained UNet encoder into the ControlNet, freeze the encoder again and
+        mark the stage fitted."""
+        self.controlnet.copy_encoder_from(self.unet)
+        self._freeze()
+        self.mark_fitted("backbone")
 
     # ------------------------------------------------------------------ denoiser
     def diffusion_target(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
@@ -611,7 +566,7 @@ class C3DiffModel(ModelMixin, ConfigMixin):
         added to them do).
         """
         control = self.controlnet(sample, timestep, hint)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and self.config.train_unet_encoder):
+        with torch.no_grad():
             encoded = unet_encode(self.unet, sample, timestep)
         return unet_decode(
             self.unet,
@@ -631,13 +586,15 @@ class C3DiffModel(ModelMixin, ConfigMixin):
         patch_index: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         contrastive: bool = True,
+        recipe: TrainingConfig | None = None,
     ) -> tuple[ModalityFeatures, ModalityFeatures, torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
         """Hint features of a batch of ``B`` (tile, gene) items and the contrastive losses of their embeddings.
 
         Items of the same tile (same ``patch_index``) share one histology encoding, and the contrastive losses
         compare tiles (one item per tile: the paper's negatives are the other tiles). In train mode the ST features
-        of complete items get on-sphere noise augmentation and are pushed into the imputation memory bank; items
-        with ``missing`` LR ST get imputed ST features.
+        of complete items get on-sphere noise augmentation (``recipe.st_noise_sigma``) and are pushed into the
+        imputation memory bank; items with ``missing`` LR ST get imputed ST features. ``recipe`` (default: the
+        paper's, :class:`~c3diff.models.training_config.TrainingConfig`) also gives the contrastive temperature.
 
         Returns
         -------
@@ -645,6 +602,7 @@ class C3DiffModel(ModelMixin, ConfigMixin):
         hint features per item, each item's tile row, the contrastive losses and each tile's first item.
         """
         encoders = self.hint_encoders
+        recipe = TrainingConfig() if recipe is None else recipe
         if patch_index is None:
             inverse = torch.arange(len(histology), device=histology.device)
         else:
@@ -654,8 +612,8 @@ class C3DiffModel(ModelMixin, ConfigMixin):
         first = first.scatter_reduce(0, inverse, torch.arange(len(inverse), device=histology.device), reduce="amin")
         h = encoders.encode_histology(histology[first])
         y = encoders.encode_st(self.lr_image(lr))
-        if self.training and self.config.st_noise_sigma > 0:
-            sigma = self.config.st_noise_sigma
+        if self.training and recipe.st_noise_sigma > 0:
+            sigma = recipe.st_noise_sigma
             y_aug = ModalityFeatures(
                 content=sphere_noise_augment(y.content, sigma=sigma, generator=generator),
                 modal=sphere_noise_augment(y.modal, sigma=sigma, generator=generator),
@@ -666,7 +624,7 @@ class C3DiffModel(ModelMixin, ConfigMixin):
         losses = {"content": zero, "modal": zero, "inter_sphere": zero}
         complete_tiles = ~missing[first]
         if contrastive:
-            tau = self.config.temperature
+            tau = recipe.temperature
             c_y, m_y = y_aug.content[first][complete_tiles], y_aug.modal[first][complete_tiles]
             losses = {
                 "content": content_loss(h.content[complete_tiles], c_y, temperature=tau),
@@ -692,11 +650,12 @@ class C3DiffModel(ModelMixin, ConfigMixin):
         generator: torch.Generator | None = None,
         contrastive: bool = True,
         with_mean: bool = False,
+        recipe: TrainingConfig | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
         """The ControlNet hint of a training batch (one item per tile), the contrastive losses and, ``with_mean``,
         the mean's log-shares (see :meth:`mean_log_shares`) from the same features."""
         h_hint, st_hint, inverse, losses, _ = self._features(
-            histology, lr, gene_index, missing, generator=generator, contrastive=contrastive
+            histology, lr, gene_index, missing, generator=generator, contrastive=contrastive, recipe=recipe
         )
         hint = self.hint_encoders.assemble(h_hint.expand(inverse), st_hint, gene_index, num_genes=self.num_genes)
         log_shares = None
@@ -781,7 +740,8 @@ class C3DiffModel(ModelMixin, ConfigMixin):
         self,
         batch: Mapping[str, torch.Tensor],
         *,
-        loss: str = "multinomial",
+        loss: str | None = None,
+        recipe: TrainingConfig | None = None,
         generator: torch.Generator | None = None,
     ) -> LossOutput:
         """Losses of the conditional-mean stage: a count likelihood of the observed HR counts plus the three
@@ -795,9 +755,15 @@ class C3DiffModel(ModelMixin, ConfigMixin):
             ``"multinomial"``: :func:`~c3diff.models.conditional_mean.multinomial_nll` of the counts inside each LR
             pixel given its total (calibrated, exactly LR-consistent). ``"poisson"``:
             :func:`~c3diff.models.conditional_mean.poisson_nll` of rates relative to the LR pixel's density.
+            ``None``: ``recipe.mean_loss``.
+        recipe
+            The training recipe: contrastive loss weights and temperature, feature augmentation (default: the
+            paper's, :class:`~c3diff.models.training_config.TrainingConfig`).
         generator
             Seeds the feature augmentation.
         """
+        recipe = TrainingConfig() if recipe is None else recipe
+        loss = recipe.mean_loss if loss is None else loss
         if loss not in MEAN_LOSSES:
             raise ValueError(f"`loss` must be one of {MEAN_LOSSES}, got {loss!r}.")
         histology, lr, gene_index, missing = self._check_batch(batch)
@@ -808,7 +774,13 @@ class C3DiffModel(ModelMixin, ConfigMixin):
             )
         counts = batch["hr_counts"].to(self.device, self.dtype)
         h_hint, st_hint, inverse, contrastive, first = self._features(
-            histology, lr, gene_index, missing, patch_index=batch.get("patch_index"), generator=generator
+            histology,
+            lr,
+            gene_index,
+            missing,
+            patch_index=batch.get("patch_index"),
+            generator=generator,
+            recipe=recipe,
         )
         logits = self.mean_logits(h_hint, histology[first], st_hint, lr, gene_index, inverse)
         if loss == "multinomial":
@@ -820,13 +792,8 @@ class C3DiffModel(ModelMixin, ConfigMixin):
             block = self.output_block()
             density = block_totals(counts, block) / block_pixel_counts(*counts.shape[-2:], block, device=counts.device)
             nll = poisson_nll(pooled, counts, density)
-        weights = LossWeights(
-            mse=0.0,
-            modal=self.config.lambda_modal,
-            content=self.config.lambda_content,
-            inter_sphere=self.config.lambda_inter_sphere,
-        )
-        out = overall_loss(mse=nll.new_zeros(()), weights=weights, **contrastive)
+        weights = recipe.loss_weights()
+        out = overall_loss(mse=nll.new_zeros(()), weights=dataclasses.replace(weights, mse=0.0), **contrastive)
         return LossOutput(
             total=out.total + nll,
             mse=out.mse,
@@ -855,7 +822,11 @@ class C3DiffModel(ModelMixin, ConfigMixin):
 
     # ------------------------------------------------------------------ training
     def compute_losses(
-        self, batch: Mapping[str, torch.Tensor], *, generator: torch.Generator | None = None
+        self,
+        batch: Mapping[str, torch.Tensor],
+        *,
+        recipe: TrainingConfig | None = None,
+        generator: torch.Generator | None = None,
     ) -> LossOutput:
         """All diffusion-stage losses of a training batch (noise and timesteps are sampled inside).
 
@@ -873,6 +844,9 @@ class C3DiffModel(ModelMixin, ConfigMixin):
             ``"histology"`` ``(B, 3, S, S)`` in [0, 1]; ``"lr"`` ``(B, 1, L, L)`` in [0, 1]; ``"hr"`` ``(B, 1, H, H)``
             in [-1, 1] (``H = S`` at 10x, ``S/2`` at 5x); ``"gene_index"`` ``(B,)`` int; optional ``"lr_missing"``
             ``(B,)`` bool; ``"hr_counts"`` ``(B, 1, H, H)`` (residual formulation).
+        recipe
+            The training recipe: loss weights, contrastive temperature, feature augmentation, min-SNR weighting
+            (default: the paper's, :class:`~c3diff.models.training_config.TrainingConfig`).
         generator
             Seeds the diffusion noise, the timesteps and the feature augmentation.
 
@@ -880,17 +854,25 @@ class C3DiffModel(ModelMixin, ConfigMixin):
         -------
         ``LossOutput(total, mse, content, modal, inter_sphere)``.
         """
+        recipe = TrainingConfig() if recipe is None else recipe
         histology, lr, gene_index, missing = self._check_batch(batch)
         device = self.device
         if self.mean_net is None:
-            hint, contrastive, _ = self._hint(histology, lr, gene_index, missing, generator=generator)
+            hint, contrastive, _ = self._hint(histology, lr, gene_index, missing, generator=generator, recipe=recipe)
             x0 = self.encode_images(self.target_image(batch["hr"].to(device)))
         else:
             if "hr_counts" not in batch:
                 raise KeyError("`batch` lacks 'hr_counts', which the residual diffusion needs.")
             with torch.no_grad():
                 hint, contrastive, log_shares = self._hint(
-                    histology, lr, gene_index, missing, generator=generator, contrastive=False, with_mean=True
+                    histology,
+                    lr,
+                    gene_index,
+                    missing,
+                    generator=generator,
+                    contrastive=False,
+                    with_mean=True,
+                    recipe=recipe,
                 )
                 residual = self.residual_target(log_shares, batch["hr_counts"].to(device, self.dtype))
                 hint = torch.cat([hint, self._mean_hint(share_map(log_shares, self.output_block()))], dim=1)
@@ -902,7 +884,7 @@ class C3DiffModel(ModelMixin, ConfigMixin):
         )
         timesteps = timesteps.to(device)
         noisy = self.noise_scheduler.add_noise(x0, noise, timesteps)
-        gamma = self.config.get("min_snr_gamma")
+        gamma = recipe.min_snr_gamma
         snr_weights = (
             None
             if gamma is None
@@ -916,13 +898,7 @@ class C3DiffModel(ModelMixin, ConfigMixin):
         l_mse = diffusion_mse(
             self.denoise(noisy, timesteps, hint), self.diffusion_target(x0, noise, timesteps), weights=snr_weights
         )
-        weights = LossWeights(
-            mse=self.config.lambda_mse,
-            modal=self.config.lambda_modal,
-            content=self.config.lambda_content,
-            inter_sphere=self.config.lambda_inter_sphere,
-        )
-        return overall_loss(mse=l_mse, weights=weights, **contrastive)
+        return overall_loss(mse=l_mse, weights=recipe.loss_weights(), **contrastive)
 
     def _check_batch(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         required = ("histology", "lr", "hr", "gene_index")
@@ -1057,7 +1033,8 @@ class C3DiffModel(ModelMixin, ConfigMixin):
         # pickled ModelMixin would come back with a plain dict as its config
         state = {k: v.detach().cpu() for k, v in self.state_dict().items()}
         scheduler = (type(self.noise_scheduler).__name__, dict(self.noise_scheduler.config))
-        return _rebuild_model, (type(self), dict(self.config), state, scheduler, self.training)
+        recipe = None if self.training_config is None else self.training_config.to_dict()
+        return _rebuild_model, (type(self), dict(self.config), state, scheduler, self.training, recipe)
 
     # ------------------------------------------------------------------ persistence (see hub.py)
     def save_pretrained(self, save_directory: str, *, training_data: str | None = None, **kwargs: Any) -> None:
@@ -1090,7 +1067,7 @@ class C3DiffModel(ModelMixin, ConfigMixin):
         return make_model_card(self, **kwargs)
 
 
-def _rebuild_model(cls, config, state, scheduler, training):
+def _rebuild_model(cls, config, state, scheduler, training, recipe=None):
     """Inverse of :meth:`C3DiffModel.__reduce__`."""
     import diffusers
 
@@ -1098,6 +1075,7 @@ def _rebuild_model(cls, config, state, scheduler, training):
     model.load_state_dict(state)
     name, scheduler_config = scheduler
     model.noise_scheduler = getattr(diffusers, name).from_config(scheduler_config)
+    model.training_config = None if recipe is None else TrainingConfig.from_dict(recipe)
     return model.train(training)
 
 

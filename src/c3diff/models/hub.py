@@ -2,9 +2,12 @@
 
 Layout of a saved model (a local folder or a Hub model repository)::
 
-    config.json         C3DiffModel constructor arguments (+ _class_name, _module, _c3diff_version)
+    config.json         C3DiffModel constructor arguments: architecture and geometry (+ _class_name, _module,
+                        _c3diff_version)
     model.safetensors   every weight and buffer (ControlNet, UNet, autoencoder, hint encoders, alpha/beta,
-                        imputation memory bank)
+                        imputation memory bank, which training stages are fitted)
+    scheduler_config.json  the sampling scheduler (any diffusers scheduler; DDIM unless swapped)
+    training_config.json   the training recipe (c3.tl.train writes it; provenance, optional)
     README.md           model card: YAML metadata (genes in order, scale, normalisation, pixel sizes, training data,
                         c3diff version) and a human-readable page
 
@@ -43,6 +46,7 @@ from c3diff.models.autoencoder import downsampling_factor
 from c3diff.models.c3diff import C3DiffModel, config_kwargs
 from c3diff.models.model_card import make_model_card
 from c3diff.models.presets import preset_config
+from c3diff.models.training_config import TRAINING_CONFIG_NAME, TrainingConfig
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "from_ldm", "from_pretrained", "push_to_hub", "save_pretrained"]
 
@@ -102,13 +106,13 @@ def save_pretrained(
     if folder.exists() and not folder.is_dir():
         raise NotADirectoryError(f"`save_directory` {str(folder)!r} is a file; pass a folder.")
     folder.mkdir(parents=True, exist_ok=True)
-    if training_data is not None:
-        model.register_to_config(training_data=str(training_data))
-    if model.vqvae is not None:
-        # fit_autoencoder updates the VQModel's own config (scaling_factor): keep the model's config in step
-        model.register_to_config(autoencoder_config=config_kwargs(model.vqvae.config))
+    if training_data is not None and training_data != model.config.training_data:
+        model = model.with_config(training_data=str(training_data))  # the caller's model keeps its config
 
     config = json.loads(model.to_json_string())
+    if model.vqvae is not None:
+        # fit_autoencoder may have set the VQModel's scaling_factor: save the autoencoder as it is
+        config["autoencoder_config"] = config_kwargs(model.vqvae.config)
     config["_module"] = _PUBLIC_MODULE
     config["_c3diff_version"] = __version__
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -123,6 +127,9 @@ def save_pretrained(
     else:
         torch.save(state, folder / _weights_name(_PICKLE_WEIGHTS_NAME, variant))
     model.noise_scheduler.save_pretrained(str(folder))
+    recipe = getattr(model, "training_config", None)
+    if recipe is not None:
+        recipe.save_pretrained(folder)
     make_model_card(model, repo_id=repo_id).save(folder / CARD_NAME)
     return folder
 
@@ -165,7 +172,13 @@ def from_pretrained(
     Returns
     -------
     The model in eval mode, with the sampling scheduler of ``scheduler_config.json`` when the folder has one (any
-    diffusers scheduler; older folders: the DDIM scheduler of the config).
+    diffusers scheduler; older folders: the DDIM scheduler of the config) and ``model.training_config``, the
+    :class:`~c3diff.models.training_config.TrainingConfig` it was trained with (``training_config.json``), or
+    ``None`` when not recorded.
+
+    Folders written by c3diff <= 0.1 kept the training recipe (loss weights, ``st_noise_sigma``,
+    ``min_snr_gamma``, ``latent_scaling``) and the fitted-stage flags in ``config.json``; they load as they are: the
+    recipe becomes ``model.training_config`` and the flags the fitted-stage state (:meth:`C3DiffModel.is_fitted`).
 
     Examples
     --------
@@ -186,6 +199,7 @@ def from_pretrained(
             _weights_name(WEIGHTS_NAME, variant),
             _weights_name(_PICKLE_WEIGHTS_NAME, variant),
             SCHEDULER_NAME,
+            TRAINING_CONFIG_NAME,
             CARD_NAME,
         ],
         what="C3-Diff model",
@@ -206,11 +220,16 @@ def from_pretrained(
             f"{folder / CONFIG_NAME} is not valid JSON ({err}); re-download or re-save the model."
         ) from err
     cls = model_class or _model_class(config)
+    config, legacy = split_legacy_config(config, path=folder / CONFIG_NAME)
     check_config(config, cls, path=folder / CONFIG_NAME)
     model = cls.from_config(config)
-    load_weights(model, weights)
+    load_weights(model, weights, fitted_stages=legacy.get("fitted_stages"))
     if (folder / SCHEDULER_NAME).is_file():
         model.noise_scheduler = load_scheduler(folder / SCHEDULER_NAME)
+    recipe = TrainingConfig.from_pretrained(folder)
+    if recipe is None and legacy.get("recipe"):
+        recipe = TrainingConfig.from_model_config(legacy["recipe"])
+    model.training_config = recipe
     if torch_dtype is not None:
         model = model.to(torch_dtype)
     return model.to(device).eval()
@@ -242,9 +261,12 @@ def load_scheduler(path: str | Path):
     return cls.from_config(config)
 
 
-def load_weights(model: torch.nn.Module, path: str | Path) -> None:
+def load_weights(model: torch.nn.Module, path: str | Path, *, fitted_stages: list[bool] | None = None) -> None:
     """Load a safetensors (or pickled ``.bin``) file into ``model`` strictly (errors list missing, unexpected and
-    mis-shaped tensors)."""
+    mis-shaped tensors).
+
+    Weights saved by c3diff <= 0.1 lack the ``fitted_stages`` buffer (the flags were in ``config.json``); it is
+    filled from ``fitted_stages`` (see :func:`split_legacy_config`)."""
     try:
         if str(path).endswith(".bin"):
             state = torch.load(str(path), map_location="cpu", weights_only=True)
@@ -256,6 +278,8 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> None:
             "(`huggingface_hub.snapshot_download(..., force_download=True)`) or save the model again."
         ) from err
     expected = model.state_dict()
+    if "fitted_stages" in expected and "fitted_stages" not in state:
+        state["fitted_stages"] = torch.tensor(fitted_stages or [False] * len(expected["fitted_stages"]))
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     mismatched = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
@@ -277,6 +301,44 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> None:
             "diverged. Download or save the model again, or use an earlier checkpoint."
         )
     model.load_state_dict(state, strict=True)
+
+
+#: ``config.json`` keys of c3diff <= 0.1 that are no network options any more: the training recipe (mapped to a
+#: :class:`~c3diff.models.training_config.TrainingConfig`), the fitted-stage flags (mapped to the ``fitted_stages``
+#: buffer) and options nothing used.
+_LEGACY_FLAGS = ("first_stage_fitted", "backbone_fitted", "mean_fitted")
+
+
+def split_legacy_config(config: dict, *, path: str | Path) -> tuple[dict, dict]:
+    """Split a ``config.json`` into the network's config and what older versions kept there.
+
+    Returns ``(config, legacy)``; ``legacy`` may hold ``"recipe"`` (the training-recipe entries) and
+    ``"fitted_stages"`` (the flags, in :data:`~c3diff.models.c3diff.FITTED_STAGES` order). A legacy entry whose
+    value the current version cannot honour is an error that says so.
+
+    Examples
+    --------
+    >>> net, legacy = split_legacy_config({"genes": ["A"], "lambda_mse": 1.0, "mean_fitted": True}, path="x")
+    >>> net, legacy["recipe"], legacy["fitted_stages"]
+    ({'genes': ['A']}, {'lambda_mse': 1.0}, [False, False, True])
+    """
+    from c3diff.models.training_config import LEGACY_RECIPE_KEYS
+
+    config = dict(config)
+    legacy: dict[str, Any] = {}
+    recipe = {k: config.pop(k) for k in LEGACY_RECIPE_KEYS if k in config}
+    if recipe:
+        legacy["recipe"] = recipe
+    if any(k in config for k in _LEGACY_FLAGS):
+        legacy["fitted_stages"] = [bool(config.pop(k, False)) for k in _LEGACY_FLAGS]
+    normalization = config.pop("normalization", "minmax")
+    if normalization != "minmax":
+        raise ValueError(
+            f"{str(path)!r} records `normalization={normalization!r}`; c3diff models take maps normalised per patch "
+            "and gene to [0, 1] ('minmax') only. This model cannot be used with this c3diff version."
+        )
+    config.pop("train_unet_encoder", None)  # training only; the weights load as they are
+    return config, legacy
 
 
 def warn_ignored_revision(revision: str | None, *, what: str) -> None:
@@ -467,9 +529,9 @@ def from_ldm(
     config["unet_config"] = config_kwargs(unet.config)
     config["autoencoder_config"] = config_kwargs(vqvae.config)
     config["image_size"] = int(unet.config.sample_size) * downsampling_factor(vqvae)
-    config["first_stage_fitted"] = True  # a pretrained autoencoder ...
-    config["backbone_fitted"] = True  # ... and a pretrained unconditional UNet
     model = C3DiffModel(**config)
+    model.mark_fitted("first_stage")  # a pretrained autoencoder ...
+    model.mark_fitted("backbone")  # ... and a pretrained unconditional UNet
     model.vqvae.load_state_dict(vqvae.state_dict(), strict=True)
     model.unet.load_state_dict(unet.state_dict(), strict=True)
     model.controlnet.copy_encoder_from(model.unet)

@@ -33,7 +33,7 @@ def card_metadata(model: C3DiffModel) -> dict:
     return {
         "genes": list(config.genes),
         "scale": int(config.scale),
-        "normalization": config.normalization,
+        "normalization": "minmax",  # the only one: each patch and gene scaled to [0, 1] (c3diff.pp.make_patches)
         "histology_pixel_size_um": float(config.histology_pixel_size),
         "hr_pixel_size_um": float(config.hr_pixel_size),
         "lr_pixel_size_um": float(config.lr_pixel_size),

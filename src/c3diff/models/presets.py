@@ -49,7 +49,6 @@ _GEOMETRY = {
     "hr_pixel_size": 10.0,
     "lr_pixel_size": 100.0,
     "histology_pixel_size": 10.0,
-    "normalization": "minmax",
 }
 
 _PAPER = {

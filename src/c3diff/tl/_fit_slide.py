@@ -248,7 +248,7 @@ def _start_model(model: Any, genes: list[str]):
             f"{type(model).__name__}."
         )
     config = config_kwargs(source.config)
-    config.update(genes=list(genes), mean_fitted=False, training_data=None)
+    config.update(genes=list(genes), training_data=None)
     if source.mean_net is None:  # a paper-formulation model: its geometry and hint encoders, a fresh mean stage
         config.update(formulation="residual", mean_net_config=None)
     fresh = C3DiffModel(**config)
@@ -260,6 +260,7 @@ def _start_model(model: Any, genes: list[str]):
             copied[key] = value
     with torch.no_grad():
         fresh.load_state_dict(copied, strict=False)
+    fresh.mark_fitted("mean", False)  # (the fitted-stage state came with the weights)
     fresh.noise_scheduler = type(source.noise_scheduler).from_config(source.noise_scheduler.config)
     return fresh, name
 
@@ -339,7 +340,7 @@ def fit_slide(
 
     Returns
     -------
-    The fitted :class:`~c3diff.models.C3DiffModel` (residual formulation, eval mode, ``config.mean_fitted=True``,
+    The fitted :class:`~c3diff.models.C3DiffModel` (residual formulation, eval mode, ``is_fitted("mean")``,
     ``config.training_data`` describing the slide), with ``model.fit_history`` the loss of every step.
 
     Examples
@@ -516,7 +517,8 @@ def fit_slide(
         f"pseudo-spots), {len(genes)} genes, {len(history)} steps of spot-footprint Poisson likelihood, started "
         f"from {start_name}"
     )
-    fitted.register_to_config(mean_fitted=True, training_data=description)
+    fitted = fitted.with_config(training_data=description)  # a config is set at construction only
+    fitted.mark_fitted("mean")
     fitted.fit_history = history
     if output_dir is not None:
         fitted.save_pretrained(str(output_dir), training_data=description)

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from c3diff._constants import ATTRS_KEY
+from c3diff.models.training_config import TrainingConfig
 from c3diff.pp import PatchSet, make_patches, split_samples
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -316,7 +317,7 @@ def _mixed_precision(value: str) -> str:
 
 # ---------------------------------------------------------------------------------------------- validation
 def _validation_losses(
-    model, loader, *, seed: int, max_batches: int, stage: str = "diffusion", mean_loss: str = "multinomial"
+    model, loader, *, seed: int, max_batches: int, stage: str = "diffusion", recipe: TrainingConfig | None = None
 ) -> dict[str, float]:
     generator = torch.Generator(device=model.device).manual_seed(seed)
     sums: dict[str, float] = {}
@@ -328,9 +329,9 @@ def _validation_losses(
             if b >= max_batches:
                 break
             if stage == "mean":
-                losses = model.compute_mean_losses(batch, loss=mean_loss, generator=generator).as_dict()
+                losses = model.compute_mean_losses(batch, recipe=recipe, generator=generator).as_dict()
             else:
-                losses = model.compute_losses(batch, generator=generator).as_dict()
+                losses = model.compute_losses(batch, recipe=recipe, generator=generator).as_dict()
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
             n += 1
@@ -483,19 +484,114 @@ def _load_checkpoint(path: Path) -> tuple[C3DiffModel, dict, Any, dict[str, Any]
 class _LossModule(torch.nn.Module):
     """A stage's loss as ``forward``, so that accelerate (autocast, DDP gradient sync) wraps the training step."""
 
-    def __init__(self, model: C3DiffModel, *, stage: str, mean_loss: str = "multinomial") -> None:
+    def __init__(self, model: C3DiffModel, *, stage: str, recipe: TrainingConfig) -> None:
         super().__init__()
         self.model = model
-        self.stage, self.mean_loss = stage, mean_loss
+        self.stage, self.recipe = stage, recipe
 
-    def forward(self, batch: Mapping[str, torch.Tensor], generator: torch.Generator):
+    def forward(self, batch: Any, generator: torch.Generator):
         if self.stage == "mean":
-            return self.model.compute_mean_losses(batch, loss=self.mean_loss, generator=generator)
-        return self.model.compute_losses(batch, generator=generator)
+            return self.model.compute_mean_losses(batch, recipe=self.recipe, generator=generator)
+        if self.stage == "backbone":
+            return self.model.compute_backbone_losses(batch, generator=generator)
+        if self.stage == "first_stage":  # a VQ autoencoder learning to reconstruct the maps
+            from c3diff.models.autoencoder import autoencoder_loss
+
+            return autoencoder_loss(self.model.vqvae, self.model.target_image(batch))
+        return self.model.compute_losses(batch, recipe=self.recipe, generator=generator)
 
 
-#: The stages of one training run, by formulation: the mean first, then the diffusion of what it leaves.
-STAGES = {"paper": ("diffusion",), "residual": ("mean", "residual")}
+#: The stages of one training run, by formulation: (the mean first, then) the first stage and the backbone fitted to
+#: the maps the diffusion generates (the HR maps, or the mean's residuals), then the conditional diffusion. Stages a
+#: model has done (:meth:`~c3diff.models.C3DiffModel.is_fitted`) are skipped.
+STAGES = {
+    "paper": ("first_stage", "backbone", "diffusion"),
+    "residual": ("mean", "first_stage", "backbone", "residual"),
+}
+#: Stages fitted to (up to 4096 of) the training maps, without hint, validation or checkpoints of their own.
+MAP_STAGES = ("first_stage", "backbone")
+
+
+def _stages_to_run(net: C3DiffModel, recipe: TrainingConfig) -> tuple[str, ...]:
+    """The stages of ``net``'s formulation that it has not done yet (a zero backbone budget skips the backbone)."""
+    formulation = net.config.get("formulation", "paper")
+    done = {s for s in ("first_stage", "backbone", "mean") if net.is_fitted(s)}
+    if recipe.backbone_steps == 0:
+        done.add("backbone")
+    return tuple(s for s in STAGES[formulation] if s not in done)
+
+
+def _fit_map_stage(
+    stage: str,
+    net: C3DiffModel,
+    maps: torch.Tensor,
+    *,
+    recipe: TrainingConfig,
+    accelerator: Any,
+    max_seconds: float | None,
+    show: bool,
+) -> C3DiffModel:
+    """Run a map stage on ``maps`` ``(N, 1, H, H)`` in [-1, 1] and return the model with the stage fitted (a new
+    model when the stage estimated config entries: see :meth:`~c3diff.models.C3DiffModel.with_config`).
+
+    ``"first_stage"``: pixel space, the latent shift/scale of the maps (``recipe.latent_scaling``); a VQ
+    autoencoder, ``recipe.autoencoder_steps`` steps of reconstruction (AdamW, lr 1e-4), then its latent scaling
+    factor. ``"backbone"``: ``recipe.backbone_steps`` steps of unconditional diffusion of the maps by the whole UNet
+    (AdamW, ``recipe.backbone_learning_rate``; at most ``max_seconds``), then its encoder is copied into the
+    ControlNet and frozen. The steps run on accelerate like the other stages.
+    """
+    from torch.utils.data import DataLoader, RandomSampler
+    from tqdm.auto import tqdm
+
+    from c3diff.models.c3diff import config_kwargs
+
+    if stage == "first_stage" and net.vqvae is None:
+        fitted = net.with_config(
+            **net.first_stage_statistics(maps.to(net.device), latent_scaling=recipe.latent_scaling)
+        )
+        fitted.mark_fitted("first_stage")
+        return fitted
+    module = net.vqvae if stage == "first_stage" else net.unet
+    steps = recipe.autoencoder_steps if stage == "first_stage" else recipe.backbone_steps
+    learning_rate = 1e-4 if stage == "first_stage" else recipe.backbone_learning_rate
+    sampler = RandomSampler(
+        range(len(maps)),
+        replacement=True,
+        num_samples=steps * recipe.batch_size,
+        generator=torch.Generator().manual_seed(recipe.seed),
+    )
+    loader = DataLoader(maps, batch_size=recipe.batch_size, sampler=sampler)
+    module.requires_grad_(True)
+    module.train()
+    optimizer = torch.optim.AdamW(module.parameters(), lr=learning_rate)
+    loss_module, optimizer, loader = accelerator.prepare(
+        _LossModule(net, stage=stage, recipe=recipe), optimizer, loader
+    )
+    generator = torch.Generator(device=accelerator.device).manual_seed(recipe.seed + accelerator.process_index)
+    start = time.perf_counter()
+    try:
+        for batch in tqdm(loader, total=steps, desc=stage.replace("_", " "), disable=not show, leave=False):
+            with accelerator.accumulate(loss_module):
+                loss = loss_module(batch, generator)
+                accelerator.backward(loss.total)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            if max_seconds is not None and time.perf_counter() - start >= max_seconds:
+                break
+    finally:
+        module.requires_grad_(False)
+        module.eval()
+    if stage == "backbone":
+        net.finish_backbone()
+        return net
+    from c3diff.models.autoencoder import estimate_scaling_factor
+
+    size = recipe.batch_size
+    images = (net.target_image(maps[i : i + size]) for i in range(0, min(len(maps), 16 * size), size))
+    factor = estimate_scaling_factor(net.vqvae, images)
+    fitted = net.with_config(autoencoder_config={**config_kwargs(net.vqvae.config), "scaling_factor": factor})
+    fitted.mark_fitted("first_stage")
+    return fitted
 
 
 def _stage_maps(net: C3DiffModel, patches: PatchSet, *, genes: list[str], seed: int, limit: int = 4096) -> torch.Tensor:
@@ -572,6 +668,10 @@ def train(
     mean_max_steps: int | None = None,
     mean_genes_per_patch: int = 8,
     lr_schedule: str = "constant",
+    temperature: float = 0.07,
+    st_noise_sigma: float = 0.03,
+    min_snr_gamma: float | None = None,
+    latent_scaling: str = "std",
 ) -> TrainingResult:
     """Train a C3-Diff model with the paper's recipe (supplementary Table 1), every value overridable.
 
@@ -582,12 +682,18 @@ def train(
     ``val_steps`` DDIM steps) on a patient-level split; the best model by validation PCC is kept in ``best/``.
     Checkpoints (``save_pretrained`` model + optimizer + RNG + progress) let ``resume`` continue exactly.
 
-    Training runs in stages inside one accelerate loop. A paper-formulation model (``formulation="paper"``) has one:
-    the diffusion with the contrastive losses, after its first stage and backbone are fitted. A residual model
-    (the ``tiny`` preset; see :class:`~c3diff.models.C3DiffModel`) has two: ``"mean"`` trains the hint encoders and
-    the conditional-mean network with a count likelihood (``mean_loss``) and the contrastive losses, validated by
-    the PCC of the mean, the best kept; then ``"residual"`` fits the first stage and backbone to the residuals of
-    that mean and trains the ControlNet on them, with the encoders and the mean frozen.
+    Training runs in stages (:data:`STAGES`) on one accelerator. A paper-formulation model
+    (``formulation="paper"``): ``"first_stage"`` and ``"backbone"`` fit the first stage and pretrain the denoiser on
+    the HR maps, then ``"diffusion"`` trains the ControlNet with the contrastive losses. A residual model (the
+    ``tiny`` preset; see :class:`~c3diff.models.C3DiffModel`): ``"mean"`` trains the hint encoders and the
+    conditional-mean network with a count likelihood (``mean_loss``) and the contrastive losses, validated by the
+    PCC of the mean, the best kept; then ``"first_stage"`` and ``"backbone"`` on the residuals of that mean, and
+    ``"residual"`` trains the ControlNet on them, with the encoders and the mean frozen. Stages the model has done
+    (:meth:`~c3diff.models.C3DiffModel.is_fitted`; e.g. a pretrained backbone) are skipped.
+
+    The recipe (every argument below that says how to train, not what on or where) is collected in a
+    :class:`~c3diff.models.training_config.TrainingConfig`, handed to the model's loss methods and saved as
+    ``training_config.json`` beside every model the run writes; the model's ``config.json`` holds the network only.
 
     Parameters
     ----------
@@ -632,10 +738,10 @@ def train(
         Steps of first-stage training when the model's first stage is not fitted yet (VQ autoencoder: trained,
         then frozen; pixel space: only its latent shift/scale are estimated from the training maps).
     backbone_steps, backbone_learning_rate
-        Unconditional pretraining of the denoiser when the model has no pretrained backbone
-        (``config.backbone_fitted`` is False, e.g. a preset built offline; see
-        :meth:`~c3diff.models.C3DiffModel.fit_backbone`), before its encoder is frozen. With ``max_time`` the
-        stage takes at most a quarter of the budget.
+        The ``"backbone"`` stage: unconditional pretraining of the whole denoiser when the model has no trained
+        backbone (``model.is_fitted("backbone")`` is False, e.g. a preset built offline; see
+        :meth:`~c3diff.models.C3DiffModel.compute_backbone_losses`), before its encoder is copied into the
+        ControlNet and frozen. With ``max_time`` the stage takes at most a quarter of the time left. 0 skips it.
     checkpoint_every
         Write a checkpoint every this many epochs.
     resume
@@ -669,6 +775,15 @@ def train(
         ``"constant"`` (the paper) or ``"cosine"``: each stage's learning rate decays to 0 along a half cosine over
         the stage's budget (its share of ``max_time``, else of ``max_steps`` / ``mean_max_steps``, else of its epochs),
         which gets more out of a short budget.
+    temperature
+        ``tau`` of the contrastive losses (0.07).
+    st_noise_sigma
+        On-sphere noise augmentation of the ST features during training (0.03).
+    min_snr_gamma
+        Min-SNR-gamma weighting of the diffusion loss (``None``: the paper's plain mean; see
+        :func:`c3diff.models.losses.min_snr_weights`).
+    latent_scaling
+        Pixel-space first stage: ``"std"`` (unit-variance latents) or ``"range"`` (the maps' [-1, 1] range).
 
     Returns
     -------
@@ -697,21 +812,36 @@ def train(
     ):
         if not isinstance(value, int | np.integer) or value < 1:
             raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
-    if learning_rate <= 0:
-        raise ValueError(f"`learning_rate` must be positive, got {learning_rate!r}.")
-    from c3diff.models.c3diff import MEAN_LOSSES
-
-    if mean_loss not in MEAN_LOSSES:
-        raise ValueError(f"`mean_loss` must be one of {MEAN_LOSSES}, got {mean_loss!r}.")
     if not isinstance(mean_genes_per_patch, int | np.integer) or mean_genes_per_patch < 1:
         raise ValueError(f"`mean_genes_per_patch` must be a positive integer, got {mean_genes_per_patch!r}.")
-    if lr_schedule not in ("constant", "cosine"):
-        raise ValueError(f"`lr_schedule` must be 'constant' or 'cosine', got {lr_schedule!r}.")
-    if not 0.0 < mean_time_fraction < 1.0:
-        raise ValueError(f"`mean_time_fraction` must be in (0, 1), got {mean_time_fraction!r}.")
     unknown = sorted(set(loss_weights or {}) - {"mse", "modal", "content", "inter_sphere"})
     if unknown:
         raise ValueError(f"`loss_weights` has unknown entries {unknown}; use mse, modal, content, inter_sphere.")
+    recipe = TrainingConfig(
+        **{f"lambda_{k}": float(v) for k, v in (loss_weights or {}).items()},
+        temperature=temperature,
+        st_noise_sigma=st_noise_sigma,
+        min_snr_gamma=min_snr_gamma,
+        latent_scaling=latent_scaling,
+        mean_loss=mean_loss,
+        learning_rate=learning_rate,
+        betas=tuple(betas),
+        eps=eps,
+        weight_decay=weight_decay,
+        batch_size=int(batch_size),
+        epochs=int(epochs),
+        lr_missing_fraction=lr_missing_fraction,
+        lr_schedule=lr_schedule,
+        autoencoder_steps=autoencoder_steps,
+        backbone_steps=backbone_steps,
+        backbone_learning_rate=backbone_learning_rate,
+        mean_time_fraction=mean_time_fraction,
+        mean_max_steps=mean_max_steps,
+        mean_genes_per_patch=int(mean_genes_per_patch),
+        max_steps=max_steps,
+        max_time=max_time,
+        seed=seed,
+    )  # validates the recipe (errors name the argument)
     if not _as_list(data):
         raise ValueError("`data` is empty: pass at least one SpatialData or PatchSet to train on.")
     output_dir = _check_output_dir(output_dir)
@@ -728,8 +858,7 @@ def train(
         if genes is None and isinstance(first, PatchSet) and isinstance(model, str) and model in _preset_names():
             genes = list(first.genes)
         net = _resolve_model(model, genes=genes, scale=scale, overrides=model_overrides or {})
-    if loss_weights:
-        net.register_to_config(**{f"lambda_{k}": float(v) for k, v in loss_weights.items()})
+    net.training_config = recipe  # saved as training_config.json beside every model the run writes
     genes_model = net.genes
     scale_model = int(net.config.scale)
     patch_size = int(net.config.image_size)
@@ -774,10 +903,8 @@ def train(
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
 
-    formulation = net.config.get("formulation", "paper")
-    stages = STAGES[formulation]
-    if net.config.get("mean_fitted", False) and "mean" in stages:
-        stages = tuple(s for s in stages if s != "mean")  # a fitted mean is kept: only its residual trains
+    stages = _stages_to_run(net, recipe)  # e.g. a fitted mean is kept: only its residual trains
+    conditional = [s for s in stages if s not in MAP_STAGES]
     show = progress and accelerator.is_main_process
     net.to(accelerator.device)
     val_loader = None
@@ -788,7 +915,7 @@ def train(
         )
     generator = torch.Generator(device=accelerator.device).manual_seed(seed + accelerator.process_index)
     state: dict[str, Any] = {
-        "stage": stages[0],
+        "stage": conditional[0],
         "epoch": 0,
         "step_in_epoch": 0,
         "global_step": 0,
@@ -836,38 +963,26 @@ def train(
             return None
         return max_time * mean_time_fraction if stage == "mean" else max_time
 
-    first_stage = stages.index(state["stage"]) if state["stage"] in stages else 0
+    first_stage = stages.index(state["stage"]) if resume_state is not None and state["stage"] in stages else 0
+    maps = None
     for stage in stages[first_stage:]:
+        if stage in MAP_STAGES:  # fitted to the maps the diffusion generates, once (stage state saved with weights)
+            if maps is None:
+                maps = _stage_maps(net, train_patches, genes=genes_model, seed=seed)
+            remaining = None if max_time is None else max(0.0, max_time - (time.perf_counter() - start_time))
+            net = _fit_map_stage(
+                stage,
+                net,
+                maps,
+                recipe=recipe,
+                accelerator=accelerator,
+                max_seconds=None if remaining is None or stage != "backbone" else remaining / 4,
+                show=show,
+            )
+            continue
         if state["stage"] != stage:  # a new stage: fresh progress counters, the step count runs on
             state.update(stage=stage, epoch=0, step_in_epoch=0, stage_step=0)
         fresh = resume_state is None or resume_state.get("stage") != stage
-
-        # ---- diffusion stages: first stage and backbone fitted to (up to 4096 of) the training maps once -------
-        if (
-            stage != "mean"
-            and fresh
-            and not (net.config.get("first_stage_fitted", False) and net.config.get("backbone_fitted", False))
-        ):
-            maps = _stage_maps(net, train_patches, genes=genes_model, seed=seed)
-            if not net.config.get("first_stage_fitted", False):
-                net.fit_first_stage(
-                    maps.to(accelerator.device),
-                    steps=autoencoder_steps,
-                    batch_size=batch_size,
-                    seed=seed,
-                    progress=show,
-                )
-            if not net.config.get("backbone_fitted", False) and backbone_steps > 0:
-                remaining = None if max_time is None else max(0.0, max_time - (time.perf_counter() - start_time))
-                net.fit_backbone(
-                    maps,
-                    steps=backbone_steps,
-                    batch_size=batch_size,
-                    learning_rate=backbone_learning_rate,
-                    max_time=None if remaining is None else remaining / 4,
-                    seed=seed,
-                    progress=show,
-                )
 
         sampler = PatchBatchSampler(
             dataset.pairs[:, 0],
@@ -884,12 +999,13 @@ def train(
             weight_decay=weight_decay,
             stage="mean" if stage == "mean" else "diffusion",
         )
-        loss_module = _LossModule(net, stage=stage, mean_loss=mean_loss)
+        loss_module = _LossModule(net, stage=stage, recipe=recipe)
         loss_module, optimizer, loader = accelerator.prepare(loss_module, optimizer, loader)
         if not fresh:
             optimizer.load_state_dict(optimizer_state)
 
-        def checkpoint(optimizer: Any = optimizer, *, stopped: bool = False) -> None:  # this stage's optimizer
+        # (the closures bind this stage's optimizer and model: a map stage may have rebuilt the model before it)
+        def checkpoint(optimizer: Any = optimizer, *, stopped: bool = False, net: Any = net) -> None:
             state["elapsed"] = time.perf_counter() - start_time
             if accelerator.is_main_process:
                 _save_checkpoint(
@@ -901,7 +1017,7 @@ def train(
                     best_dir=best_dir if stopped else None,
                 )
 
-        def validate(epoch: int, stage: str = stage, *, stopped: bool = False) -> None:
+        def validate(epoch: int, stage: str = stage, *, stopped: bool = False, net: Any = net) -> None:
             row: dict[str, Any] = {
                 "type": "epoch",
                 "stage": stage,
@@ -914,7 +1030,7 @@ def train(
             if val_patches is not None and accelerator.is_main_process:
                 row.update(
                     _validation_losses(
-                        net, val_loader, seed=seed, max_batches=val_max_batches, stage=stage, mean_loss=mean_loss
+                        net, val_loader, seed=seed, max_batches=val_max_batches, stage=stage, recipe=recipe
                     )
                 )
                 if stage == "residual":  # the mean (and its PCC) is fixed: keep the best residual by its loss
@@ -1032,7 +1148,7 @@ def train(
         if stage == "mean" and not finished:  # (stopped by the run's budget, the mean stage continues on resume)
             if (best_dir / "config.json").exists():
                 _restore_weights(net, best_dir)  # the residual stage refines the best mean, not the last
-            net.register_to_config(mean_fitted=True)
+            net.mark_fitted("mean")
         if not last_stage and not finished:
             state.update(stage=stages[stages.index(stage) + 1], epoch=0, step_in_epoch=0, stage_step=0)
             resume_state = None
@@ -1048,7 +1164,8 @@ def train(
         from c3diff.models import from_pretrained
 
         final = from_pretrained(str(best))
-    final.register_to_config(training_data=_describe(train_patches))
+    final = final.with_config(training_data=_describe(train_patches))  # (carries the recipe and fitted stages)
+    final.training_config = recipe
     return TrainingResult(
         model=final, history=pd.DataFrame(state["history"]), output_dir=output_dir, best_checkpoint=best
     )
