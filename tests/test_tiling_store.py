@@ -75,6 +75,8 @@ def test_store_refuses_unplanned_tiles(tmp_path):
         acc.add(0, 0, tile, weight)
     with pytest.raises(ValueError, match=r"a tile at \(16, 0\) was not planned"):
         acc.add(16, 0, tile, weight)
+    with pytest.raises(ValueError, match="tiles of 16 x 16 px were planned, got a tile of 8 x 8 px"):
+        acc.add(0, 0, tile[:, :8, :8], weight[:8, :8])
 
 
 def test_planned_tiles_never_added_are_written_by_result(tmp_path, chunk_writes):

@@ -168,6 +168,11 @@ class BlendAccumulator:
         h, w = self._clip(row, col, values.shape[-2:])
         if self.store is not None:
             key = (int(row), int(col))
+            if values.shape[-2:] != (self.tile_size, self.tile_size):
+                raise ValueError(
+                    f"BlendAccumulator: tiles of {self.tile_size} x {self.tile_size} px were planned, got a tile of "
+                    f"{values.shape[-2]} x {values.shape[-1]} px at {key}."
+                )
             if self._expected[key] <= 0:
                 raise ValueError(
                     f"BlendAccumulator: a tile at {key} was not planned (or was added more often than planned); the "
