@@ -36,8 +36,6 @@ class Key(str, Enum):
 ATTRS_KEY = "c3diff"
 
 #: Paper geometry (:doc:`/method`, *Geometry*), in micrometres.
-HR_PIXEL_SIZE_10X = 10.0
-HR_PIXEL_SIZE_5X = 20.0
 LR_PIXEL_SIZE = 100.0
 HISTOLOGY_PIXEL_SIZE = 10.0
 

@@ -37,7 +37,6 @@ UNET_VARIANTS = {
         up_block_types=("AttnSkipUpBlock2D", "SkipUpBlock2D"),
     ),
     "fourier_centered": dict(time_embedding_type="fourier", center_input_sample=True),
-    "class_embedding": dict(num_class_embeds=3),
     "no_mid_block": dict(mid_block_type=None),
 }
 
@@ -45,17 +44,16 @@ UNET_VARIANTS = {
 def _inputs(unet, batch=2, seed=1):
     g = torch.Generator().manual_seed(seed)
     c, s = unet.config.in_channels, unet.config.sample_size
-    labels = torch.tensor([0, 2][:batch]) if unet.config.num_class_embeds else None
-    return torch.randn(batch, c, s, s, generator=g), torch.tensor([10, 700][:batch]), labels
+    return torch.randn(batch, c, s, s, generator=g), torch.tensor([10, 700][:batch])
 
 
 @pytest.mark.parametrize("variant", sorted(UNET_VARIANTS))
 def test_forward_without_residuals_mirrors_unet(variant):
     unet = _unet(**UNET_VARIANTS[variant])
-    x, t, labels = _inputs(unet)
+    x, t = _inputs(unet)
     with torch.no_grad():
-        expected = unet(x, t, class_labels=labels).sample
-        got = unet_forward_with_residuals(unet, x, t, class_labels=labels)
+        expected = unet(x, t).sample
+        got = unet_forward_with_residuals(unet, x, t)
     assert torch.equal(got, expected)
 
 
@@ -71,20 +69,19 @@ def test_fresh_controlnet_is_a_no_op_and_copies_the_encoder(variant):
         for (k, a), (k2, b) in zip(src.state_dict().items(), dst.state_dict().items(), strict=True):
             assert k == k2 and torch.equal(a, b)
             assert a.data_ptr() != b.data_ptr()  # a copy, not shared storage
-    x, t, labels = _inputs(unet)
+    x, t = _inputs(unet)
     hint = torch.randn(2, 5, *x.shape[-2:])  # any hint: the zero convs silence it
     with torch.no_grad():
-        control = controlnet(x, t, hint, class_labels=labels)
+        control = controlnet(x, t, hint)
         out = unet_forward_with_residuals(
             unet,
             x,
             t,
-            class_labels=labels,
             down_block_additional_residuals=control.down_block_res_samples,
             mid_block_additional_residual=control.mid_block_res_sample,
         )
-        expected = unet(x, t, class_labels=labels).sample
-    n_skips = len(unet_encode(unet, x, t, class_labels=labels).down_block_res_samples)
+        expected = unet(x, t).sample
+    n_skips = len(unet_encode(unet, x, t).down_block_res_samples)
     assert len(control.down_block_res_samples) == n_skips
     assert all(float(r.abs().max()) == 0.0 for r in control.down_block_res_samples)
     assert torch.equal(out, expected)
@@ -92,7 +89,7 @@ def test_fresh_controlnet_is_a_no_op_and_copies_the_encoder(variant):
 
 def test_residuals_enter_skips_and_mid_block():
     unet = _unet()
-    x, t, _ = _inputs(unet)
+    x, t = _inputs(unet)
     with torch.no_grad():
         encoded = unet_encode(unet, x, t)
         base = unet_decode(unet, encoded)
@@ -109,7 +106,7 @@ def test_trained_controlnet_changes_output_with_the_hint():
     with torch.no_grad():
         for conv in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]:
             conv.weight.normal_(0, 0.1)
-    x, t, _ = _inputs(unet)
+    x, t = _inputs(unet)
     with torch.no_grad():
         outs = []
         for seed in (0, 1):
@@ -136,7 +133,7 @@ def test_hint_projection_identity_when_widths_match():
 def test_errors_name_the_problem():
     unet = _unet()
     controlnet = UNet2DControlNetModel.from_unet(unet, hint_channels=4)
-    x, t, _ = _inputs(unet)
+    x, t = _inputs(unet)
     with pytest.raises(ValueError, match="hint"):
         controlnet(x, t, torch.zeros(2, 3, 16, 16))
     encoded = unet_encode(unet, x, t)
@@ -144,5 +141,8 @@ def test_errors_name_the_problem():
         unet_decode(unet, encoded, down_block_additional_residuals=encoded.down_block_res_samples[:-1])
     with pytest.raises(TypeError, match="UNet2DModel"):
         UNet2DControlNetModel.from_unet(controlnet, hint_channels=4)
-    with pytest.raises(ValueError, match="class_labels"):
-        unet_encode(_unet(num_class_embeds=3), x, t)
+    with_classes = _unet(num_class_embeds=3)  # C3-Diff conditions by the hint only
+    with pytest.raises(ValueError, match="class embedding"):
+        unet_encode(with_classes, x, t)
+    with pytest.raises(ValueError, match="class embedding"):
+        UNet2DControlNetModel.from_unet(with_classes, hint_channels=4)

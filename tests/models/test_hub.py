@@ -300,3 +300,15 @@ def test_training_config_round_trips_beside_the_model(tmp_path):
     assert loaded.training_config == model.training_config and loaded.config.training_data == "toy"
     with pytest.raises(ValueError, match="Unknown training-config entries"):
         c3diff.models.TrainingConfig.from_dict({"lambda_msee": 1.0})
+
+
+def test_the_bundled_demo_model_is_the_tiny_preset_trained():
+    """The presets are what is trained: the demo model's network is `tiny` exactly; only the first stage's fitted
+    statistics and the description of its training data differ."""
+    demo = c3diff.models.load_demo_model()
+    preset = c3diff.models.build_model("tiny", genes=demo.genes)
+    keys = {k for k in set(demo.config) | set(preset.config) if not k.startswith("_")}
+    differ = {k for k in keys if demo.config.get(k) != preset.config.get(k)}
+    assert differ == {"latent_shift", "latent_scale", "training_data"}
+    assert all(demo.is_fitted(stage) for stage in ("first_stage", "backbone", "mean"))
+    assert {k: v.shape for k, v in demo.state_dict().items()} == {k: v.shape for k, v in preset.state_dict().items()}

@@ -56,7 +56,7 @@ from c3diff.models.losses import (
     modal_loss,
     overall_loss,
 )
-from c3diff.models.training_config import TrainingConfig
+from c3diff.models.training_config import MEAN_LOSSES, TrainingConfig
 
 __all__ = ["C3DiffModel"]
 
@@ -65,9 +65,6 @@ _SCALES = (5, 10)
 #: How the model describes a map: the paper's diffusion of the whole map, or a conditional mean plus a residual
 #: diffusion (see :class:`C3DiffModel`).
 FORMULATIONS = ("paper", "residual")
-
-#: Count likelihoods of the conditional-mean stage (see :mod:`c3diff.models.conditional_mean`).
-MEAN_LOSSES = ("multinomial", "poisson")
 
 #: Training stages whose completion a model records with its weights (:meth:`C3DiffModel.is_fitted`).
 FITTED_STAGES = ("first_stage", "backbone", "mean")

@@ -59,13 +59,16 @@ ENCODER_CONFIG_KEYS = (
     "norm_eps",
     "resnet_time_scale_shift",
     "add_attention",
-    "class_embed_type",
-    "num_class_embeds",
     "num_train_timesteps",
 )
 
 #: Submodules of a ``UNet2DModel`` that form its encoder half; frozen while C3-Diff trains.
-ENCODER_MODULES = ("conv_in", "time_proj", "time_embedding", "class_embedding", "down_blocks", "mid_block")
+ENCODER_MODULES = ("conv_in", "time_proj", "time_embedding", "down_blocks", "mid_block")
+_CLASS_EMBEDDING = (
+    "This UNet has a class embedding (`num_class_embeds` / `class_embed_type`); C3-Diff conditions its denoiser by "
+    "the ControlNet hint only. Build the UNet without a class embedding."
+)
+
 #: Submodules of a ``UNet2DModel`` that form its decoder half; trained with the ControlNet.
 DECODER_MODULES = ("up_blocks", "conv_norm_out", "conv_out")
 
@@ -74,7 +77,7 @@ DECODER_MODULES = ("up_blocks", "conv_norm_out", "conv_out")
 class UNetEncoderOutput:
     """What the encoder half of a ``UNet2DModel`` hands to its decoder half."""
 
-    #: time (+ class) embedding, ``(B, time_embed_dim)``
+    #: time embedding, ``(B, time_embed_dim)``
     emb: torch.Tensor
     #: skip features, first the input conv's output, then every resnet/downsampler output of every down block
     down_block_res_samples: tuple[torch.Tensor, ...]
@@ -89,7 +92,6 @@ def unet_encode(
     sample: torch.Tensor,
     timestep: torch.Tensor | float | int,
     *,
-    class_labels: torch.Tensor | None = None,
     hint: torch.Tensor | None = None,
 ) -> UNetEncoderOutput:
     """Run the encoder half of ``unet`` (steps 0-4 of ``UNet2DModel.forward``).
@@ -102,8 +104,6 @@ def unet_encode(
         Noisy input ``(B, C, H, W)``.
     timestep
         Timestep(s): a number, a 0-d tensor or a ``(B,)`` tensor.
-    class_labels
-        Class labels for UNets with a class embedding.
     hint
         Added to the output of the input conv (ControlNet conditioning); ``(B, block_out_channels[0], H, W)``.
 
@@ -139,15 +139,8 @@ def unet_encode(
     t_emb = t_emb.to(dtype=unet.dtype)
     emb = unet.time_embedding(t_emb)
 
-    if unet.class_embedding is not None:
-        if class_labels is None:
-            raise ValueError("`class_labels` must be given: this UNet has a class embedding (`num_class_embeds`).")
-        if config.class_embed_type == "timestep":
-            class_labels = unet.time_proj(class_labels)
-        class_emb = unet.class_embedding(class_labels).to(dtype=unet.dtype)
-        emb = emb + class_emb
-    elif class_labels is not None:
-        raise ValueError("`class_labels` were given but this UNet has no class embedding; pass `class_labels=None`.")
+    if getattr(unet, "class_embedding", None) is not None:
+        raise ValueError(_CLASS_EMBEDDING)
 
     # 2. pre-process
     skip_sample = sample
@@ -257,11 +250,10 @@ def unet_forward_with_residuals(
     *,
     down_block_additional_residuals: tuple[torch.Tensor, ...] | None = None,
     mid_block_additional_residual: torch.Tensor | None = None,
-    class_labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``UNet2DModel.forward`` with ControlNet residuals added to the skip features and the mid-block output.
 
-    Without residuals the result equals ``unet(sample, timestep, class_labels).sample`` exactly.
+    Without residuals the result equals ``unet(sample, timestep).sample`` exactly.
 
     Examples
     --------
@@ -278,7 +270,7 @@ def unet_forward_with_residuals(
     >>> torch.equal(out, unet(x, 10).sample)  # a fresh ControlNet is a no-op
     True
     """
-    encoded = unet_encode(unet, sample, timestep, class_labels=class_labels)
+    encoded = unet_encode(unet, sample, timestep)
     return unet_decode(
         unet,
         encoded,
@@ -290,7 +282,7 @@ def unet_forward_with_residuals(
 class UNet2DControlNetModel(ModelMixin, ConfigMixin):
     r"""A ControlNet for :class:`~diffusers.UNet2DModel`.
 
-    A trainable copy of the UNet's input conv, time (and class) embedding, down blocks and mid block. The hint is
+    A trainable copy of the UNet's input conv, time embedding, down blocks and mid block. The hint is
     projected to ``block_out_channels[0]`` channels (identity when ``hint_channels`` already equals it, as in C3-Diff's
     224-channel hint on a 224-channel UNet) and added after the copy's first conv. Each skip feature and the mid-block
     output pass a zero-initialised 1x1 conv; add them to the UNet with :func:`unet_forward_with_residuals`.
@@ -346,8 +338,6 @@ class UNet2DControlNetModel(ModelMixin, ConfigMixin):
         norm_eps: float = 1e-5,
         resnet_time_scale_shift: str = "default",
         add_attention: bool = True,
-        class_embed_type: str | None = None,
-        num_class_embeds: int | None = None,
         num_train_timesteps: int | None = None,
     ):
         super().__init__()
@@ -374,15 +364,6 @@ class UNet2DControlNetModel(ModelMixin, ConfigMixin):
                 f"`time_embedding_type` must be 'fourier', 'positional' or 'learned', got {time_embedding_type!r}."
             )
         self.time_embedding = TimestepEmbedding(timestep_input_dim, time_embed_dim)
-
-        if class_embed_type is None and num_class_embeds is not None:
-            self.class_embedding = nn.Embedding(num_class_embeds, time_embed_dim)
-        elif class_embed_type == "timestep":
-            self.class_embedding = TimestepEmbedding(timestep_input_dim, time_embed_dim)
-        elif class_embed_type == "identity":
-            self.class_embedding = nn.Identity(time_embed_dim, time_embed_dim)
-        else:
-            self.class_embedding = None
 
         # the conditioning enters after the first conv; a 1x1 projection only when the widths differ
         self.hint_proj = (
@@ -442,10 +423,8 @@ class UNet2DControlNetModel(ModelMixin, ConfigMixin):
             self.controlnet_mid_block = zero_module(nn.Conv2d(block_out_channels[-1], block_out_channels[-1], 1))
 
     @classmethod
-    def from_unet(
-        cls, unet: UNet2DModel, *, hint_channels: int, load_weights_from_unet: bool = True
-    ) -> UNet2DControlNetModel:
-        """Build a ControlNet matching ``unet`` and (by default) copy its encoder weights.
+    def from_unet(cls, unet: UNet2DModel, *, hint_channels: int) -> UNet2DControlNetModel:
+        """Build a ControlNet matching ``unet`` and copy its encoder weights.
 
         Parameters
         ----------
@@ -453,8 +432,6 @@ class UNet2DControlNetModel(ModelMixin, ConfigMixin):
             The denoiser to control.
         hint_channels
             Channels of the conditioning hint.
-        load_weights_from_unet
-            Copy the input conv, time/class embedding, down blocks and mid block from ``unet`` (strictly).
 
         Returns
         -------
@@ -472,12 +449,13 @@ class UNet2DControlNetModel(ModelMixin, ConfigMixin):
         """
         if not isinstance(unet, UNet2DModel):
             raise TypeError(f"`unet` must be a diffusers UNet2DModel, got {type(unet).__name__}.")
+        if unet.class_embedding is not None:
+            raise ValueError(_CLASS_EMBEDDING)
         kwargs = {key: unet.config[key] for key in ENCODER_CONFIG_KEYS if key in unet.config}
         controlnet = cls(hint_channels=hint_channels, **kwargs).to(unet.device)
         if unet.dtype != controlnet.dtype:
             controlnet.to(dtype=unet.dtype)
-        if load_weights_from_unet:
-            controlnet.copy_encoder_from(unet)
+        controlnet.copy_encoder_from(unet)
         return controlnet
 
     def copy_encoder_from(self, unet: UNet2DModel) -> None:
@@ -496,9 +474,6 @@ class UNet2DControlNetModel(ModelMixin, ConfigMixin):
         sample: torch.Tensor,
         timestep: torch.Tensor | float | int,
         hint: torch.Tensor,
-        *,
-        class_labels: torch.Tensor | None = None,
-        conditioning_scale: float = 1.0,
     ) -> ControlNetOutput:
         """Residuals for the UNet's skip features and mid block.
 
@@ -510,10 +485,6 @@ class UNet2DControlNetModel(ModelMixin, ConfigMixin):
             Timestep(s), as for ``UNet2DModel``.
         hint
             Conditioning ``(B, hint_channels, H, W)`` (same spatial size as ``sample``).
-        class_labels
-            For UNets with a class embedding.
-        conditioning_scale
-            Multiplies every residual.
 
         Returns
         -------
@@ -524,12 +495,12 @@ class UNet2DControlNetModel(ModelMixin, ConfigMixin):
                 f"`hint` must be (B, {self.config.hint_channels}, {sample.shape[-2]}, {sample.shape[-1]}) to match "
                 f"`sample`, got {tuple(hint.shape)}."
             )
-        encoded = unet_encode(self, sample, timestep, class_labels=class_labels, hint=self.hint_proj(hint))
+        encoded = unet_encode(self, sample, timestep, hint=self.hint_proj(hint))
         down = tuple(
-            zero_conv(res) * conditioning_scale
+            zero_conv(res)
             for zero_conv, res in zip(self.controlnet_down_blocks, encoded.down_block_res_samples, strict=True)
         )
         mid = None
         if self.controlnet_mid_block is not None:
-            mid = self.controlnet_mid_block(encoded.sample) * conditioning_scale
+            mid = self.controlnet_mid_block(encoded.sample)
         return ControlNetOutput(down_block_res_samples=down, mid_block_res_sample=mid)

@@ -19,7 +19,7 @@ from typing import Any
 
 from c3diff.models.losses import LossWeights
 
-__all__ = ["LEGACY_RECIPE_KEYS", "TRAINING_CONFIG_NAME", "TrainingConfig"]
+__all__ = ["LEGACY_RECIPE_KEYS", "MEAN_LOSSES", "TRAINING_CONFIG_NAME", "TrainingConfig"]
 
 #: File name of a saved training recipe (beside ``config.json``).
 TRAINING_CONFIG_NAME = "training_config.json"
@@ -36,7 +36,8 @@ LEGACY_RECIPE_KEYS = (
     "latent_scaling",
 )
 
-_MEAN_LOSSES = ("multinomial", "poisson")
+#: Count likelihoods of the conditional-mean stage (see :mod:`c3diff.models.conditional_mean`).
+MEAN_LOSSES = ("multinomial", "poisson")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,8 +131,8 @@ class TrainingConfig:
             raise ValueError(f"`min_snr_gamma` must be a positive number or None, got {self.min_snr_gamma!r}.")
         if self.latent_scaling not in ("std", "range"):
             raise ValueError(f"`latent_scaling` must be 'std' or 'range', got {self.latent_scaling!r}.")
-        if self.mean_loss not in _MEAN_LOSSES:
-            raise ValueError(f"`mean_loss` must be one of {_MEAN_LOSSES}, got {self.mean_loss!r}.")
+        if self.mean_loss not in MEAN_LOSSES:
+            raise ValueError(f"`mean_loss` must be one of {MEAN_LOSSES}, got {self.mean_loss!r}.")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"`lr_schedule` must be 'constant' or 'cosine', got {self.lr_schedule!r}.")
         for name in ("batch_size", "epochs", "mean_genes_per_patch"):
