@@ -7,7 +7,7 @@ building blocks are imported from the module that defines them. Where things liv
 module                        content
 ============================  ==========================================================================
 ``presets``                   ``paper`` / ``tiny`` configs and :func:`build_model`
-``autoencoder``               first stage (diffusers ``VQModel``): build, loss, :func:`~.autoencoder.fit_autoencoder`
+``autoencoder``               first stage (diffusers ``VQModel``): build, loss, scaling factor
 ``controlnet``                :class:`~.controlnet.UNet2DControlNetModel`, the UNet forward with residuals
 ``hint_encoders``             the four hint encoders, gene code, LR conditioning image, ST augmentation
 ``losses``                    ``L_content``, ``L_modal``, ``L_inter-sphere``, ``L_mse``, ``L_overall``

@@ -511,7 +511,7 @@ class C3DiffModel(ModelMixin, ConfigMixin):
         ``latent_scaling="std"``, 1 with ``"range"``) of the folded training ``maps`` ``(N, 1, H, H)`` in [-1, 1]:
         the config entries :func:`c3diff.tl.train` builds the model with (see :meth:`with_config`)."""
         if self.vqvae is not None:
-            raise ValueError("A VQ first stage is trained (c3diff.models.autoencoder.fit_autoencoder), not estimated.")
+            raise ValueError("A VQ first stage is trained (c3diff.tl.train's 'first_stage' stage), not estimated.")
         if latent_scaling not in ("std", "range"):
             raise ValueError(f"`latent_scaling` must be 'std' or 'range', got {latent_scaling!r}.")
         if maps.ndim != 4 or maps.shape[1] != 1 or len(maps) == 0:

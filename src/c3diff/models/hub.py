@@ -110,9 +110,6 @@ def save_pretrained(
         model = model.with_config(training_data=str(training_data))  # the caller's model keeps its config
 
     config = json.loads(model.to_json_string())
-    if model.vqvae is not None:
-        # fit_autoencoder may have set the VQModel's scaling_factor: save the autoencoder as it is
-        config["autoencoder_config"] = config_kwargs(model.vqvae.config)
     config["_module"] = _PUBLIC_MODULE
     config["_c3diff_version"] = __version__
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
