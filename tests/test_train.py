@@ -147,6 +147,11 @@ def test_validation_keeps_the_best_model_and_logs(patchsets, tmp_path):
     )
     assert result.model.is_fitted("first_stage") and result.model.is_fitted("backbone")
     assert result.best_checkpoint == tmp_path / "best"
+    # the recipe lives beside the network, never in its config
+    recipe = c3.models.TrainingConfig.from_pretrained(tmp_path / "best")
+    assert recipe == result.model.training_config and (recipe.batch_size, recipe.backbone_steps) == (8, 2)
+    assert not {"lambda_mse", "st_noise_sigma", "min_snr_gamma", "mean_fitted"} & set(result.model.config)
+    assert result.model.config.latent_scale != 1.0  # the first stage's statistics, written at construction
     assert {"val_mse", "val_content", "val_pcc", "val_rmse"} <= set(result.history.columns)
     # the logged PCC is that of the returned model's maps on the validation patches (the residual stage leaves the
     # conditional mean, which a residual model's validation maps are, as the mean stage left it)

@@ -322,3 +322,19 @@ def test_backbone_stage_pretrains_the_unet_and_copies_it_into_the_controlnet():
     torch.testing.assert_close(model.controlnet.conv_in.weight, model.unet.conv_in.weight)
     # the UNet encoder is frozen again, its decoder trains
     assert not model.unet.conv_in.weight.requires_grad and model.unet.conv_out.weight.requires_grad
+
+
+def test_no_config_is_changed_after_construction():
+    """`register_to_config` is called in constructors only: fitted statistics go into a new model
+    (`with_config`), fitted stages into a buffer, the recipe into a TrainingConfig."""
+    import ast
+    from pathlib import Path
+
+    calls = []
+    for path in Path(c3diff.__file__).parent.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        for func in (n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)):
+            for node in ast.walk(func):
+                if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "register_to_config":
+                    calls.append((path.name, func.name))
+    assert calls and all(name == "__init__" for _, name in calls), calls
