@@ -281,7 +281,14 @@ class C3DiffModel(ModelMixin, ConfigMixin):
                 "head_channels": 32,
                 **dict(mean_net_config or {}),
             }
-            allowed = {"block_out_channels", "layers_per_block", "norm_num_groups", "head_channels", "histology_prior"}
+            allowed = {
+                "block_out_channels",
+                "layers_per_block",
+                "norm_num_groups",
+                "head_channels",
+                "histology_prior",
+                "texture_channels",
+            }
             unknown = sorted(set(mean_net_config) - allowed)
             if unknown:
                 raise ValueError(f"`mean_net_config` has unknown entries {unknown}; use {sorted(allowed)}.")
@@ -648,16 +655,19 @@ class C3DiffModel(ModelMixin, ConfigMixin):
         contrastive: bool = True,
         with_mean: bool = False,
         recipe: TrainingConfig | None = None,
+        texture: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
         """The ControlNet hint of a training batch (one item per tile), the contrastive losses and, ``with_mean``,
-        the mean's log-shares (see :meth:`mean_log_shares`) from the same features."""
+        the mean's log-shares (see :meth:`mean_log_shares`) from the same features (``texture`` per item, for
+        mean networks that read it)."""
         h_hint, st_hint, inverse, losses, _ = self._features(
             histology, lr, gene_index, missing, generator=generator, contrastive=contrastive, recipe=recipe
         )
         hint = self.hint_encoders.assemble(h_hint.expand(inverse), st_hint, gene_index, num_genes=self.num_genes)
         log_shares = None
         if with_mean:
-            log_shares = self.mean_log_shares(self.mean_logits(h_hint, histology, st_hint, lr, gene_index, inverse))
+            logits = self.mean_logits(h_hint, histology, st_hint, lr, gene_index, inverse, texture=texture)
+            log_shares = self.mean_log_shares(logits)
         return hint, losses, log_shares
 
     def _require_mean(self) -> ConditionalMeanNet:
@@ -681,19 +691,33 @@ class C3DiffModel(ModelMixin, ConfigMixin):
         lr: torch.Tensor,
         gene_index: torch.Tensor,
         tile_of_item: torch.Tensor,
+        *,
+        texture: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The mean network's logits ``(B, 1, S, S)`` at the image grid (10 um in the paper's geometry).
 
-        ``histology_hint`` and ``histology`` are per tile (``T``), the rest per item (``B``); ``tile_of_item`` maps
-        items to tiles.
+        ``histology_hint``, ``histology`` and ``texture`` (:func:`c3diff.pp.histology_texture`, for mean networks
+        with ``texture_channels``) are per tile (``T``), the rest per item (``B``); ``tile_of_item`` maps items to
+        tiles.
         """
-        features = self.mean_trunk(histology_hint, histology)
-        return self.mean_head(features[tile_of_item], st_hint, lr, gene_index, histology[tile_of_item])
+        features = self.mean_trunk(histology_hint, histology, texture)
+        item_texture = None if texture is None else texture[tile_of_item]
+        return self.mean_head(
+            features[tile_of_item], st_hint, lr, gene_index, histology[tile_of_item], texture=item_texture
+        )
 
-    def mean_trunk(self, histology_hint: ModalityFeatures, histology: torch.Tensor) -> torch.Tensor:
+    @property
+    def texture_channels(self) -> int:
+        """Texture channels the mean network reads (:func:`c3diff.pp.histology_texture`; 0: none)."""
+        return 0 if self.mean_net is None else self.mean_net.texture_channels
+
+    def mean_trunk(
+        self, histology_hint: ModalityFeatures, histology: torch.Tensor, texture: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The mean network's per-tile histology features (compute once per tile, reuse for every gene)."""
         net = self._require_mean()
-        return net.trunk(torch.cat([histology_hint.content, histology_hint.modal], dim=1), histology)
+        hint = torch.cat([histology_hint.content, histology_hint.modal], dim=1)
+        return net.trunk(hint, histology, None if texture is None else texture.to(histology))
 
     def mean_head(
         self,
@@ -702,14 +726,17 @@ class C3DiffModel(ModelMixin, ConfigMixin):
         lr: torch.Tensor,
         gene_index: torch.Tensor,
         histology: torch.Tensor,
+        *,
+        texture: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits ``(B, 1, S, S)`` of items from their tile's trunk ``features`` and ``histology``, their ST hint,
-        LR maps and genes."""
+        """Logits ``(B, 1, S, S)`` of items from their tile's trunk ``features``, ``histology`` and ``texture``,
+        their ST hint, LR maps and genes."""
         code = gene_code_map(
             gene_index, num_genes=self.num_genes, size=features.shape[-1], channels=self.config.gene_code_channels
         ).to(features)
         st = torch.cat([st_hint.content, st_hint.modal, code], dim=1)
-        return self._require_mean().head(features, st, self.lr_image(lr)[:, :1], gene_index, histology)
+        texture = None if texture is None else texture.to(histology)
+        return self._require_mean().head(features, st, self.lr_image(lr)[:, :1], gene_index, histology, texture)
 
     def mean_log_shares(self, logits: torch.Tensor, scale: int | None = None) -> torch.Tensor:
         """``log pi``: each output pixel's share of its LR pixel's count, ``(B, 1, H, H)`` at ``scale``."""
@@ -779,7 +806,16 @@ class C3DiffModel(ModelMixin, ConfigMixin):
             generator=generator,
             recipe=recipe,
         )
-        logits = self.mean_logits(h_hint, histology[first], st_hint, lr, gene_index, inverse)
+        texture = self._batch_texture(batch)
+        logits = self.mean_logits(
+            h_hint,
+            histology[first],
+            st_hint,
+            lr,
+            gene_index,
+            inverse,
+            texture=None if texture is None else texture[first],
+        )
         if loss == "multinomial":
             nll = multinomial_nll(self.mean_log_shares(logits), counts)
         else:
@@ -870,6 +906,7 @@ class C3DiffModel(ModelMixin, ConfigMixin):
                     contrastive=False,
                     with_mean=True,
                     recipe=recipe,
+                    texture=self._batch_texture(batch),
                 )
                 residual = self.residual_target(log_shares, batch["hr_counts"].to(device, self.dtype))
                 hint = torch.cat([hint, self._mean_hint(share_map(log_shares, self.output_block()))], dim=1)
@@ -896,6 +933,17 @@ class C3DiffModel(ModelMixin, ConfigMixin):
             self.denoise(noisy, timesteps, hint), self.diffusion_target(x0, noise, timesteps), weights=snr_weights
         )
         return overall_loss(mse=l_mse, weights=recipe.loss_weights(), **contrastive)
+
+    def _batch_texture(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+        """The batch's ``"texture"`` ``(B, K, S, S)`` on the model's device, when the mean network reads it."""
+        if not self.texture_channels:
+            return None
+        if "texture" not in batch:
+            raise KeyError(
+                f"`batch` lacks 'texture': this model's mean network reads {self.texture_channels} texture channels. "
+                "Make the patches with `c3diff.pp.make_patches(..., texture=True)`."
+            )
+        return torch.as_tensor(batch["texture"]).to(self.device, self.dtype)
 
     def _check_batch(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         required = ("histology", "lr", "hr", "gene_index")
@@ -939,6 +987,7 @@ class C3DiffModel(ModelMixin, ConfigMixin):
         scale: int | None = None,
         mode: str | None = None,
         progress: bool = False,
+        texture: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Super-resolve gene maps of ``T`` tiles: the conditional mean and/or DDIM samples (see
         :func:`c3diff.models.sampling.sample`).
@@ -972,6 +1021,9 @@ class C3DiffModel(ModelMixin, ConfigMixin):
             mean stage, else ``"sample"``.
         progress
             Show a progress bar.
+        texture
+            ``(T, K, S, S)`` texture of the tiles (:func:`c3diff.pp.histology_texture`), for models whose mean
+            network reads it (:attr:`texture_channels`).
 
         Returns
         -------
@@ -995,6 +1047,7 @@ class C3DiffModel(ModelMixin, ConfigMixin):
             scale=scale,
             mode=mode,
             progress=progress,
+            texture=texture,
         )
 
     def set_scheduler(self, scheduler: Any) -> None:

@@ -113,11 +113,14 @@ def sample(
     mode: str | None = None,
     progress: bool = False,
     keep_samples: bool = False,
+    texture: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Super-resolve gene maps of ``T`` tiles; the implementation of :meth:`C3DiffModel.predict` (same arguments;
     ``keep_samples`` appends the ``(T, G', n_samples, H, H)`` samples to the result, see :func:`draw_samples`;
     ``gene_batch_size=None`` takes :func:`auto_gene_batch_size`). Runs under :func:`torch.inference_mode`: the
-    results are inference tensors (no autograd history; ``.clone()`` them to use them in autograd).
+    results are inference tensors (no autograd history; ``.clone()`` them to use them in autograd). ``texture``
+    ``(T, K, S, S)`` (:func:`c3diff.pp.histology_texture`) is required by models whose mean network reads it
+    (:attr:`C3DiffModel.texture_channels`) and ignored otherwise.
 
     Returns
     -------
@@ -142,6 +145,13 @@ def sample(
     if histology.ndim != 4 or histology.shape[1:] != (3, s, s):
         raise ValueError(f"`histology` must be (T, 3, {s}, {s}) in [0, 1], got {tuple(histology.shape)}.")
     n_tiles = len(histology)
+    k = model.texture_channels
+    if k and (texture is None or tuple(texture.shape) != (n_tiles, k, s, s)):
+        found = None if texture is None else tuple(texture.shape)
+        raise ValueError(
+            f"This model reads the histology texture: pass `texture` ({n_tiles}, {k}, {s}, {s}) from "
+            f"c3diff.pp.histology_texture, got {found}."
+        )
     genes = _gene_indices(gene_indices, model.num_genes)
     available = _lr_available(lr_available, lr, n_tiles)
     if lr is not None and lr.shape != (n_tiles, len(genes), lr_size, lr_size):
@@ -184,7 +194,8 @@ def sample(
             h_hint = encoders.histology_hint(h)
             if residual:  # the mean's histology trunk, once per tile
                 tile_histology = histology[t : t + 1].to(device, dtype)
-                trunk = model.mean_trunk(h_hint, tile_histology)
+                tile_texture = texture[t : t + 1].to(device, dtype) if k else None
+                trunk = model.mean_trunk(h_hint, tile_histology, tile_texture)
             if not available[t]:
                 c_y, m_y = model.imputer.impute_from_bank(h.content, h.modal)
                 st_imputed = encoders.st_hint(ModalityFeatures(content=c_y, modal=m_y))
@@ -213,6 +224,7 @@ def sample(
                             lr_maps,
                             gene_ids,
                             tile_histology.expand(n, -1, -1, -1),
+                            texture=None if tile_texture is None else tile_texture.expand(n, -1, -1, -1),
                         )
                     )
                     expected = model.expected_map(log_shares, lr_maps)

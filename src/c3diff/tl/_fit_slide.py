@@ -353,7 +353,7 @@ def fit_slide(
     import torch
     from tqdm.auto import tqdm
 
-    from c3diff.pp import detect_tissue, histology_raster, minmax_normalize, spots_to_grid
+    from c3diff.pp import detect_tissue, histology_raster, histology_texture, minmax_normalize, spots_to_grid
 
     # --- checks, before any work ---------------------------------------------------------------------------------
     image = get_element(sdata, image_key, "images", arg="image_key")
@@ -413,6 +413,11 @@ def fit_slide(
     sx = (spots.centres[:, 1] - hist_grid.x0) / hist_px
     r_px = radius / hist_px
     tissue = detect_tissue(rgb, pixel_size=hist_px)
+    texture = None
+    if start_model.texture_channels:  # what the H&E shows inside each 10 um pixel, for mean networks that read it
+        texture = histology_texture(
+            sdata, image_key, grid=hist_grid, tissue=tissue, coordinate_system=coordinate_system
+        )
     origins = []
     for r in range(0, max(hist_grid.height - size, 0) + lr_factor, lr_factor):
         for c in range(0, max(hist_grid.width - size, 0) + lr_factor, lr_factor):
@@ -452,7 +457,7 @@ def fit_slide(
         for _ in range(steps):
             picks = rng.choice(len(origins), size=min(batch_size, len(origins)), replace=False)
             k = min(genes_per_tile, n_genes)
-            histology, lr_norm, lr_counts, gene_index, patch_index = [], [], [], [], []
+            histology, lr_norm, lr_counts, gene_index, patch_index, textures = [], [], [], [], [], []
             for t, pick in enumerate(picks):
                 r, c, _ = origins[pick]
                 chosen = rng.choice(n_genes, size=k, replace=False)
@@ -461,6 +466,8 @@ def fit_slide(
                     chosen, r // lr_factor : r // lr_factor + lr_size, c // lr_factor : c // lr_factor + lr_size
                 ]
                 histology.append(np.broadcast_to(hist, (k, *hist.shape)))
+                if texture is not None:
+                    textures.append(window(texture, r, c, size, 0.0))
                 lr_norm.append(minmax_normalize(lr)[0])
                 lr_counts.append(lr)
                 gene_index.append(chosen)
@@ -479,7 +486,8 @@ def fit_slide(
                 generator=generator,
                 contrastive=False,
             )
-            logits = fitted.mean_logits(h_hint, histology_t[first], st_hint, lr_t, genes_t, inverse)
+            texture_t = torch.as_tensor(np.stack(textures), device=device) if textures else None
+            logits = fitted.mean_logits(h_hint, histology_t[first], st_hint, lr_t, genes_t, inverse, texture=texture_t)
             shares = fitted.mean_log_shares(logits).exp()[:, 0]
             y_lr = counts_lr.repeat_interleave(block, dim=-2).repeat_interleave(block, dim=-1)[:, 0, :size, :size]
             mu = y_lr * shares * visible  # expected counts per 10 um pixel

@@ -612,7 +612,10 @@ def _stage_maps(net: C3DiffModel, patches: PatchSet, *, genes: list[str], seed: 
             items = [dataset[index[(int(p), int(g))]] for p, g in pairs[start : start + 64]]
             batch = torch.utils.data.default_collate(items)
             histology, lr, gene_index, missing = net._check_batch(batch)
-            _, _, log_shares = net._hint(histology, lr, gene_index, missing, contrastive=False, with_mean=True)
+            texture = net._batch_texture(batch)
+            _, _, log_shares = net._hint(
+                histology, lr, gene_index, missing, contrastive=False, with_mean=True, texture=texture
+            )
             maps.append(net.residual_target(log_shares, batch["hr_counts"].to(net.device, net.dtype)).cpu())
     net.train(was_training)
     return torch.cat(maps)
