@@ -237,6 +237,12 @@ def test_a_swapped_scheduler_round_trips_and_samples(tmp_path):
         model.set_scheduler(EulerDiscreteScheduler())  # diffusers' default betas, not the model's
     with pytest.raises(TypeError, match="diffusers scheduler"):
         model.set_scheduler("ddim")
+    # the scheduler is a component of the sampling call too: the same samples, the model's own left as it is
+    dpm = DPMSolverMultistepScheduler.from_config(ddim.noise_scheduler.config)
+    given = ddim.predict(histology, lr, mode="sample", n_samples=2, num_inference_steps=3, scheduler=dpm)[1]
+    assert torch.equal(given, std) and isinstance(ddim.noise_scheduler, DDIMScheduler)
+    with pytest.raises(ValueError, match="trained with 0.00085"):
+        ddim.predict(histology, lr, mode="sample", num_inference_steps=2, scheduler=EulerDiscreteScheduler())
 
 
 def test_model_mixin_keywords(tmp_path):

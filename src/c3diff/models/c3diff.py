@@ -987,6 +987,7 @@ class C3DiffModel(ModelMixin, ConfigMixin):
         scale: int | None = None,
         mode: str | None = None,
         progress: bool = False,
+        scheduler: Any = None,
         texture: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Super-resolve gene maps of ``T`` tiles: the conditional mean and/or DDIM samples (see
@@ -1021,6 +1022,9 @@ class C3DiffModel(ModelMixin, ConfigMixin):
             mean stage, else ``"sample"``.
         progress
             Show a progress bar.
+        scheduler
+            ``mode="sample"``: sample with this diffusers scheduler instead of the model's (a component, as in
+            diffusers pipelines; checked like :meth:`set_scheduler`, the model's own is unchanged).
         texture
             ``(T, K, S, S)`` texture of the tiles (:func:`c3diff.pp.histology_texture`), for models whose mean
             network reads it (:attr:`texture_channels`).
@@ -1047,6 +1051,7 @@ class C3DiffModel(ModelMixin, ConfigMixin):
             scale=scale,
             mode=mode,
             progress=progress,
+            scheduler=scheduler,
             texture=texture,
         )
 
@@ -1064,6 +1069,11 @@ class C3DiffModel(ModelMixin, ConfigMixin):
         >>> type(model.noise_scheduler).__name__
         'DPMSolverMultistepScheduler'
         """
+        self.noise_scheduler = self.check_scheduler(scheduler)
+
+    def check_scheduler(self, scheduler: Any) -> Any:
+        """``scheduler`` when it is a diffusers scheduler with the model's training noise schedule (timesteps, betas,
+        prediction type), else an error that says how to build one."""
         from diffusers import SchedulerMixin
 
         if not isinstance(scheduler, SchedulerMixin):
@@ -1076,7 +1086,7 @@ class C3DiffModel(ModelMixin, ConfigMixin):
                     f"with {ours[key]!r}; build it with `{type(scheduler).__name__}.from_config("
                     "model.noise_scheduler.config)`."
                 )
-        self.noise_scheduler = scheduler
+        return scheduler
 
     def __reduce__(self):
         # pickling (dask workers, multiprocessing) rebuilds the model from its config, weights and scheduler: a

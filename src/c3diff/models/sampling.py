@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -113,14 +113,16 @@ def sample(
     mode: str | None = None,
     progress: bool = False,
     keep_samples: bool = False,
+    scheduler: Any = None,
     texture: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Super-resolve gene maps of ``T`` tiles; the implementation of :meth:`C3DiffModel.predict` (same arguments;
     ``keep_samples`` appends the ``(T, G', n_samples, H, H)`` samples to the result, see :func:`draw_samples`;
-    ``gene_batch_size=None`` takes :func:`auto_gene_batch_size`). Runs under :func:`torch.inference_mode`: the
-    results are inference tensors (no autograd history; ``.clone()`` them to use them in autograd). ``texture``
-    ``(T, K, S, S)`` (:func:`c3diff.pp.histology_texture`) is required by models whose mean network reads it
-    (:attr:`C3DiffModel.texture_channels`) and ignored otherwise.
+    ``gene_batch_size=None`` takes :func:`auto_gene_batch_size`; ``scheduler``: a diffusers scheduler to sample with
+    instead of the model's ``noise_scheduler``, the pipeline's scheduler component). Runs under
+    :func:`torch.inference_mode`: the results are inference tensors (no autograd history; ``.clone()`` them to use
+    them in autograd). ``texture`` ``(T, K, S, S)`` (:func:`c3diff.pp.histology_texture`) is required by models
+    whose mean network reads it (:attr:`C3DiffModel.texture_channels`) and ignored otherwise.
 
     Returns
     -------
@@ -175,6 +177,7 @@ def sample(
         gene_batch_size = auto_gene_batch_size(model, len(genes), mode=mode, n_samples=n_samples)
     if mode == "mean":
         model._require_mean()
+    scheduler = model.noise_scheduler if scheduler is None else model.check_scheduler(scheduler)
 
     was_training = model.training
     model.eval()
@@ -237,7 +240,13 @@ def sample(
                 hint = hint.repeat_interleave(n_samples, dim=0)  # order: gene-major, then sample
                 generators = [noise_generator(seeds[t], genes[j], k) for j in chunk for k in range(n_samples)]
                 images = _denoise_loop(
-                    model, hint, generators, num_inference_steps=num_inference_steps, eta=eta, raw=residual
+                    model,
+                    hint,
+                    generators,
+                    scheduler=scheduler,
+                    num_inference_steps=num_inference_steps,
+                    eta=eta,
+                    raw=residual,
                 )
                 if residual:  # a sample: the mean's shares plus a sampled residual, never negative
                     images = _fit_output(images, model)
@@ -301,13 +310,14 @@ def _denoise_loop(
     hint: torch.Tensor,
     generators: list[torch.Generator],
     *,
+    scheduler: Any,
     num_inference_steps: int,
     eta: float,
     raw: bool = False,
 ) -> torch.Tensor:
     """DDIM from per-item noise to decoded ``(N, 1, S, S)`` maps: in [0, 1], or in their own units with ``raw``."""
-    # a fresh copy of the model's scheduler component (DDIM unless swapped with `model.set_scheduler`)
-    scheduler = type(model.noise_scheduler).from_config(model.noise_scheduler.config)
+    # a fresh copy of the scheduler component (the model's, DDIM unless swapped, or the one `sample` was given)
+    scheduler = type(scheduler).from_config(scheduler.config)
     scheduler.set_timesteps(num_inference_steps, device=model.device)
     accepts = inspect.signature(scheduler.step).parameters
     step_kwargs = {k: v for k, v in (("eta", eta), ("generator", generators)) if k in accepts}
