@@ -31,6 +31,7 @@ from typing import Any
 
 from c3diff._panels import paper_genes
 from c3diff.models.c3diff import C3DiffModel
+from c3diff.models.training_config import LEGACY_RECIPE_KEYS
 
 __all__ = ["PRESETS", "build_model", "preset_config"]
 
@@ -174,6 +175,12 @@ def preset_config(preset: str, *, genes: list[str] | None = None, scale: int = 1
     if preset not in PRESETS:
         raise ValueError(f"Unknown `preset` {preset!r}; choose one of {sorted(PRESETS)}.")
     allowed = set(inspect.signature(C3DiffModel.__init__).parameters) - {"self"}
+    recipe = sorted(set(overrides) & set(LEGACY_RECIPE_KEYS))
+    if recipe:
+        raise TypeError(
+            f"{recipe} are training recipe, not model options: pass them to `c3diff.tl.train` (they are recorded in "
+            "its TrainingConfig, `training_config.json`)."
+        )
     unknown = sorted(set(overrides) - allowed)
     if unknown:
         raise TypeError(f"Unknown model option(s) {unknown}; valid options are {sorted(allowed)}.")
