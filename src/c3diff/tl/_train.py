@@ -521,6 +521,17 @@ def _stages_to_run(net: C3DiffModel, recipe: TrainingConfig) -> tuple[str, ...]:
     return tuple(s for s in STAGES[formulation] if s not in done)
 
 
+def _train_step(accelerator: Any, loss_module: _LossModule, optimizer: Any, batch: Any, generator: Any) -> Any:
+    """One optimisation step of any stage on the accelerator (autocast, gradient accumulation and sync): the loss
+    components of ``batch``."""
+    with accelerator.accumulate(loss_module):
+        losses = loss_module(batch, generator)
+        accelerator.backward(losses.total)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return losses
+
+
 def _fit_map_stage(
     stage: str,
     net: C3DiffModel,
@@ -538,7 +549,7 @@ def _fit_map_stage(
     autoencoder, ``recipe.autoencoder_steps`` steps of reconstruction (AdamW, lr 1e-4), then its latent scaling
     factor. ``"backbone"``: ``recipe.backbone_steps`` steps of unconditional diffusion of the maps by the whole UNet
     (AdamW, ``recipe.backbone_learning_rate``; at most ``max_seconds``), then its encoder is copied into the
-    ControlNet and frozen. The steps run on accelerate like the other stages.
+    ControlNet and frozen. Each step is the step of every stage (:func:`_train_step`) on the run's accelerator.
     """
     from torch.utils.data import DataLoader, RandomSampler
     from tqdm.auto import tqdm
@@ -571,11 +582,7 @@ def _fit_map_stage(
     start = time.perf_counter()
     try:
         for batch in tqdm(loader, total=steps, desc=stage.replace("_", " "), disable=not show, leave=False):
-            with accelerator.accumulate(loss_module):
-                loss = loss_module(batch, generator)
-                accelerator.backward(loss.total)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+            _train_step(accelerator, loss_module, optimizer, batch, generator)
             if max_seconds is not None and time.perf_counter() - start >= max_seconds:
                 break
     finally:
@@ -1106,11 +1113,7 @@ def train(
                 if lr_schedule == "cosine":
                     for group in optimizer.param_groups:
                         group["lr"] = learning_rate * 0.5 * (1.0 + math.cos(math.pi * stage_progress()))
-                with accelerator.accumulate(loss_module):
-                    losses = loss_module(batch, generator)
-                    accelerator.backward(losses.total)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
+                losses = _train_step(accelerator, loss_module, optimizer, batch, generator)
                 state["global_step"] += 1
                 state["stage_step"] += 1
                 state["step_in_epoch"] += 1
