@@ -106,10 +106,9 @@ def save_pretrained(
     if folder.exists() and not folder.is_dir():
         raise NotADirectoryError(f"`save_directory` {str(folder)!r} is a file; pass a folder.")
     folder.mkdir(parents=True, exist_ok=True)
-    if training_data is not None and training_data != model.config.training_data:
-        model = model.with_config(training_data=str(training_data))  # the caller's model keeps its config
-
     config = json.loads(model.to_json_string())
+    if training_data is not None:  # recorded in the saved files; the caller's model keeps its config
+        config["training_data"] = training_data = str(training_data)
     config["_module"] = _PUBLIC_MODULE
     config["_c3diff_version"] = __version__
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -127,7 +126,7 @@ def save_pretrained(
     recipe = getattr(model, "training_config", None)
     if recipe is not None:
         recipe.save_pretrained(folder)
-    make_model_card(model, repo_id=repo_id).save(folder / CARD_NAME)
+    make_model_card(model, repo_id=repo_id, training_data=training_data).save(folder / CARD_NAME)
     return folder
 
 

@@ -19,8 +19,8 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["card_metadata", "make_model_card"]
 
 
-def card_metadata(model: C3DiffModel) -> dict:
-    """The ``c3diff`` block of the card's YAML metadata.
+def card_metadata(model: C3DiffModel, *, training_data: str | None = None) -> dict:
+    """The ``c3diff`` block of the card's YAML metadata (``training_data``: instead of the model's).
 
     Examples
     --------
@@ -41,12 +41,14 @@ def card_metadata(model: C3DiffModel) -> dict:
         "image_size": int(config.image_size),
         "lr_size": int(config.lr_size),
         "latent_space": "pixel" if model.vqvae is None else "vq",
-        "training_data": config.training_data,
+        "training_data": config.training_data if training_data is None else training_data,
         "c3diff_version": __version__,
     }
 
 
-def make_model_card(model: C3DiffModel, *, repo_id: str | None = None, license: str | None = None) -> ModelCard:
+def make_model_card(
+    model: C3DiffModel, *, repo_id: str | None = None, license: str | None = None, training_data: str | None = None
+) -> ModelCard:
     """Build the model card of ``model``.
 
     Parameters
@@ -57,6 +59,8 @@ def make_model_card(model: C3DiffModel, *, repo_id: str | None = None, license: 
         The Hub repository (used in the usage snippet); default: a local folder.
     license
         SPDX identifier for the metadata.
+    training_data
+        Description of the training data, instead of the model's ``config.training_data``.
 
     Returns
     -------
@@ -70,7 +74,7 @@ def make_model_card(model: C3DiffModel, *, repo_id: str | None = None, license: 
     >>> card.data.to_dict()["c3diff"]["genes"]
     ['A', 'B']
     """
-    meta = card_metadata(model)
+    meta = card_metadata(model, training_data=training_data)
     data = ModelCardData(
         library_name="c3diff",
         license=license,
