@@ -230,5 +230,16 @@ def test_residual_training_runs_its_stages_and_resumes_exactly(patchsets, tmp_pa
     a, b = _weights(full.model), _weights(resumed.model)
     for k in a:
         torch.testing.assert_close(a[k], b[k], msg=k)
+    # the recipe saved beside a model trains the same model again
+    saved = c3.models.TrainingConfig.from_pretrained(tmp_path / "full" / "checkpoints" / "step-4" / "model")
+    assert saved == full.model.training_config and saved.max_steps == 4 and saved.mean_genes_per_patch == 2
+    again = train(
+        patchsets, output_dir=tmp_path / "again", model="tiny", genes=GENES, val_fraction=0, progress=False,
+        training_config=saved.to_dict(),
+    )  # fmt: skip
+    c = _weights(again.model)
+    assert all(torch.equal(a[k], c[k]) for k in a)
+    with pytest.raises(ValueError, match=r"\['batch_size'\] were passed as well"):
+        train(patchsets, output_dir=tmp_path / "bad", model="tiny", genes=GENES, batch_size=8, training_config=saved)
     with pytest.raises(ValueError, match="mean_loss"):
         train(patchsets, model="tiny", genes=GENES, output_dir=tmp_path / "bad", mean_loss="gaussian")

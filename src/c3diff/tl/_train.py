@@ -501,6 +501,11 @@ class _LossModule(torch.nn.Module):
         return self.model.compute_losses(batch, recipe=self.recipe, generator=generator)
 
 
+#: Recipe entries that train reads as local names (see ``training_config``).
+_OPTIMISATION = ("epochs", "batch_size", "learning_rate", "betas", "eps", "weight_decay")
+_RUN = ("lr_missing_fraction", "lr_schedule", "seed", "max_steps", "max_time")
+_MEAN_STAGE = ("mean_time_fraction", "mean_max_steps", "mean_genes_per_patch")
+
 #: The stages of one training run, by formulation: (the mean first, then) the first stage and the backbone fitted to
 #: the maps the diffusion generates (the HR maps, or the mean's residuals), then the conditional diffusion. Stages a
 #: model has done (:meth:`~c3diff.models.C3DiffModel.is_fitted`) are skipped.
@@ -682,6 +687,7 @@ def train(
     st_noise_sigma: float = 0.03,
     min_snr_gamma: float | None = None,
     latent_scaling: str = "std",
+    training_config: TrainingConfig | Mapping[str, Any] | None = None,
 ) -> TrainingResult:
     """Train a C3-Diff model with the paper's recipe (supplementary Table 1), every value overridable.
 
@@ -794,6 +800,10 @@ def train(
         :func:`c3diff.models.losses.min_snr_weights`).
     latent_scaling
         Pixel-space first stage: ``"std"`` (unit-variance latents) or ``"range"`` (the maps' [-1, 1] range).
+    training_config
+        The whole recipe at once, a :class:`~c3diff.models.TrainingConfig` (or its dict), e.g. the
+        ``training_config.json`` of an earlier run (``TrainingConfig.from_pretrained("runs/x/best")``) to train
+        again the same way. The recipe arguments above must then keep their defaults (``ValueError`` otherwise).
 
     Returns
     -------
@@ -852,6 +862,24 @@ def train(
         max_time=max_time,
         seed=seed,
     )  # validates the recipe (errors name the argument)
+    if training_config is not None:
+        if isinstance(training_config, Mapping):
+            training_config = TrainingConfig.from_dict(training_config)
+        if not isinstance(training_config, TrainingConfig):
+            found = type(training_config).__name__
+            raise TypeError(f"`training_config` must be a TrainingConfig or a dict of its entries, got {found}.")
+        default = TrainingConfig()
+        both = sorted(k for k in recipe.to_dict() if getattr(recipe, k) != getattr(default, k))
+        if both:
+            raise ValueError(
+                f"`training_config` is the whole recipe, but {both} were passed as well; pass them inside it "
+                "(`training_config.replace(...)`) or drop `training_config`."
+            )
+        recipe = training_config
+        # the names the rest of the run reads, from the recipe
+        epochs, batch_size, learning_rate, betas, eps, weight_decay = (getattr(recipe, k) for k in _OPTIMISATION)
+        lr_missing_fraction, lr_schedule, seed, max_steps, max_time = (getattr(recipe, k) for k in _RUN)
+        mean_time_fraction, mean_max_steps, mean_genes_per_patch = (getattr(recipe, k) for k in _MEAN_STAGE)
     if not _as_list(data):
         raise ValueError("`data` is empty: pass at least one SpatialData or PatchSet to train on.")
     output_dir = _check_output_dir(output_dir)
