@@ -306,6 +306,10 @@ def test_training_config_round_trips_beside_the_model(tmp_path):
     assert loaded.training_config == model.training_config and loaded.config.training_data == "toy"
     with pytest.raises(ValueError, match="Unknown training-config entries"):
         c3diff.models.TrainingConfig.from_dict({"lambda_msee": 1.0})
+    # a recipe this version cannot read (a newer c3diff's) is provenance only: the model still loads
+    (tmp_path / "m" / "training_config.json").write_text(json.dumps({"lambda_mse": 2.0, "ema_decay": 0.999}))
+    with pytest.warns(UserWarning, match="ema_decay"):
+        assert c3diff.models.from_pretrained(tmp_path / "m").training_config is None
 
 
 def test_the_bundled_demo_model_is_the_tiny_preset_trained():

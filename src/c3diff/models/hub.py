@@ -222,7 +222,16 @@ def from_pretrained(
     load_weights(model, weights, fitted_stages=legacy.get("fitted_stages"))
     if (folder / SCHEDULER_NAME).is_file():
         model.noise_scheduler = load_scheduler(folder / SCHEDULER_NAME)
-    recipe = TrainingConfig.from_pretrained(folder)
+    try:
+        recipe = TrainingConfig.from_pretrained(folder)
+    except ValueError as err:  # provenance only: the model loads without it
+        warnings.warn(
+            f"{folder / TRAINING_CONFIG_NAME} cannot be read by this c3diff version ({err}); the model loads with "
+            "`training_config=None`.",
+            UserWarning,
+            stacklevel=2,
+        )
+        recipe = None
     if recipe is None and legacy.get("recipe"):
         recipe = TrainingConfig.from_model_config(legacy["recipe"])
     model.training_config = recipe
