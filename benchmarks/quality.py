@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 import c3diff as c3
-from c3diff.tl._super_resolve import _to_counts
+from c3diff.tl._calibration import to_counts as _to_counts
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import machine, write_report  # noqa: E402

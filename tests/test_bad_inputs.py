@@ -422,14 +422,20 @@ def test_key_added_never_replaces_an_element_without_overwrite_nor_the_input():
         )
 
 
-def test_cli_predict_on_a_store_with_the_layer_needs_overwrite(tmp_path, capsys):
-    import spatialdata as sd
-
+def _store_with_a_layer(tmp_path: Path, capsys) -> tuple[Path, list[str]]:
+    """A toy section's store that `c3diff predict` (bicubic) has written ``hne_bicubic_x10`` into, and the argv."""
     store = tmp_path / "section.zarr"
     make_toy_section().write(store)
     argv = ["predict", str(store), "--method", "bicubic", "--table-key", "table", "--quiet"]
     assert main(argv) == 0
     capsys.readouterr()
+    return store, argv
+
+
+def test_cli_predict_on_a_store_with_the_layer_needs_overwrite(tmp_path, capsys):
+    import spatialdata as sd
+
+    store, argv = _store_with_a_layer(tmp_path, capsys)
     before = digest(store)
     assert main([*argv, "--genes", "GENE_A"]) == 1  # was: "Added []", exit 0, and provenance of 1 gene
     err = capsys.readouterr().err
@@ -443,6 +449,41 @@ def test_cli_predict_on_a_store_with_the_layer_needs_overwrite(tmp_path, capsys)
     assert back.attrs["c3diff"]["hne_bicubic_x10"]["params"]["genes"] == ["GENE_A"]
     assert main([*argv, "--key-added", "hne", "--overwrite"]) == 1  # the input image: never
     assert "input of this call" in capsys.readouterr().err
+
+
+def test_cli_predict_overwrite_that_fails_keeps_the_old_layer_in_the_store(tmp_path, capsys, monkeypatch):
+    """`c3diff predict --overwrite` moves the old layer aside instead of deleting it before the new one is written: a
+    failed write (or, after a kill, the next predict on the store) puts the store back as it was, byte for byte."""
+    import spatialdata as sd
+
+    from c3diff import cli
+
+    store, argv = _store_with_a_layer(tmp_path, capsys)
+    before = digest(store)
+    old = np.asarray(scale0(sd.read_zarr(store).images["hne_bicubic_x10"]).values)
+    write = sd.SpatialData.write_element
+
+    def write_then_fail(self, name, **kwargs):
+        write(self, name, **kwargs)  # the new layer is on disk ...
+        raise OSError("No space left on device (injected)")  # ... and the metadata write fails
+
+    monkeypatch.setattr(sd.SpatialData, "write_element", write_then_fail)
+    assert main([*argv, "--genes", "GENE_A", "--overwrite"]) == 1
+    assert "No space left on device" in capsys.readouterr().err
+    assert digest(store) == before and sorted(p.name for p in tmp_path.iterdir()) == ["section.zarr"]
+    back = sd.read_zarr(store)
+    np.testing.assert_array_equal(np.asarray(scale0(back.images["hne_bicubic_x10"]).values), old)
+    assert back.attrs["c3diff"]["hne_bicubic_x10"]["params"]["genes"] == ["GENE_A", "GENE_B", "GENE_C"]
+
+    # killed half-way (nothing rolled back in that process): the next predict on the store restores it first
+    monkeypatch.setattr(cli, "_roll_back", lambda source, undo: None)
+    assert main([*argv, "--genes", "GENE_A", "--overwrite"]) == 1
+    assert digest(store) != before and len(list(tmp_path.glob(".section.zarr.c3diff-undo-*"))) == 1
+    monkeypatch.undo()
+    cli._recover_store(store)
+    assert digest(store) == before and sorted(p.name for p in tmp_path.iterdir()) == ["section.zarr"]
+    assert main([*argv, "--genes", "GENE_A", "--overwrite"]) == 0  # and an overwrite that succeeds replaces it
+    assert list(scale0(sd.read_zarr(store).images["hne_bicubic_x10"]).coords["c"].values) == ["GENE_A"]
 
 
 # --------------------------------------------------------------------------------------------- command line

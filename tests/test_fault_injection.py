@@ -63,7 +63,7 @@ TRAIN_SCRIPT = textwrap.dedent("""
     else:  # killed half-way through writing step-N's optimizer state
         save = torch.save
         def partial_save(obj, path, *args, **kwargs):
-            if f"step-{step}-" in str(path) and str(path).endswith("optimizer.pt"):
+            if f".step-{step}.c3diff-tmp-" in str(path) and str(path).endswith("optimizer.pt"):
                 buffer = io.BytesIO()
                 save(obj, buffer)
                 with open(path, "wb") as fh:
@@ -183,8 +183,8 @@ def test_killed_during_a_checkpoint_write_resumes_from_the_last_complete_one(pat
     out = tmp_path / "run"
     _killed_run(patch_files, out, "during", 8)
     names = sorted(p.name for p in (out / "checkpoints").iterdir())
-    assert "step-8" not in names and any(n.startswith(".tmp-step-8-") for n in names)  # never visible half-written
-    partial = next((out / "checkpoints").glob(".tmp-step-8-*"))
+    assert "step-8" not in names and any(n.startswith(".step-8.c3diff-tmp-") for n in names)  # never half-written
+    partial = next((out / "checkpoints").glob(".step-8.c3diff-tmp-*"))
     before = _digest(out)
     # the half-written folder is refused by name, with the way out, and nothing is changed
     with pytest.raises(FileNotFoundError, match="not a c3diff checkpoint .* resume='latest'"):
@@ -195,7 +195,7 @@ def test_killed_during_a_checkpoint_write_resumes_from_the_last_complete_one(pat
     with pytest.warns(UserWarning, match="no validation data"):
         resumed = train([str(f) for f in patch_files], output_dir=out, resume="latest", **RUN)
     _assert_same_weights(reference.model, resumed.model)
-    assert not list((out / "checkpoints").glob(".tmp-*"))  # cleaned up
+    assert not list((out / "checkpoints").glob(".*.c3diff-tmp-*"))  # cleaned up
     assert _log_steps(out) == _log_steps(reference_dir)
     after = _digest(out)
     complete = {k: v for k, v in before.items() if k.startswith("checkpoints/step-")}  # step-2 and step-4
@@ -229,8 +229,6 @@ def test_a_stop_and_resume_with_validation_keeps_the_uninterrupted_runs_best(pat
     The validation is replaced by a scorer that calls the weights the run had at the stop (step 6, mid-epoch in the
     residual stage) the best ever seen, and every other state equally good: remembered across the resume, they would
     stay in ``best/`` instead of the step-8 weights the uninterrupted run keeps."""
-    import c3diff.tl._train as T
-
     favourite: dict[str, torch.Tensor] = {}
 
     def losses(model, loader, **kwargs):
@@ -238,8 +236,9 @@ def test_a_stop_and_resume_with_validation_keeps_the_uninterrupted_runs_best(pat
         best = bool(favourite) and all(torch.equal(weights[k].cpu(), v) for k, v in favourite.items())
         return {"val_total": 1.0, "val_mse": 0.0 if best else 1.0}
 
-    monkeypatch.setattr(T, "_validation_losses", losses)
-    monkeypatch.setattr(T, "validation_scores", lambda *args, **kwargs: {"val_pcc": 0.5, "val_rmse": 1.0})
+    scope = train.__globals__  # the namespace the train function reads, whatever sys.modules holds now
+    monkeypatch.setitem(scope, "_validation_losses", losses)
+    monkeypatch.setitem(scope, "validation_scores", lambda *args, **kwargs: {"val_pcc": 0.5, "val_rmse": 1.0})
     files = [str(f) for f in patch_files]
     run = {**RUN, "val_data": files[1]}
     train(files, output_dir=tmp_path / "probe", max_steps=6, **run)  # the weights at the stop
@@ -265,6 +264,13 @@ def test_a_stop_and_resume_with_validation_keeps_the_uninterrupted_runs_best(pat
     assert stopped.best_checkpoint == tmp_path / "split" / "best"
 
 
+def _dead_pid() -> int:
+    """The id of a process that has ended."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
 def _complete(folder: Path, text: str = "{}") -> None:
     folder.mkdir()
     (folder / "trainer_state.json").write_text(text)
@@ -275,12 +281,15 @@ def test_latest_ignores_incomplete_checkpoints_and_undoes_a_killed_replace(tmp_p
     for step in (3, 12):
         _write_folder_atomically(checkpoints / f"step-{step}", _complete)
     (checkpoints / "step-20" / "model").mkdir(parents=True)  # written in place by an older version, then killed
-    (checkpoints / ".tmp-step-30-123").mkdir()  # a write killed before its rename
+    dead = _dead_pid()
+    (checkpoints / f".step-30.c3diff-tmp-{dead}").mkdir()  # a write killed before its rename
+    (checkpoints / f".step-40.c3diff-tmp-{os.getppid()}").mkdir()  # being written by a live process: kept
     with pytest.warns(UserWarning, match=r"ignoring incomplete checkpoint folder\(s\) \['step-20'\]"):
         assert _latest_checkpoint(tmp_path) == checkpoints / "step-12"
-    assert not (checkpoints / ".tmp-step-30-123").exists()
+    assert not (checkpoints / f".step-30.c3diff-tmp-{dead}").exists()
+    (checkpoints / f".step-40.c3diff-tmp-{os.getppid()}").rmdir()
     # killed between moving the old folder aside and renaming the new one in: the old one comes back
-    (checkpoints / "step-12").rename(checkpoints / ".old-step-12-456")
+    (checkpoints / "step-12").rename(checkpoints / f".step-12.c3diff-old-{dead}")
     _clean_checkpoints(checkpoints)
     assert (checkpoints / "step-12" / "trainer_state.json").exists()
 

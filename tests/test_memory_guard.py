@@ -38,7 +38,7 @@ def test_too_many_genes_are_refused_before_any_work_saying_how_many_fit(per_gene
     before = set(sdata.images)
     monkeypatch.setattr(_memory, "available_memory", lambda: int(2.5 * per_gene / _memory.MEMORY_SHARE))
     called = []
-    monkeypatch.setattr("c3diff.tl._super_resolve.spots_to_grid", lambda *a, **k: called.append(1))
+    monkeypatch.setattr("c3diff.pp._model_inputs.spots_to_grid", lambda *a, **k: called.append(1))
     with pytest.raises(MemoryError) as error:
         c3.tl.super_resolve(sdata, "hne", table_key="table", method="bicubic", tile_size=32, progress=False)
     message = str(error.value)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -71,8 +73,8 @@ def test_bicubic_layer_geometry_channels_and_provenance():
     assert "counts per output pixel" in entry["params"]["units"]
 
 
-def test_bicubic_output_aggregated_on_spots_tracks_counts():
-    sdata = make_toy_section()
+def test_bicubic_output_aggregated_on_spots_tracks_counts(toy_section):
+    sdata = toy_section
     super_resolve(sdata, "hne", table_key="table", method="bicubic", tile_size=32, scale=5, progress=False)
     layer = scale0(sdata.images["hne_bicubic_x5"])
     assert raster_geometry(sdata.images["hne_bicubic_x5"]).sy == 20.0
@@ -90,11 +92,11 @@ def test_bicubic_output_aggregated_on_spots_tracks_counts():
     assert np.median(pooled[3:7, 3:9] / inner) == pytest.approx(1.0, rel=0.2)
 
 
-def test_bicubic_reproduces_a_smooth_field():
+def test_bicubic_reproduces_a_smooth_field(toy_section):
     """Transcripts drawn from a smooth intensity: the 10x bicubic output follows the 10 um truth closely."""
     from spatialdata.models import PointsModel
 
-    sdata = make_toy_section()
+    sdata = toy_section
     rng = np.random.default_rng(1)
     n = 400_000
     y, x = rng.uniform(0, 1000, n), rng.uniform(0, 1200, n)
@@ -116,10 +118,10 @@ def test_bicubic_reproduces_a_smooth_field():
     del intensity_grid
 
 
-def test_constant_input_has_no_seams():
+def test_constant_input_has_no_seams(toy_section):
     from spatialdata.models import PointsModel
 
-    sdata = make_toy_section()
+    sdata = toy_section
     yy, xx = np.meshgrid(np.arange(5, 1000, 10.0), np.arange(5, 1200, 10.0), indexing="ij")
     frame = pd.DataFrame(
         {"x": np.repeat(xx.ravel(), 3), "y": np.repeat(yy.ravel(), 3), "gene": pd.Categorical(["FLAT"] * (3 * xx.size))}
@@ -133,8 +135,8 @@ def test_constant_input_has_no_seams():
     assert np.abs(np.diff(pred, axis=1))[tissue[:, 1:] & tissue[:, :-1]].max() < 1e-3
 
 
-def test_store_streams_to_zarr_and_matches_memory(tmp_path):
-    sdata = make_toy_section()
+def test_store_streams_to_zarr_and_matches_memory(tmp_path, toy_section):
+    sdata = toy_section
     mem = super_resolve(sdata, "hne", table_key="table", method="bicubic", tile_size=32, inplace=False, progress=False)[
         "mean"
     ]
@@ -153,9 +155,9 @@ def test_store_streams_to_zarr_and_matches_memory(tmp_path):
 
 
 @pytest.mark.slow
-def test_distributed_client_gives_the_same_result():
+def test_distributed_client_gives_the_same_result(toy_section):
     distributed = pytest.importorskip("distributed")
-    sdata = make_toy_section()
+    sdata = toy_section
     local = super_resolve(
         sdata, "hne", table_key="table", method="bicubic", tile_size=32, inplace=False, progress=False
     )["mean"]
@@ -168,8 +170,8 @@ def test_distributed_client_gives_the_same_result():
 
 
 # --------------------------------------------------------------------------------------------------------- errors
-def test_super_resolve_errors_leave_sdata_untouched():
-    sdata = make_toy_section()
+def test_super_resolve_errors_leave_sdata_untouched(toy_section):
+    sdata = toy_section
     before = set(sdata.images)
     with pytest.raises(KeyError, match="image_key='nope'"):
         super_resolve(sdata, "nope", method="bicubic")
@@ -194,8 +196,8 @@ def _blocks(a: np.ndarray, k: int) -> np.ndarray:
 
 
 def test_lr_pixel_calibration_honours_every_lr_pixel():
-    from c3diff.pp._spots import MASK_FILLED, MASK_MEASURED, MASK_OUTSIDE
-    from c3diff.tl._super_resolve import _to_counts
+    from c3diff._constants import MASK_FILLED, MASK_MEASURED, MASK_OUTSIDE
+    from c3diff.tl._calibration import to_counts
 
     rng = np.random.default_rng(0)
     pred = rng.uniform(0, 1, (2, 64, 64)).astype(np.float32)
@@ -205,7 +207,7 @@ def test_lr_pixel_calibration_honours_every_lr_pixel():
     mask = np.full((7, 7), MASK_MEASURED, dtype=np.uint8)
     mask[3, 3] = MASK_FILLED
     mask[0, 6] = MASK_OUTSIDE
-    counts, spread = _to_counts(pred, std, lr, mask, 10, "lr_pixel")
+    counts, spread = to_counts(pred, std, lr, mask, 10, "lr_pixel")
     sums = _blocks(counts, 10)  # the 6 x 6 whole LR pixels inside the 64 px tile
     covered = mask[:6, :6] != MASK_OUTSIDE
     np.testing.assert_allclose(sums[:, covered], lr[:, :6, :6][:, covered], rtol=1e-4)
@@ -219,13 +221,13 @@ def test_lr_pixel_calibration_honours_every_lr_pixel():
     # a zero prediction with a count: the count spread evenly
     np.testing.assert_allclose(counts[1, 10:20, 20:30], lr[1, 1, 2] / 100, rtol=1e-4)
     # tile calibration keeps one factor for the whole tile and gene
-    tile_counts, _ = _to_counts(pred, None, lr, mask, 10, "tile")
+    tile_counts, _ = to_counts(pred, None, lr, mask, 10, "tile")
     tile_ratio = tile_counts[0] / pred[0]
     np.testing.assert_allclose(tile_ratio, tile_ratio[0, 0], rtol=1e-4)
 
 
-def test_lr_pixel_calibration_through_super_resolve_matches_lr_counts():
-    sdata = make_toy_section()
+def test_lr_pixel_calibration_through_super_resolve_matches_lr_counts(toy_section):
+    sdata = toy_section
     c3.pp.bin_transcripts(sdata, bin_size=100, image_key="hne", key_added="lr")
     lr = np.asarray(scale0(sdata.images["lr"]).values, dtype=np.float64)
     out = {}
@@ -262,8 +264,8 @@ def _residual_model():
     return c3.models.build_model("tiny", genes=["GENE_A", "GENE_B", "GENE_C"]).eval()
 
 
-def test_c3diff_mean_honours_every_lr_pixel_and_needs_no_sampling():
-    sdata = make_toy_section()
+def test_c3diff_mean_honours_every_lr_pixel_and_needs_no_sampling(toy_section):
+    sdata = toy_section
     c3.pp.bin_transcripts(sdata, bin_size=100, image_key="hne", key_added="lr")
     lr = np.asarray(scale0(sdata.images["lr"]).values, dtype=np.float64)
     model = _residual_model()
@@ -288,8 +290,8 @@ def test_c3diff_mean_honours_every_lr_pixel_and_needs_no_sampling():
     np.testing.assert_allclose(five.sum(), layer.sum(), rtol=0.02)
 
 
-def test_c3diff_samples_write_an_uncertainty_layer_beside_the_exact_mean():
-    sdata = make_toy_section()
+def test_c3diff_samples_write_an_uncertainty_layer_beside_the_exact_mean(toy_section):
+    sdata = toy_section
     model = _residual_model()
     super_resolve(sdata, "hne", table_key="table", model=model, progress=False, key_added="mean_only")
     super_resolve(
@@ -319,11 +321,11 @@ def test_c3diff_samples_write_an_uncertainty_layer_beside_the_exact_mean():
 
 
 @pytest.mark.slow
-def test_distributed_client_with_a_model_object():
+def test_distributed_client_with_a_model_object(toy_section):
     import pickle
 
     distributed = pytest.importorskip("distributed")
-    sdata = make_toy_section()
+    sdata = toy_section
     model = _residual_model()
     clone = pickle.loads(pickle.dumps(model))  # what a worker process receives
     assert clone.config.image_size == 64 and type(clone.noise_scheduler) is type(model.noise_scheduler)
@@ -332,3 +334,89 @@ def test_distributed_client_with_a_model_object():
         with distributed.Client(cluster):
             remote = super_resolve(sdata, "hne", table_key="table", model=model, inplace=False, progress=False)["mean"]
     np.testing.assert_allclose(scale0(remote).values, scale0(local).values, rtol=1e-5, atol=1e-7)
+
+
+# ------------------------------------------------------------------------------------------ geometry of the model
+def test_the_models_stored_geometry_is_used(toy_section):
+    """A model whose config says 20 um histology and 200 um LR maps gets exactly those inputs and writes a 20 um
+    layer honouring the 200 um LR counts; a stored geometry that cannot be used is refused, naming it."""
+    import torch
+
+    sdata = toy_section
+    torch.manual_seed(0)
+    genes = ["GENE_A", "GENE_B", "GENE_C"]
+    coarse = c3.models.build_model(
+        "tiny", genes=genes, histology_pixel_size=20.0, hr_pixel_size=20.0, lr_pixel_size=200.0
+    ).eval()
+    seen = []
+    original = c3.pp.ModelInputs.lr_window
+
+    def spy(self, row, col, size):
+        seen.append(self.geometry)
+        return original(self, row, col, size)
+
+    c3.pp.bin_transcripts(sdata, bin_size=200, image_key="hne", key_added="lr200")
+    lr = np.asarray(scale0(sdata.images["lr200"]).values, dtype=np.float64)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(c3.pp.ModelInputs, "lr_window", spy)
+        super_resolve(sdata, "hne", points_key="transcripts", model=coarse, progress=False)
+    assert {(g.histology_pixel_size, g.lr_pixel_size, g.hr_pixel_size) for g in seen} == {(20.0, 200.0, 20.0)}
+    layer = sdata.images["hne_c3diff_x10"]
+    assert raster_geometry(layer).sy == 20.0
+    assert sdata.attrs["c3diff"]["hne_c3diff_x10"]["params"]["pixel_size_um"] == 20.0
+    values = np.asarray(scale0(layer).values, dtype=np.float64)
+    assert values.shape[-2:] == (50, 60)  # 1000 x 1200 um at 20 um
+    sums = _blocks(values, 10)  # 200 um LR pixels
+    n_y, n_x = sums.shape[-2:]
+    assert np.abs(sums - lr[:, :n_y, :n_x]).sum() / lr[:, :n_y, :n_x].sum() < 0.05
+
+    odd = _residual_model()
+    odd.register_to_config(hr_pixel_size=20.0)  # maps on another grid than the histology: not supported
+    before = set(sdata.images)
+    with pytest.raises(ValueError, match=r"stored geometry \(histology_pixel_size=10, hr_pixel_size=20.*config.json"):
+        super_resolve(sdata, "hne", points_key="transcripts", model=odd, key_added="odd", progress=False)
+    assert set(sdata.images) == before
+
+
+# -------------------------------------------------------------------------------------- all layers or none of them
+def _fail_on_record(monkeypatch):
+    def record(*args, **kwargs):
+        raise RuntimeError("injected failure while recording the provenance")
+
+    monkeypatch.setattr("c3diff.tl._super_resolve.record", record)
+
+
+@pytest.mark.parametrize("store", [False, True])
+def test_a_failed_overwrite_keeps_the_old_layers(toy_section, tmp_path, monkeypatch, store):
+    """``overwrite=True`` replaces the layer, its ``_std`` layer, its provenance and its store together: a failure
+    after the new layers were computed (here: recording the provenance) leaves all of the old ones as they were."""
+    sdata = toy_section
+    model = _residual_model()
+    where = {"store": tmp_path / "sr.zarr"} if store else {}
+    sample = dict(table_key="table", model=model, mode="sample", n_samples=2, steps=1, progress=False, key_added="sr")
+    super_resolve(sdata, "hne", **sample, **where)
+    old = {k: np.asarray(scale0(sdata.images[k]).values).copy() for k in ("sr", "sr_std")}
+    attrs = json.dumps(sdata.attrs["c3diff"]["sr"], default=str)
+    files = _files(tmp_path)
+    _fail_on_record(monkeypatch)
+    for mode in ("mean", "sample"):  # a mean replaces the layer and removes its _std; a sample rewrites both
+        with pytest.raises(RuntimeError, match="injected failure"):
+            super_resolve(sdata, "hne", **{**sample, "mode": mode, "genes": ["GENE_B"]}, overwrite=True, **where)
+        assert set(sdata.images) >= {"sr", "sr_std"}
+        for k, values in old.items():
+            np.testing.assert_array_equal(np.asarray(scale0(sdata.images[k]).values), values)
+        assert json.dumps(sdata.attrs["c3diff"]["sr"], default=str) == attrs
+        assert _files(tmp_path) == files  # the store as it was, nothing left beside it
+    monkeypatch.undo()
+    super_resolve(sdata, "hne", **{**sample, "mode": "mean", "genes": ["GENE_B"]}, overwrite=True, **where)
+    assert list(scale0(sdata.images["sr"]).coords["c"].values) == ["GENE_B"] and "sr_std" not in sdata.images
+
+
+def _files(folder):
+    import hashlib
+
+    return {
+        str(p.relative_to(folder)): hashlib.sha1(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }

@@ -38,6 +38,8 @@ ATTRS_KEY = "c3diff"
 #: Paper geometry (:doc:`/method`, *Geometry*), in micrometres.
 LR_PIXEL_SIZE = 100.0
 HISTOLOGY_PIXEL_SIZE = 10.0
+#: Output scales: LR pixel / HR pixel (100 um -> 10 um or 20 um).
+SCALES = (5, 10)
 
 VISIUM_SPOT_DIAMETER = 55.0
 VISIUM_PITCH = 100.0

@@ -40,6 +40,16 @@ def get_element(sdata: SpatialData, key: str, kind: str, *, arg: str) -> Any:
     return elements[key]
 
 
+def check_scale(scale: Any, *, arg: str = "scale") -> int:
+    """``scale`` as an int when it is one of :data:`c3diff._constants.SCALES` (5 or 10); else a ValueError naming
+    ``arg``."""
+    from c3diff._constants import SCALES
+
+    if isinstance(scale, bool) or scale not in SCALES:
+        raise ValueError(f"`{arg}` must be {' or '.join(map(str, SCALES))}, got {scale!r}.")
+    return int(scale)
+
+
 def check_key_added(
     sdata: SpatialData,
     keys: Iterable[str],

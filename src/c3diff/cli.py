@@ -320,6 +320,8 @@ def _run_predict(args: argparse.Namespace) -> int:
     import c3diff as c3
 
     source = Path(args.input)
+    if source.is_dir():
+        _recover_store(source)
     sdata = _read_store(source, what="INPUT")
     key = args.key_added or f"{args.image_key}_{args.method}_x{args.scale}"
     if key in sdata.images and key != args.image_key and not args.overwrite:
@@ -354,24 +356,114 @@ def _run_predict(args: argparse.Namespace) -> int:
     if args.celltypes:
         c3.tl.celltype_map(sdata, key, overwrite=args.overwrite)
     after = {(kind, name): id(element) for kind in kinds for name, element in getattr(sdata, kind).items()}
-    new = sorted(name for (kind, name) in after if (kind, name) not in before)
-    replaced = sorted(name for (kind, name), ident in after.items() if before.get((kind, name), ident) != ident)
-    removed = sorted(name for (kind, name) in before if (kind, name) not in after)  # e.g. a replaced layer's _std
+    new = sorted(k for k in after if k not in before)
+    replaced = sorted(k for k, ident in after.items() if before.get(k, ident) != ident)
+    removed = sorted(k for k in before if k not in after)  # e.g. a replaced layer's _std
+    names = {what: [name for _, name in keys] for what, keys in (("new", new), ("replaced", replaced))}
     if args.output:
         sdata.write(args.output, overwrite=False)
-        print(f"Wrote {args.output} with the new elements {new}" + (f", replaced {replaced}" if replaced else ""))
-    else:
-        if replaced or removed:  # spatialdata writes over an element of its own store only once it is deleted there
-            sdata.delete_element_from_disk([*replaced, *removed])
-        for element in [*new, *replaced]:
-            sdata.write_element(element)
-        sdata.write_attrs()
         print(
-            f"Added {new} to {source}"
-            + (f"; replaced {replaced}" if replaced else "")
-            + (f"; removed {removed}" if removed else "")
+            f"Wrote {args.output} with the new elements {names['new']}"
+            + (f", replaced {names['replaced']}" if replaced else "")
+        )
+    else:
+        _write_in_place(sdata, source, new=new, replaced=replaced, removed=removed)
+        print(
+            f"Added {names['new']} to {source}"
+            + (f"; replaced {names['replaced']}" if replaced else "")
+            + (f"; removed {[name for _, name in removed]}" if removed else "")
         )
     return 0
+
+
+#: The files of a zarr store's root group that hold its attributes and consolidated metadata (zarr v3, then v2).
+_ROOT_METADATA = ("zarr.json", ".zattrs", ".zgroup", ".zmetadata")
+
+
+def _write_in_place(
+    sdata, source: Path, *, new: list[tuple[str, str]], replaced: list[tuple[str, str]], removed: list[tuple[str, str]]
+) -> None:
+    """Write a call's ``(kind, name)`` elements into the store ``sdata`` was read from, all of them or none.
+
+    The elements replaced or removed are first moved aside - into ``.NAME.c3diff-undo-PID`` beside the store, with a
+    copy of the store's root metadata and a journal of what was moved and written - and spatialdata then writes the
+    new ones; if anything fails, :func:`_roll_back` removes what was written and puts the old elements and metadata
+    back (after a kill, the next ``c3diff predict`` on the store does, see :func:`_recover_store`).
+    """
+    import json
+    import shutil
+
+    from c3diff._atomic import staging
+
+    undo = staging(source, "undo")
+    undo.mkdir()
+    journal: dict[str, list] = {"moved": [], "written": []}
+
+    def save() -> None:
+        (undo / "journal.json").write_text(json.dumps(journal))
+
+    for name in _ROOT_METADATA:
+        if (source / name).exists():
+            shutil.copy2(source / name, undo / name)
+    save()
+    try:
+        for kind, name in [*replaced, *removed]:
+            (undo / kind).mkdir(exist_ok=True)
+            (source / kind / name).rename(undo / kind / name)
+            journal["moved"].append([kind, name])
+            save()
+        if journal["moved"] and sdata.has_consolidated_metadata():
+            sdata.write_consolidated_metadata()  # (what spatialdata's delete_element_from_disk does after deleting)
+        for kind, name in [*new, *replaced]:
+            journal["written"].append([kind, name])
+            save()
+            sdata.write_element(name)
+        sdata.write_attrs()
+    except BaseException:
+        _roll_back(source, undo)
+        raise
+    done = staging(source, "del")  # complete: the old elements go
+    undo.rename(done)
+    shutil.rmtree(done, ignore_errors=True)
+
+
+def _roll_back(source: Path, undo: Path) -> None:
+    """Undo an interrupted :func:`_write_in_place` from its folder ``undo``: the elements it wrote are removed, those
+    it moved aside and the root metadata are put back."""
+    import json
+    import shutil
+
+    from c3diff._atomic import remove_folder
+
+    journal = json.loads((undo / "journal.json").read_text())
+    for kind, name in journal["written"]:
+        shutil.rmtree(source / kind / name, ignore_errors=True)
+    for kind, name in journal["moved"]:
+        if (undo / kind / name).exists():
+            (undo / kind / name).rename(source / kind / name)
+    for name in _ROOT_METADATA:
+        if (undo / name).exists():
+            shutil.copy2(undo / name, source / name)
+    remove_folder(undo)
+
+
+def _recover_store(source: Path) -> None:
+    """Roll back what a ``c3diff predict`` killed while writing into ``source`` left (see :func:`_write_in_place`)."""
+    import os
+    import shutil
+
+    from c3diff._atomic import process_alive, recover
+
+    for undo in sorted(source.parent.glob(f".{source.name}.c3diff-undo-*")):
+        pid = undo.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or (int(pid) != os.getpid() and process_alive(int(pid))):
+            continue  # another predict is writing into the store right now
+        if (undo / "journal.json").exists():
+            print(f"Restoring {str(source)!r} as it was before an interrupted `c3diff predict`.", file=sys.stderr)
+            _roll_back(source, undo)
+        else:  # killed before it moved anything
+            shutil.rmtree(undo, ignore_errors=True)
+    recover(source)  # folders of finished writes a kill left half-deleted
 
 
 def _run_fit(args: argparse.Namespace) -> int:

@@ -5,6 +5,7 @@ from typing import TYPE_CHECKING
 from c3diff.pp._binning import bin_transcripts
 from c3diff.pp._genes import select_genes
 from c3diff.pp._histology import detect_tissue, histology_raster
+from c3diff.pp._model_inputs import ModelGeometry, ModelInputs, model_inputs
 from c3diff.pp._normalize import minmax_denormalize, minmax_normalize
 from c3diff.pp._patches import PatchSet, make_patches
 from c3diff.pp._splits import split_samples
@@ -30,6 +31,8 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "ModelGeometry",
+    "ModelInputs",
     "PatchDataset",
     "PatchSet",
     "Spots",
@@ -41,6 +44,7 @@ __all__ = [
     "make_patches",
     "minmax_denormalize",
     "minmax_normalize",
+    "model_inputs",
     "select_genes",
     "spots_from_table",
     "spots_to_grid",

@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from c3diff._constants import ATTRS_KEY, COORDINATE_SYSTEM, HISTOLOGY_PIXEL_SIZE, LR_PIXEL_SIZE, MASK_OUTSIDE
-from c3diff._geometry import RasterGeometry, raster_geometry, scale0
-from c3diff._validation import check_genes, get_element
-from c3diff.pp._binning import bin_transcripts
-from c3diff.pp._histology import detect_tissue, histology_raster
+from c3diff._constants import ATTRS_KEY, COORDINATE_SYSTEM
+from c3diff._validation import check_genes, check_scale
+from c3diff.pp._model_inputs import ModelGeometry, ModelInputs
 from c3diff.pp._normalize import minmax_denormalize, minmax_normalize
-from c3diff.pp._spots import spots_to_grid
 
 if TYPE_CHECKING:  # pragma: no cover
     from spatialdata import SpatialData
@@ -186,37 +182,6 @@ def _default_sample_id(sdata: SpatialData) -> str:
     return "sample"
 
 
-def _gene_raster(sdata: SpatialData, key: str, genes: list[str], *, arg: str, coordinate_system: str):
-    element = get_element(sdata, key, "images", arg=arg)
-    data = scale0(element)
-    if "c" not in data.dims:
-        raise ValueError(f"`{arg}={key!r}` must be a gene raster with a channel axis `c` of gene names.")
-    check_genes(genes, [str(c) for c in data.coords["c"].values], arg=f"genes (channels of `{arg}={key!r}`)")
-    return data, raster_geometry(element, coordinate_system=coordinate_system, arg=arg)
-
-
-def _offset(source: RasterGeometry, histology: RasterGeometry, *, arg: str) -> tuple[int, int]:
-    """Offset of ``source``'s corner from the histology grid's corner, in histology pixels (must be whole)."""
-    oy, ox = (source.y0 - histology.y0) / histology.sy, (source.x0 - histology.x0) / histology.sx
-    if abs(oy - round(oy)) > 1e-3 or abs(ox - round(ox)) > 1e-3:
-        raise ValueError(
-            f"`{arg}`'s grid (corner y={source.y0:g}, x={source.x0:g} um) is not aligned with the H&E's "
-            f"{histology.sy:g} um grid (corner y={histology.y0:g}, x={histology.x0:g} um). Rebuild it with "
-            "`image_key` set to the H&E so both grids start at the same corner."
-        )
-    return round(oy), round(ox)
-
-
-def _window(array: np.ndarray, row: int, col: int, size: int) -> np.ndarray:
-    """``array[..., row:row+size, col:col+size]`` zero-padded where it runs past the array."""
-    out = np.zeros((*array.shape[:-2], size, size), dtype=array.dtype)
-    h, w = array.shape[-2:]
-    r0, c0, r1, c1 = max(row, 0), max(col, 0), min(row + size, h), min(col + size, w)
-    if r1 > r0 and c1 > c0:
-        out[..., r0 - row : r1 - row, c0 - col : c1 - col] = array[..., r0:r1, c0:c1]
-    return out
-
-
 def make_patches(
     sdata: SpatialData,
     *,
@@ -286,8 +251,7 @@ def make_patches(
     >>> patches.hr.shape  # doctest: +SKIP
     (1, 2, 256, 256)
     """
-    if scale not in (5, 10):
-        raise ValueError(f"`scale` must be 5 or 10, got {scale!r}.")
+    geometry = ModelGeometry(scale=check_scale(scale))
     if not isinstance(patch_size, int) or patch_size < 8 or patch_size % 2:
         raise ValueError(f"`patch_size` must be an even integer >= 8 (histology pixels), got {patch_size!r}.")
     if not 0.0 <= min_tissue <= 1.0:
@@ -299,12 +263,8 @@ def make_patches(
     genes = list(genes)
     check_genes(genes, genes)  # empty / duplicates
 
-    hist_px, lr_px = HISTOLOGY_PIXEL_SIZE, LR_PIXEL_SIZE
-    hr_px = hist_px * 10 / scale
-    lr_factor = round(lr_px / hist_px)  # histology pixels per LR pixel
-    hr_factor = round(hr_px / hist_px)  # histology pixels per HR pixel
-    lr_size = math.ceil(patch_size / lr_factor)
-    hr_size = patch_size // hr_factor
+    lr_factor = geometry.lr_factor
+    lr_size, hr_size = geometry.lr_size(patch_size), geometry.hr_size(patch_size)
     if stride is None:
         stride = max(lr_factor, (patch_size // lr_factor) * lr_factor)
     if not isinstance(stride, int) or stride <= 0 or stride % lr_factor:
@@ -312,90 +272,15 @@ def make_patches(
             f"`stride` must be a positive multiple of {lr_factor} histology pixels (one LR pixel), got {stride!r}."
         )
 
-    rgb, hist_grid = histology_raster(sdata, image_key, pixel_size=hist_px, coordinate_system=coordinate_system)
-    tissue = detect_tissue(rgb, pixel_size=hist_px)
+    inputs = ModelInputs.from_histology(sdata, image_key, geometry=geometry, coordinate_system=coordinate_system)
+    hist_px, hist_grid, tissue = geometry.histology_pixel_size, inputs.grid, inputs.tissue
     if not tissue.any():
         raise ValueError(f"No tissue found in `image_key={image_key!r}` (the H&E looks blank at {hist_px:g} um/px).")
-
-    sources: dict[str, Any] = {"image_key": image_key}
-    # --- HR ground truth -------------------------------------------------------------------------------------
-    hr_data = None
-    if hr_key is not None:
-        data, geom = _gene_raster(sdata, hr_key, genes, arg="hr_key", coordinate_system=coordinate_system)
-        if abs(geom.sy - hr_px) > 1e-6 or abs(geom.sx - hr_px) > 1e-6:
-            raise ValueError(f"`hr_key={hr_key!r}` has {geom.sy:g} um pixels; scale {scale} needs {hr_px:g} um.")
-        hr_data = (np.asarray(data.sel(c=genes).data, dtype=np.float32), geom)
-        sources["hr_key"] = hr_key
-    elif points_key is not None:
-        data = bin_transcripts(
-            sdata,
-            points_key=points_key,
-            bin_size=hr_px,
-            genes=genes,
-            image_key=image_key,
-            inplace=False,
-            coordinate_system=coordinate_system,
-        )
-        hr_data = (
-            np.asarray(data.data, dtype=np.float32),
-            raster_geometry(data, coordinate_system=coordinate_system, arg="points_key"),
-        )
-        sources["points_key"] = points_key
-
-    # --- LR maps ---------------------------------------------------------------------------------------------
-    lr_mask_full = None
-    if lr_key is not None:
-        data, geom = _gene_raster(sdata, lr_key, genes, arg="lr_key", coordinate_system=coordinate_system)
-        lr_full = np.asarray(data.sel(c=genes).data, dtype=np.float32)
-        if f"{lr_key}_mask" in sdata.labels:
-            lr_mask_full = np.asarray(scale0(sdata.labels[f"{lr_key}_mask"]).data, dtype=np.uint8)
-        sources["lr_key"] = lr_key
-    elif table_key is not None:
-        raster, mask = spots_to_grid(
-            sdata,
-            table_key=table_key,
-            pixel_size=lr_px,
-            genes=genes,
-            image_key=image_key,
-            inplace=False,
-            coordinate_system=coordinate_system,
-        )
-        lr_full = np.asarray(raster.data, dtype=np.float32)
-        geom = raster_geometry(raster, coordinate_system=coordinate_system)
-        lr_mask_full = np.asarray(mask.data, dtype=np.uint8)
-        sources["table_key"] = table_key
-    elif points_key is not None:
-        raster = bin_transcripts(
-            sdata,
-            points_key=points_key,
-            bin_size=lr_px,
-            genes=genes,
-            image_key=image_key,
-            inplace=False,
-            coordinate_system=coordinate_system,
-        )
-        lr_full = np.asarray(raster.data, dtype=np.float32)
-        geom = raster_geometry(raster, coordinate_system=coordinate_system)
-        sources["lr_from"] = f"{points_key} binned at {lr_px:g} um"
-    else:
-        raise ValueError(
-            "No LR source: pass `lr_key` (an LR gene raster), `table_key` (a spot table) or `points_key` (transcripts)."
-        )
-    if abs(geom.sy - lr_px) > 1e-6 or abs(geom.sx - lr_px) > 1e-6:
-        raise ValueError(f"The LR raster has {geom.sy:g} um pixels; c3diff's LR maps are {lr_px:g} um.")
-    lr_geom = geom
-    if lr_mask_full is None:
-        lr_mask_full = np.ones(lr_full.shape[-2:], dtype=np.uint8)
+    inputs.add_lr(sdata, genes=genes, image_key=image_key, table_key=table_key, points_key=points_key, lr_key=lr_key)
+    inputs.add_hr(sdata, image_key=image_key, hr_key=hr_key, points_key=points_key)
 
     # --- patch corners on the histology grid, on LR (and HR) pixel corners ------------------------------------------
-    lr_dy, lr_dx = _offset(lr_geom, hist_grid, arg="the LR source")
-    phase_y, phase_x = lr_dy % lr_factor, lr_dx % lr_factor
-    if hr_data is not None:
-        hr_dy, hr_dx = _offset(hr_data[1], hist_grid, arg="the HR source")
-        if (hr_dy - lr_dy) % hr_factor or (hr_dx - lr_dx) % hr_factor:
-            raise ValueError(
-                "The HR and LR grids are not aligned with each other; build both with the same `image_key`."
-            )
+    phase_y, phase_x = inputs.phase
     rows = range(phase_y, hist_grid.height - patch_size + 1, stride)
     cols = range(phase_x, hist_grid.width - patch_size + 1, stride)
     if len(rows) == 0 or len(cols) == 0:
@@ -417,18 +302,15 @@ def make_patches(
     tissue_patches = np.empty((n, patch_size, patch_size), dtype=bool)
     lr = np.empty((n, len(genes), lr_size, lr_size), dtype=np.float32)
     lr_mask = np.empty((n, lr_size, lr_size), dtype=np.uint8)
-    hr = None if hr_data is None else np.empty((n, len(genes), hr_size, hr_size), dtype=np.float32)
+    hr = None if inputs.hr is None else np.empty((n, len(genes), hr_size, hr_size), dtype=np.float32)
     origins = np.empty((n, 2), dtype=np.float64)
     for i, (r, c) in enumerate(corners):
-        histology[i] = rgb[:, r : r + patch_size, c : c + patch_size]
-        tissue_patches[i] = tissue[r : r + patch_size, c : c + patch_size]
+        histology[i] = inputs.histology_window(r, c, patch_size)
+        tissue_patches[i] = inputs.tissue_window(r, c, patch_size)
         origins[i] = (hist_grid.y0 + r * hist_px, hist_grid.x0 + c * hist_px)
-        lr_row, lr_col = (r - lr_dy) // lr_factor, (c - lr_dx) // lr_factor
-        lr[i] = _window(lr_full, lr_row, lr_col, lr_size)
-        mask_window = _window(lr_mask_full, lr_row, lr_col, lr_size)
-        lr_mask[i] = np.where(mask_window > 0, mask_window, MASK_OUTSIDE)
+        lr[i], lr_mask[i] = inputs.lr_window(r, c, patch_size)
         if hr is not None:
-            hr[i] = _window(hr_data[0], (r - hr_dy) // hr_factor, (c - hr_dx) // hr_factor, hr_size)
+            hr[i] = inputs.hr_window(r, c, patch_size)
 
     lr, lr_low, lr_high = minmax_normalize(lr)
     hr_low = hr_high = None
@@ -441,12 +323,12 @@ def make_patches(
         "lr_size": lr_size,
         "hr_size": hr_size,
         "histology_pixel_size": hist_px,
-        "lr_pixel_size": lr_px,
-        "hr_pixel_size": hr_px,
+        "lr_pixel_size": geometry.lr_pixel_size,
+        "hr_pixel_size": geometry.hr_pixel_size,
         "min_tissue": min_tissue,
         "normalization": "minmax",
         "coordinate_system": coordinate_system,
-        "sources": sources,
+        "sources": inputs.sources,
         "n_candidates": len(rows) * len(cols),
     }
     return PatchSet(

@@ -1,26 +1,31 @@
-"""c3.tl.super_resolve: whole-slide super-resolution of gene maps, tile by tile on dask, written as a raster layer."""
+"""c3.tl.super_resolve: whole-slide super-resolution of gene maps, tile by tile on dask, written as a raster layer.
+
+The call reads as validate -> inputs -> plan tiles -> predict -> calibrate -> write: :func:`_validate` resolves every
+argument (model, genes, device defaults, tile layout) into a :class:`_Call`; :func:`_inputs` builds the model's
+inputs with :class:`c3diff.pp.ModelInputs` (as training does); :func:`_plan` lays tiles over the tissue with counts;
+:func:`_predict` runs the tiles as dask tasks and calibrates each to counts (:mod:`c3diff.tl._calibration`) as it is
+blended; :func:`_finish` masks the layer and matches it to the spots; :func:`_write` publishes every layer of the
+call and its provenance together, or none.
+"""
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from c3diff._constants import (
-    ATTRS_KEY,
-    COORDINATE_SYSTEM,
-    HISTOLOGY_PIXEL_SIZE,
-    LR_PIXEL_SIZE,
-    MASK_MEASURED,
-    MASK_OUTSIDE,
-)
+from c3diff._atomic import Publication, publish, recover, staging
+from c3diff._constants import ATTRS_KEY, COORDINATE_SYSTEM
 from c3diff._geometry import RasterGeometry, points_feature_key, points_genes, raster_geometry
 from c3diff._provenance import record
-from c3diff._validation import check_genes, check_key_added, get_element
-from c3diff.pp import bin_transcripts, detect_tissue, histology_raster, minmax_normalize, spots_to_grid
+from c3diff._validation import check_genes, check_key_added, check_scale, get_element
+from c3diff.pp import ModelGeometry, ModelInputs, minmax_normalize
+from c3diff.tl._calibration import CALIBRATIONS, to_counts
 from c3diff.tl._execution import active_client, chunked, run_tasks
 from c3diff.tl._footprints import bin_footprints, match_footprints, spot_footprints
 from c3diff.tl._memory import bytes_per_gene, check_memory
@@ -32,7 +37,7 @@ from c3diff.tl._predictors import (
     resolve_device,
     run_predictor,
 )
-from c3diff.tl._tiling import BlendAccumulator, blend_window, plan_tiles
+from c3diff.tl._tiling import BlendAccumulator, TilePlan, blend_window, plan_tiles
 from c3diff.tl._tissue import layer_tissue_mask, zero_off_tissue
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -48,9 +53,6 @@ UNITS = (
     "prediction summed over each measured (or gap-filled) 100 um LR pixel equals its count; with calibration='tile' "
     "one factor per tile and gene makes the sum over the tile's measured LR pixels equal theirs"
 )
-
-#: Calibrations of a [0, 1] prediction to counts (see :func:`super_resolve`).
-CALIBRATIONS = ("lr_pixel", "tile")
 
 #: ``steps``, ``n_samples`` (sample mode) and ``batch_size`` of :func:`super_resolve` when not given, by device kind.
 #: GPU: the paper's 50 DDIM steps. CPU: 2 steps, to keep sampling affordable (what steps and samples do to the scores
@@ -146,25 +148,6 @@ def _load_model(model: Any, revision: str | None):
     return model, None
 
 
-def _model_geometry(model) -> dict[str, Any]:
-    config = model.config
-    get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
-    geometry = {
-        "image_size": int(get("image_size")),
-        "genes": list(get("genes")),
-        "scale": int(get("scale", 10)),
-        "histology_pixel_size": float(get("histology_pixel_size", HISTOLOGY_PIXEL_SIZE)),
-        "lr_pixel_size": float(get("lr_pixel_size", LR_PIXEL_SIZE)),
-    }
-    if geometry["histology_pixel_size"] != HISTOLOGY_PIXEL_SIZE or geometry["lr_pixel_size"] != LR_PIXEL_SIZE:
-        raise ValueError(
-            f"This model expects histology at {geometry['histology_pixel_size']:g} um/px and LR maps at "
-            f"{geometry['lr_pixel_size']:g} um/px; c3diff's super_resolve builds {HISTOLOGY_PIXEL_SIZE:g} and "
-            f"{LR_PIXEL_SIZE:g} um/px inputs."
-        )
-    return geometry
-
-
 def _transformations_like(image: Any, grid: RasterGeometry, coordinate_system: str) -> dict[str, Any]:
     """The output grid in ``coordinate_system`` and, through the image, in every other system the image is in."""
     from spatialdata.transformations import Sequence, get_transformation
@@ -177,86 +160,6 @@ def _transformations_like(image: Any, grid: RasterGeometry, coordinate_system: s
         if name != coordinate_system:
             transformations[name] = Sequence([own, to_cs.inverse(), transform])
     return transformations
-
-
-def _to_counts(
-    pred: np.ndarray,
-    std: np.ndarray | None,
-    lr_counts: np.ndarray,
-    lr_mask: np.ndarray,
-    per_lr: int,
-    calibration: str = "lr_pixel",
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """Map a [0, 1] tile prediction ``(G, h, w)`` to counts per output pixel (see :data:`UNITS`).
-
-    ``"tile"``: each gene is scaled so that the prediction summed over the tile's measured LR pixels equals their LR
-    counts; a gene predicted flat zero where the LR has counts (e.g. a constant LR map, which min-max maps to 0) gets
-    the LR density spread evenly instead.
-
-    ``"lr_pixel"``: the prediction keeps its pattern inside each LR pixel but is scaled so that its sum over the LR
-    pixel equals the LR count (for an LR pixel cut by the tile's edge, the count times the fraction inside): the
-    output honours every measurement at the resolution it was made, as a data-consistency projection. LR pixels
-    where the prediction is zero but the count is not get the count spread evenly; LR pixels outside the measured
-    area (no spot coverage) keep the tile calibration.
-    """
-    counts, factors = _tile_calibration(pred, lr_counts, lr_mask, per_lr)
-    if calibration == "lr_pixel":
-        counts, factors = _lr_pixel_calibration(pred, counts, factors, lr_counts, lr_mask, per_lr)
-    if std is None:
-        return counts, None
-    return counts, std * factors
-
-
-def _tile_calibration(
-    pred: np.ndarray, lr_counts: np.ndarray, lr_mask: np.ndarray, per_lr: int
-) -> tuple[np.ndarray, np.ndarray]:
-    n = pred.shape[-1] // per_lr
-    pooled = pred[:, : n * per_lr, : n * per_lr].reshape(pred.shape[0], n, per_lr, n, per_lr).sum(axis=(2, 4))
-    measured = lr_mask[:n, :n] == MASK_MEASURED
-    if not measured.any():
-        measured = lr_mask[:n, :n] != MASK_OUTSIDE
-    numerator = lr_counts[:, :n, :n][:, measured].sum(axis=1)
-    denominator = pooled[:, measured].sum(axis=1)
-    factors = np.where(denominator > 0, numerator / np.where(denominator > 0, denominator, 1.0), 0.0)
-    factors = np.broadcast_to(factors[:, None, None], pred.shape).astype(np.float32)
-    counts = pred * factors
-    flat = (denominator <= 0) & (numerator > 0)
-    if flat.any():
-        counts[flat] = (numerator[flat] / (max(int(measured.sum()), 1) * per_lr**2))[:, None, None]
-    return counts, factors
-
-
-def _lr_pixel_calibration(
-    pred: np.ndarray,
-    counts: np.ndarray,
-    factors: np.ndarray,
-    lr_counts: np.ndarray,
-    lr_mask: np.ndarray,
-    per_lr: int,
-) -> tuple[np.ndarray, np.ndarray]:
-    n_genes, height, width = pred.shape
-    ny, nx = -(-height // per_lr), -(-width // per_lr)  # LR pixels touched by the tile, the last ones maybe cut
-    ny, nx = min(ny, lr_counts.shape[-2]), min(nx, lr_counts.shape[-1])
-    h, w = min(height, ny * per_lr), min(width, nx * per_lr)
-    padded = np.zeros((n_genes, ny * per_lr, nx * per_lr), dtype=np.float64)
-    padded[:, :h, :w] = pred[:, :h, :w]
-    pooled = padded.reshape(n_genes, ny, per_lr, nx, per_lr).sum(axis=(2, 4))
-    inside = np.zeros((ny * per_lr, nx * per_lr))
-    inside[:h, :w] = 1.0
-    n_inside = inside.reshape(ny, per_lr, nx, per_lr).sum(axis=(1, 3))  # output pixels of each LR pixel in the tile
-    expected = lr_counts[:, :ny, :nx].astype(np.float64) * (n_inside / per_lr**2)
-    covered = (lr_mask[:ny, :nx] != MASK_OUTSIDE) & (n_inside > 0)
-    block = np.where(pooled > 0, expected / np.where(pooled > 0, pooled, 1.0), 0.0)
-    even = np.where((pooled <= 0) & (expected > 0), expected / np.maximum(n_inside, 1), 0.0)
-
-    def up(a: np.ndarray) -> np.ndarray:  # LR grid -> output pixels of the tile
-        return np.repeat(np.repeat(a, per_lr, axis=-2), per_lr, axis=-1)[..., :h, :w]
-
-    use = up(np.broadcast_to(covered, block.shape))
-    counts, factors = counts.copy(), factors.copy()
-    counts[:, :h, :w] = np.where(use, pred[:, :h, :w] * up(block) + up(even), counts[:, :h, :w])
-    factors[:, :h, :w] = np.where(use, up(block), factors[:, :h, :w])
-    return counts.astype(np.float32), factors.astype(np.float32)
 
 
 def _parse_layer(values: Any, genes: list[str], transformations: dict[str, Any]):
@@ -277,11 +180,8 @@ def _parse_layer(values: Any, genes: list[str], transformations: dict[str, Any])
 
 def _temporary_store(store: str | Path, sdata: SpatialData, key: str, *, overwrite: bool) -> Path:
     """The hidden folder beside ``store`` that receives the tiles until the layer is complete (see ``store`` in
-    :func:`super_resolve`), after refusing a store that already exists and removing what killed or failed calls
-    left; nothing is created yet."""
-    import os
-    import shutil
-
+    :func:`super_resolve` and :mod:`c3diff._atomic`), after refusing a store that already exists and cleaning up
+    what killed or failed calls left; nothing is created yet."""
     final = Path(store).expanduser().absolute()
     if final.exists() and not (final.is_dir() and not any(final.iterdir())):
         layers = sdata.attrs.get(ATTRS_KEY, {})
@@ -306,43 +206,487 @@ def _temporary_store(store: str | Path, sdata: SpatialData, key: str, *, overwri
             f"`store={str(store)!r}`: the folder {str(final.parent)!r} does not exist; create it "
             "or choose another path."
         )
-    for stale in final.parent.glob(f".{final.name}.c3diff-tmp-*"):
-        pid = stale.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and int(pid) != os.getpid() and _process_alive(int(pid)):
-            continue  # another process is writing it
-        shutil.rmtree(stale, ignore_errors=True)
-    return final.parent / f".{final.name}.c3diff-tmp-{os.getpid()}"
+    recover(final)
+    return staging(final)
 
 
-def _process_alive(pid: int) -> bool:
-    """Whether process ``pid`` exists (one of another user counts as alive)."""
+@dataclass
+class _Call:
+    """One call of :func:`super_resolve`, every argument resolved (model loaded, defaults chosen, genes checked)."""
+
+    method: str
+    scale: int
+    geometry: ModelGeometry  # the inputs' pixel sizes (the model's, or the paper's for bicubic), at the output scale
+    genes: list[str]
+    source_kind: str  # "table" or "points"
+    source_key: str
+    key: str
+    calibration: str
+    mode: str | None
+    steps: int
+    eta: float
+    n_samples: int
+    batch_size: int
+    device: str
+    seed: int
+    size: int  # tile edge, histology pixels
+    stride: int  # between tile corners, histology pixels (whole LR pixels)
+    model: Any = None
+    model_id: str | None = None
+    revision: str | None = None
+    store: Path | None = None
+    store_tmp: Path | None = None
+
+    @property
+    def writes_std(self) -> bool:
+        return self.n_samples > 1 and self.method == "c3diff" and self.mode == "sample"
+
+    @property
+    def out_factor(self) -> int:
+        """Histology pixels per output pixel."""
+        return self.geometry.hr_factor
+
+    @property
+    def out_size(self) -> int:
+        """Tile edge in output pixels."""
+        return self.size // self.out_factor
+
+
+# ------------------------------------------------------------------------------------------------------ validate
+def _check_numbers(steps: int, n_samples: int | None, batch_size: int, eta: float) -> None:
+    for name, value, low in (
+        ("steps", steps, 1),
+        ("n_samples", 1 if n_samples is None else n_samples, 1),
+        ("batch_size", batch_size, 1),
+    ):
+        if not isinstance(value, int | np.integer) or value < low:
+            raise ValueError(f"`{name}` must be an integer >= {low}, got {value!r}.")
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"`eta` must be in [0, 1], got {eta!r}.")
+
+
+def _model_setup(
+    sdata: SpatialData, model: Any, revision: str | None, mode: str | None, scale: int
+) -> tuple[Any, str | None, str, ModelGeometry, int, list[str]]:
+    """The model, its id, the mode, its stored geometry at ``scale``, its tile size and its genes."""
+    model_obj, model_id = _load_model(model, revision)
+    from c3diff.models.bundled import warn_demo_on_real_data
+
+    warn_demo_on_real_data(model_obj, sdata)  # once: the demo model knows simulated tissue only
+    config = model_obj.config
+    geometry = ModelGeometry.of_model(config)
+    has_mean = getattr(model_obj, "mean_net", None) is not None
+    if mode == "mean" and not has_mean:
+        raise ValueError(
+            "`mode='mean'` needs a model with a conditional-mean stage (formulation='residual'); "
+            "this model only samples: pass mode='sample' or None."
+        )
+    if scale > geometry.scale:
+        raise ValueError(f"This model was trained for {geometry.scale}x; it cannot predict {scale}x.")
+    get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
+    size, genes = int(get("image_size")), list(get("genes"))
+    return model_obj, model_id, mode or ("mean" if has_mean else "sample"), geometry.at_scale(scale), size, genes
+
+
+def _genes_in_data(genes: list[str], available: list[str], where: str, *, drop_missing_genes: bool) -> list[str]:
+    """``genes`` that the LR source has; missing ones raise, or with ``drop_missing_genes`` are dropped (warned)."""
+    missing = [g for g in genes if g not in set(available)]
+    if not missing:
+        return genes
+    shown = f"{missing[:10]}{' ...' if len(missing) > 10 else ''}"
+    if len(missing) == len(genes):
+        raise KeyError(
+            f"None of the {len(genes)} gene(s) to predict is in {where} (e.g. {shown}; the data has "
+            f"{list(available)[:5]}{' ...' if len(available) > 5 else ''}): the model and the data share no gene, "
+            "so nothing can be predicted, with or without `drop_missing_genes`. Use a model trained on this "
+            "panel, or check the gene naming (symbols vs Ensembl ids, human vs mouse case)."
+        )
+    if not drop_missing_genes:
+        raise KeyError(
+            f"{len(missing)} of the {len(genes)} gene(s) to predict are not in {where}: {shown}. Pass `genes` to "
+            "choose a subset, or `drop_missing_genes=True` to skip them."
+        )
+    warnings.warn(
+        f"super_resolve: dropping {len(missing)} gene(s) absent from the data: {missing}.", UserWarning, stacklevel=4
+    )
+    return [g for g in genes if g not in set(missing)]
+
+
+def _stride(size: int, overlap: int | None, geometry: ModelGeometry) -> int:
+    """The step between tiles of ``size`` histology pixels: ``size - overlap`` rounded down to whole LR pixels."""
+    lr_factor = geometry.lr_factor
+    if size % geometry.hr_factor or size < lr_factor:
+        raise ValueError(
+            f"The tile size must be a multiple of {geometry.hr_factor} and at least {lr_factor}, got {size}."
+        )
+    overlap = size // 4 if overlap is None else int(overlap)
+    stride = ((size - overlap) // lr_factor) * lr_factor
+    if stride <= 0:
+        raise ValueError(f"`overlap={overlap}` leaves no stride for tiles of {size} px; use a smaller overlap.")
+    return stride
+
+
+def _options(args: dict[str, Any]) -> dict[str, Any]:
+    """``method``, ``scale``, ``calibration``, ``mode``, ``steps``, ``n_samples``, ``batch_size`` and ``eta``
+    checked, the device's defaults filled in (``defaults``; ``chosen``: those taken, to announce)."""
+    method = args["method"]
+    if method not in ("c3diff", "bicubic"):
+        raise ValueError(f"`method` must be 'c3diff' or 'bicubic', got {method!r}.")
+    scale = check_scale(args["scale"])
+    calibration = args["calibration"] or ("lr_pixel" if method == "c3diff" else "tile")
+    if calibration not in CALIBRATIONS:
+        raise ValueError(f"`calibration` must be one of {CALIBRATIONS}, got {calibration!r}.")
+    device_kind, defaults = _device_defaults(args["device"])
+    steps, batch_size = args["steps"], args["batch_size"]
+    chosen = {k: defaults[k] for k, v in (("steps", steps), ("batch_size", batch_size)) if v is None}
+    steps = defaults["steps"] if steps is None else steps
+    batch_size = defaults["batch_size"] if batch_size is None else batch_size
+    _check_numbers(steps, args["n_samples"], batch_size, args["eta"])
+    if args["mode"] not in (None, "mean", "sample"):
+        raise ValueError(f"`mode` must be 'mean', 'sample' or None, got {args['mode']!r}.")
+    return dict(
+        method=method,
+        scale=scale,
+        calibration=calibration,
+        mode=args["mode"],
+        steps=steps,
+        n_samples=args["n_samples"],
+        batch_size=batch_size,
+        device_kind=device_kind,
+        defaults=defaults,
+        chosen=chosen,
+    )
+
+
+def _lr_source(sdata: SpatialData, image_key: str, args: dict[str, Any]) -> tuple[str, str, list[str]]:
+    """The H&E checked, and the LR source: its kind (``"table"`` / ``"points"``), its key and its genes."""
+    image = get_element(sdata, image_key, "images", arg="image_key")
+    raster_geometry(image, coordinate_system=args["coordinate_system"], arg="image_key")  # axis-aligned, in um
+    kind, key = _choose_lr_source(sdata, args["table_key"], args["points_key"])
+    if kind == "table":
+        return kind, key, [str(g) for g in sdata.tables[key].var_names]
+    points = sdata.points[key]
+    return kind, key, points_genes(points, points_feature_key(points, arg="points_key"))
+
+
+def _sampling(options: dict[str, Any], model: Any, *, show: bool) -> None:
+    """``steps`` and ``n_samples`` of ``options`` settled for the model (paper-formulation models keep
+    :data:`PAPER_FORMULATION_DEFAULTS`) and the defaults taken announced."""
+    defaults, chosen = options["defaults"], options["chosen"]
+    sampling = options["method"] == "c3diff" and options["mode"] == "sample"
+    if options["method"] == "c3diff" and getattr(model, "mean_net", None) is None:  # the samples are the map
+        defaults = {**defaults, **PAPER_FORMULATION_DEFAULTS}
+        if "steps" in chosen:
+            options["steps"] = chosen["steps"] = defaults["steps"]
+    if options["n_samples"] is None:
+        options["n_samples"] = defaults["n_samples"] if sampling else 1
+        if options["n_samples"] > 1:
+            chosen["n_samples"] = options["n_samples"]
+    if not sampling:
+        chosen.pop("steps", None)
+    if chosen:
+        _announce({"device": options["device_kind"], **chosen}, show=show)
+
+
+def _validate(sdata: SpatialData, image_key: str, args: dict[str, Any]) -> _Call:
+    """Check every argument of :func:`super_resolve` (``args``) and resolve them into a :class:`_Call`, before any
+    work: the model is loaded, the device's defaults chosen (and announced), the genes checked against the model
+    and the data, and ``key_added`` and ``store`` checked against what exists."""
+    options = _options(args)
+    method, scale = options["method"], options["scale"]
+    source_kind, source_key, available = _lr_source(sdata, image_key, args)
+    model_obj = model_id = None
+    genes = args["genes"]
+    if method == "c3diff":
+        model_obj, model_id, options["mode"], geometry, size, model_genes = _model_setup(
+            sdata, args["model"], args["revision"], options["mode"], scale
+        )
+        genes = model_genes if genes is None else check_genes(genes, model_genes, arg="genes (of the model)")
+    else:
+        geometry = ModelGeometry(scale=scale)
+        size = 256 if args["tile_size"] is None else int(args["tile_size"])
+        genes = available if genes is None else check_genes(genes, available)
+    _sampling(options, model_obj, show=args["progress"])
+    genes = _genes_in_data(
+        genes, available, f"`{source_kind}_key={source_key!r}`", drop_missing_genes=args["drop_missing_genes"]
+    )
+    call = _Call(
+        method=method,
+        scale=scale,
+        geometry=geometry,
+        genes=genes,
+        source_kind=source_kind,
+        source_key=source_key,
+        key=args["key_added"] or f"{image_key}_{method}_x{scale}",
+        calibration=options["calibration"],
+        mode=options["mode"],
+        steps=options["steps"],
+        eta=float(args["eta"]),
+        n_samples=options["n_samples"],
+        batch_size=options["batch_size"],
+        device=args["device"],
+        seed=args["seed"],
+        size=size,
+        stride=0,
+        model=model_obj,
+        model_id=model_id,
+        revision=args["revision"],
+        store=None if args["store"] is None else Path(args["store"]),
+    )
+    if args["inplace"]:
+        keys = [call.key, *([f"{call.key}_std"] if call.writes_std else [])]
+        check_key_added(sdata, keys, overwrite=args["overwrite"], inputs=(image_key, source_key))
+    if call.store is not None:
+        call.store_tmp = _temporary_store(call.store, sdata, call.key, overwrite=args["overwrite"] and args["inplace"])
+    call.stride = _stride(size, args["overlap"], geometry)
+    return call
+
+
+# -------------------------------------------------------------------------------------------------------- inputs
+def _inputs(sdata: SpatialData, image_key: str, call: _Call, coordinate_system: str) -> tuple[ModelInputs, Any]:
+    """The model's inputs (:class:`c3diff.pp.ModelInputs`: the H&E at the model's histology pixel size, the LR maps
+    and their mask at its LR pixel size) and the tissue with counts. The memory the run needs is checked once the
+    H&E grid is known, before the LR rasters and the output are allocated."""
+    inputs = ModelInputs.from_histology(sdata, image_key, geometry=call.geometry, coordinate_system=coordinate_system)
+    height, width = inputs.grid.height, inputs.grid.width
+    sizes = dict(
+        out_shape=(math.ceil(height / call.out_factor), math.ceil(width / call.out_factor)),
+        lr_shape=(math.ceil(height / call.geometry.lr_factor), math.ceil(width / call.geometry.lr_factor)),
+        n_tiles=len(plan_tiles(height, width, size=call.size, stride=call.stride)),
+        lr_tile=call.geometry.lr_size(call.size),
+        out_tile=call.out_size,
+        n_layers=2 if call.n_samples > 1 and call.method == "c3diff" else 1,
+        spots=call.source_kind == "table",
+    )
+    streamed = call.store is not None
+    check_memory(
+        len(call.genes),
+        bytes_per_gene(**sizes, streamed=streamed),
+        streamed=streamed,
+        streamed_per_gene=bytes_per_gene(**sizes, streamed=True),
+    )
+    inputs.add_lr(sdata, genes=call.genes, image_key=image_key, **{f"{call.source_kind}_key": call.source_key})
+    tissue = inputs.covered_tissue()
+    if not tissue.any():
+        raise ValueError(
+            f"No tissue with counts: the H&E `image_key={image_key!r}` shows no tissue where "
+            f"`{call.source_kind}_key={call.source_key!r}` has data."
+        )
+    return inputs, tissue
+
+
+# ---------------------------------------------------------------------------------------------------------- plan
+def _plan(inputs: ModelInputs, tissue: np.ndarray, call: _Call) -> TilePlan:
+    """Tiles of the model's size over the histology grid, every ``call.stride`` pixels, those touching tissue."""
+    return plan_tiles(inputs.grid.height, inputs.grid.width, size=call.size, stride=call.stride, keep=tissue)
+
+
+# ------------------------------------------------------------------------------------------------------- predict
+def _batches(inputs: ModelInputs, groups: list[list[Any]], call: _Call) -> list[TileBatch]:
+    """Each group of tiles as the model's input: the H&E windows and the min-max normalised LR windows."""
+    return [
+        TileBatch(
+            histology=np.stack([inputs.histology_window(t.row, t.col, call.size) for t in group]),
+            lr=minmax_normalize(np.stack([inputs.lr_window(t.row, t.col, call.size)[0] for t in group]))[0],
+            seeds=tuple(int(call.seed) + t.index for t in group),
+        )
+        for group in groups
+    ]
+
+
+def _predictor(call: _Call) -> tuple[Any, Any]:
+    """The per-tile predictor and the model argument its tasks get (a path, a scattered model, or the model)."""
+    if call.method != "c3diff":
+        return BicubicPredictor(factor=call.geometry.hr_per_lr, out_size=call.out_size), None
+    from c3diff.models.sampling import auto_gene_batch_size
+
+    config = call.model.config
+    model_genes = list(config["genes"] if isinstance(config, dict) else config.genes)
+    n_samples = call.n_samples if call.mode == "sample" else 1
+    predictor = ModelPredictor(
+        revision=call.revision,
+        gene_indices=tuple(model_genes.index(g) for g in call.genes),
+        scale=call.scale,
+        steps=call.steps,
+        eta=call.eta,
+        n_samples=n_samples,
+        device=call.device,
+        mode=call.mode,
+        gene_batch_size=auto_gene_batch_size(
+            call.model, len(call.genes), mode=call.mode, device=resolve_device(call.device), n_samples=n_samples
+        ),
+    )
+    client = active_client()
+    if client is None:
+        return predictor, call.model.to(resolve_device(call.device))
     import os
 
+    client.run(_torch_threads_as_dask_threads, os.getpid())  # no oversubscription, no idle threads
+    # one model per worker: by path (each worker loads and caches it) or scattered once as an object
+    if call.model_id is not None:
+        return predictor, call.model_id
+    return predictor, client.scatter(ModelPayload(call.model), broadcast=True)
+
+
+def _predict(
+    inputs: ModelInputs, plan: TilePlan, call: _Call, out_grid: RasterGeometry, *, progress: bool
+) -> list[BlendAccumulator]:
+    """Run every tile (dask tasks of ``call.batch_size`` tiles), calibrate each prediction to the LR counts under it
+    (:func:`c3diff.tl._calibration.to_counts`) and blend it into the layer(s): the mean, and the std with samples."""
+    from tqdm.auto import tqdm
+
+    groups = chunked(plan.tiles, call.batch_size)
+    batches = _batches(inputs, groups, call)
+    predictor, model_arg = _predictor(call)
+    out_factor = call.out_factor
+    weight = blend_window(call.out_size, (call.size - call.stride) // out_factor)
+    corners = [(t.row // out_factor, t.col // out_factor) for t in plan.tiles]  # each store chunk written once
+    layout = dict(height=out_grid.height, width=out_grid.width, chunk=256, tiles=corners, tile_size=call.out_size)
+    names = ("mean", "std") if call.writes_std else ("mean",)
+    accumulators = [
+        BlendAccumulator(len(call.genes), **layout, store=None if call.store is None else call.store_tmp / name)
+        for name in names
+    ]
+    bar = tqdm(total=len(plan), desc=f"super_resolve ({call.method})", unit="tile", disable=not progress)
+    for b, (mean, std) in run_tasks(run_predictor, batches, extra_args=(predictor, model_arg)):
+        for k, tile in enumerate(groups[b]):
+            lr_counts, lr_mask = inputs.lr_window(tile.row, tile.col, call.size)
+            counts, spread = to_counts(
+                mean[k],
+                None if std is None else std[k],
+                lr_counts,
+                lr_mask,
+                call.geometry.hr_per_lr,
+                call.calibration,
+            )
+            row, col = tile.row // out_factor, tile.col // out_factor
+            accumulators[0].add(row, col, counts, weight)
+            if len(accumulators) > 1 and spread is not None:
+                accumulators[1].add(row, col, spread, weight)
+        bar.update(len(groups[b]))
+    bar.close()
+    return accumulators
+
+
+# -------------------------------------------------------------------------------------------------------- finish
+def _out_grid(inputs: ModelInputs, call: _Call) -> RasterGeometry:
+    """The output grid: the histology grid's corner, ``call.out_factor`` histology pixels per output pixel."""
+    grid, factor = inputs.grid, call.out_factor
+    return RasterGeometry(
+        y0=grid.y0,
+        x0=grid.x0,
+        sy=grid.sy * factor,
+        sx=grid.sx * factor,
+        height=math.ceil(grid.height / factor),
+        width=math.ceil(grid.width / factor),
+    )
+
+
+def _finish(
+    sdata: SpatialData,
+    inputs: ModelInputs,
+    tissue: np.ndarray,
+    accumulators: list[BlendAccumulator],
+    call: _Call,
+    out_grid: RasterGeometry,
+    coordinate_system: str,
+) -> tuple[list[Any], dict[str, Any]]:
+    """The blended layers, 0 off the tissue and matched to the spots' (or bins') counts, and how closely."""
+    results = [acc.result() for acc in accumulators]
+    arrays = tuple(acc.values if acc.store is not None else r for acc, r in zip(accumulators, results, strict=True))
+    on_tissue = layer_tissue_mask(tissue, call.out_factor, (out_grid.height, out_grid.width))  # one mask, any method
+    zero_off_tissue(arrays, on_tissue)
+    footprints = (
+        spot_footprints(sdata, call.source_key, call.genes, out_grid, coordinate_system=coordinate_system)
+        if call.source_kind == "table"
+        else bin_footprints(inputs.lr, call.geometry.lr_pixel_size, out_grid)
+    )
+    return results, match_footprints(arrays[0], out_grid, footprints, on_tissue, others=arrays[1:])
+
+
+# --------------------------------------------------------------------------------------------------------- write
+def _provenance(image_key: str, call: _Call, plan: TilePlan, out_grid: RasterGeometry, fit: dict) -> dict:
+    model = call.model_id if call.model_id is not None else (type(call.model).__name__ if call.model else None)
+    return dict(
+        image_key=image_key,
+        source=f"{call.source_kind}:{call.source_key}",
+        method=call.method,
+        model=model,
+        revision=call.revision,
+        scale=call.scale,
+        mode=call.mode,
+        steps=call.steps,
+        eta=call.eta,
+        n_samples=call.n_samples,
+        seed=call.seed,
+        tile_size=call.size,
+        overlap=call.size - call.stride,
+        n_tiles=len(plan),
+        genes=call.genes,
+        units=UNITS,
+        calibration=call.calibration,
+        pixel_size_um=out_grid.sy,
+        footprints=fit,
+        std_key=f"{call.key}_std" if call.writes_std else None,
+        store=None if call.store is None else str(call.store.resolve()),
+    )
+
+
+def _write(
+    sdata: SpatialData,
+    call: _Call,
+    results: list[Any],
+    transformations: dict[str, Any],
+    provenance: dict[str, Any],
+    *,
+    inplace: bool,
+) -> dict[str, Any] | None:
+    """Publish every layer of the call - the store renamed into place, the layers and their provenance put into
+    ``sdata`` - together or not at all: on any failure the store, the layers and the provenance it replaced are put
+    back."""
+    publication: Publication | None = None
+    key, std_key = call.key, f"{call.key}_std"
+    replaced_std = sdata.attrs.get(ATTRS_KEY, {}).get(key, {}).get("params", {}).get("std_key")
+    touched = [k for k in dict.fromkeys((key, std_key, replaced_std)) if k is not None]
+    saved_images = {k: sdata.images[k] for k in touched if k in sdata.images}
+    had_attrs = ATTRS_KEY in sdata.attrs
+    saved_attrs = copy.deepcopy(sdata.attrs.get(ATTRS_KEY, {}).get(key))
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        if call.store is not None:  # complete: only now does the layer appear at `store`
+            import dask.array as da
 
-
-def _publish_store(tmp: Path, final: Path, n_arrays: int) -> list[Any]:
-    """Rename the complete ``tmp`` store to ``final`` (replacing the store of the layer being overwritten) and
-    return its arrays (``mean``, then ``std``) read from there."""
-    import shutil
-
-    import dask.array as da
-
-    final = final.expanduser().absolute()
-    old = None
-    if final.exists():
-        old = final.parent / f"{tmp.name}-replaced"
-        final.rename(old)
-    tmp.rename(final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    return [da.from_zarr(str(final / name)) for name in ("mean", "std")[:n_arrays]]
+            final = call.store.expanduser().absolute()
+            publication = publish(call.store_tmp, final)
+            results = [da.from_zarr(str(final / name)) for name in ("mean", "std")[: len(results)]]
+        layers = {"mean": _parse_layer(results[0], call.genes, transformations), "std": None}
+        if call.writes_std:
+            layers["std"] = _parse_layer(results[1], call.genes, transformations)
+        if inplace:
+            sdata.images[key] = layers["mean"]
+            if layers["std"] is not None:
+                sdata.images[std_key] = layers["std"]
+            elif replaced_std is not None and replaced_std in sdata.images:
+                del sdata.images[replaced_std]  # the replaced layer's uncertainty, which would no longer match
+            record(sdata, key, "super_resolve", **provenance)
+    except BaseException:
+        if inplace:
+            for k in touched:
+                if k in saved_images:
+                    sdata.images[k] = saved_images[k]
+                elif k in sdata.images:
+                    del sdata.images[k]
+            if saved_attrs is not None:
+                sdata.attrs[ATTRS_KEY][key] = saved_attrs
+            elif key in sdata.attrs.get(ATTRS_KEY, {}):
+                del sdata.attrs[ATTRS_KEY][key]
+            if not had_attrs and not sdata.attrs.get(ATTRS_KEY, True):
+                del sdata.attrs[ATTRS_KEY]
+        if publication is not None:
+            publication.rollback()
+        raise
+    if publication is not None:
+        publication.commit()
+    return None if inplace else layers
 
 
 def super_resolve(
@@ -377,9 +721,12 @@ def super_resolve(
     """Super-resolve low-resolution gene counts with the H&E, over the whole slide, tile by tile.
 
     The spot counts (``table_key``) or transcripts (``points_key``) are turned into the model's inputs with
-    :mod:`c3diff.pp`: an LR map at 100 um/px (:func:`~c3diff.pp.spots_to_grid` / :func:`~c3diff.pp.bin_transcripts`)
-    and the histology at 10 um/px, both anchored at the H&E's corner. The tissue (detected in the H&E) is covered
-    with overlapping tiles of the model's size (2.56 mm for the paper preset); each tile's LR maps are min-max
+    :class:`c3diff.pp.ModelInputs`, as for training: an LR map (:func:`~c3diff.pp.spots_to_grid` /
+    :func:`~c3diff.pp.bin_transcripts`) and the histology, at the pixel sizes stored in the model's config (the
+    paper's 100 and 10 um/px; bicubic uses those), both anchored at the H&E's corner; past the slide's edge a tile
+    sees white glass and its LR maps repeat their edge values (:data:`c3diff.pp._model_inputs.PADDING`). The tissue
+    (detected in the H&E) is covered with overlapping tiles of the model's size (2.56 mm for the paper preset); each
+    tile's LR maps are min-max
     normalised, the model predicts the HR maps, the predictions are mapped to expression units (:data:`UNITS`) and
     overlapping tiles are cross-faded (no seams). A pixel value is the expected count of that 10 um (20 um at
     ``scale=5``) square as if all tissue had been measured: the finished layer is 0 off the tissue (the H&E's tissue
@@ -389,7 +736,9 @@ def super_resolve(
     fit raise a MemoryError saying how many fit. Tiles run as dask tasks on the active scheduler - a
     ``dask.distributed.Client`` included (a model given by path or repo id is loaded once per worker; a model object
     is scattered once to each worker) - and results are blended as they arrive, so memory is bounded by the tile
-    batch (plus the output, unless ``store`` streams it to disk). Nothing is written unless everything succeeded.
+    batch (plus the output, unless ``store`` streams it to disk). Nothing is written unless everything succeeded:
+    the layers of one call (the mean and its ``_std``), their provenance and their store appear together, and a
+    failure before the end leaves those they would replace as they were.
 
     Parameters
     ----------
@@ -461,8 +810,9 @@ def super_resolve(
     key_added
         Name of the new image. Default ``f"{image_key}_{method}_x{scale}"``, e.g. ``"hne_c3diff_x10"``.
     overwrite
-        Replace an existing element named ``key_added`` (and ``f"{key_added}_std"``) instead of raising. The input
-        H&E and the counts are never replaced.
+        Replace an existing element named ``key_added`` (and ``f"{key_added}_std"``) instead of raising; the old
+        layers (and store) stay until the new ones are complete, and come back if the call fails. The input H&E and
+        the counts are never replaced.
     inplace
         Write into ``sdata`` (return ``None``); otherwise return ``{"mean": ..., "std": ...}``.
     progress
@@ -485,310 +835,13 @@ def super_resolve(
     ...                     revision="v1")  # doctest: +SKIP
     >>> c3.tl.super_resolve(sdata, "hne", table_key="visium_table", method="bicubic")  # doctest: +SKIP
     """
-    from tqdm.auto import tqdm
-
-    if method not in ("c3diff", "bicubic"):
-        raise ValueError(f"`method` must be 'c3diff' or 'bicubic', got {method!r}.")
-    if scale not in (5, 10):
-        raise ValueError(f"`scale` must be 5 or 10, got {scale!r}.")
-    if calibration is None:
-        calibration = "lr_pixel" if method == "c3diff" else "tile"
-    if calibration not in CALIBRATIONS:
-        raise ValueError(f"`calibration` must be one of {CALIBRATIONS}, got {calibration!r}.")
-    device_kind, defaults = _device_defaults(device)
-    chosen = {k: defaults[k] for k, v in (("steps", steps), ("batch_size", batch_size)) if v is None}
-    steps = defaults["steps"] if steps is None else steps
-    batch_size = defaults["batch_size"] if batch_size is None else batch_size
-    for name, value, low in (
-        ("steps", steps, 1),
-        ("n_samples", 1 if n_samples is None else n_samples, 1),
-        ("batch_size", batch_size, 1),
-    ):
-        if not isinstance(value, int | np.integer) or value < low:
-            raise ValueError(f"`{name}` must be an integer >= {low}, got {value!r}.")
-    if not 0.0 <= eta <= 1.0:
-        raise ValueError(f"`eta` must be in [0, 1], got {eta!r}.")
-    if mode not in (None, "mean", "sample"):
-        raise ValueError(f"`mode` must be 'mean', 'sample' or None, got {mode!r}.")
-    image = get_element(sdata, image_key, "images", arg="image_key")
-    raster_geometry(image, coordinate_system=coordinate_system, arg="image_key")  # fail early: axis-aligned, in um
-    source_kind, source_key = _choose_lr_source(sdata, table_key, points_key)
-
-    # --- what to predict, and with what ------------------------------------------------------------------------
-    if source_kind == "table":
-        available = [str(g) for g in sdata.tables[source_key].var_names]
-    else:
-        points = sdata.points[source_key]
-        available = points_genes(points, points_feature_key(points, arg="points_key"))
-    model_obj = model_id = None
-    if method == "c3diff":
-        model_obj, model_id = _load_model(model, revision)
-        from c3diff.models.bundled import warn_demo_on_real_data
-
-        warn_demo_on_real_data(model_obj, sdata)  # once: the demo model knows simulated tissue only
-        geometry = _model_geometry(model_obj)
-        has_mean = getattr(model_obj, "mean_net", None) is not None
-        if mode == "mean" and not has_mean:
-            raise ValueError(
-                "`mode='mean'` needs a model with a conditional-mean stage (formulation='residual'); "
-                "this model only samples: pass mode='sample' or None."
-            )
-        mode = mode or ("mean" if has_mean else "sample")
-        if scale > geometry["scale"]:
-            raise ValueError(f"This model was trained for {geometry['scale']}x; it cannot predict {scale}x.")
-        size = geometry["image_size"]
-        model_genes = geometry["genes"]
-        genes = model_genes if genes is None else check_genes(genes, model_genes, arg="genes (of the model)")
-    else:
-        size = 256 if tile_size is None else int(tile_size)
-        genes = available if genes is None else check_genes(genes, available)
-    if method == "c3diff" and getattr(model_obj, "mean_net", None) is None:
-        defaults = {**defaults, **PAPER_FORMULATION_DEFAULTS}
-        if "steps" in chosen:
-            steps = chosen["steps"] = defaults["steps"]
-    if n_samples is None:
-        n_samples = defaults["n_samples"] if method == "c3diff" and mode == "sample" else 1
-        if n_samples > 1:
-            chosen["n_samples"] = n_samples
-    if method != "c3diff" or mode != "sample":
-        chosen.pop("steps", None)
-    if chosen:
-        _announce({"device": device_kind, **chosen}, show=progress)
-    missing = [g for g in genes if g not in set(available)]
-    if missing:
-        shown = f"{missing[:10]}{' ...' if len(missing) > 10 else ''}"
-        where = f"`{source_kind}_key={source_key!r}`"
-        if len(missing) == len(genes):
-            raise KeyError(
-                f"None of the {len(genes)} gene(s) to predict is in {where} (e.g. {shown}; the data has "
-                f"{list(available)[:5]}{' ...' if len(available) > 5 else ''}): the model and the data share no gene, "
-                "so nothing can be predicted, with or without `drop_missing_genes`. Use a model trained on this "
-                "panel, or check the gene naming (symbols vs Ensembl ids, human vs mouse case)."
-            )
-        if not drop_missing_genes:
-            raise KeyError(
-                f"{len(missing)} of the {len(genes)} gene(s) to predict are not in {where}: {shown}. Pass `genes` to "
-                "choose a subset, or `drop_missing_genes=True` to skip them."
-            )
-        warnings.warn(
-            f"super_resolve: dropping {len(missing)} gene(s) absent from the data: {missing}.",
-            UserWarning,
-            stacklevel=2,
-        )
-        genes = [g for g in genes if g not in set(missing)]
-
-    key = key_added or f"{image_key}_{method}_x{scale}"
-    if inplace:
-        writes_std = n_samples > 1 and method == "c3diff" and mode == "sample"
-        check_key_added(
-            sdata, [key, *([f"{key}_std"] if writes_std else [])], overwrite=overwrite, inputs=(image_key, source_key)
-        )
-    store_tmp = None if store is None else _temporary_store(store, sdata, key, overwrite=overwrite and inplace)
-
-    hist_px = HISTOLOGY_PIXEL_SIZE
-    lr_factor = round(LR_PIXEL_SIZE / hist_px)
-    out_factor = 10 // scale  # histology pixels per output pixel
-    if size % out_factor or size < lr_factor:
-        raise ValueError(f"The tile size must be a multiple of {out_factor} and at least {lr_factor}, got {size}.")
-    overlap = size // 4 if overlap is None else int(overlap)
-    stride = ((size - overlap) // lr_factor) * lr_factor
-    if stride <= 0:
-        raise ValueError(f"`overlap={overlap}` leaves no stride for tiles of {size} px; use a smaller overlap.")
-    lr_size = math.ceil(size / lr_factor)
-
-    # --- inputs on the H&E-anchored grids -------------------------------------------------------------------
-    rgb, hist_grid = histology_raster(sdata, image_key, pixel_size=hist_px, coordinate_system=coordinate_system)
-    sizes = dict(  # the memory is checked before the LR rasters and the output are allocated
-        out_shape=(math.ceil(hist_grid.height / out_factor), math.ceil(hist_grid.width / out_factor)),
-        lr_shape=(math.ceil(hist_grid.height / lr_factor), math.ceil(hist_grid.width / lr_factor)),
-        n_tiles=len(plan_tiles(hist_grid.height, hist_grid.width, size=size, stride=stride)),
-        lr_tile=lr_size,
-        out_tile=size // out_factor,
-        n_layers=2 if n_samples > 1 and method == "c3diff" else 1,
-        spots=source_kind == "table",
-    )
-    check_memory(
-        len(genes),
-        bytes_per_gene(**sizes, streamed=store is not None),
-        streamed=store is not None,
-        streamed_per_gene=bytes_per_gene(**sizes, streamed=True),
-    )
-    if source_kind == "table":
-        raster, mask = spots_to_grid(
-            sdata,
-            table_key=source_key,
-            genes=genes,
-            image_key=image_key,
-            inplace=False,
-            coordinate_system=coordinate_system,
-        )
-        lr_full, lr_mask = np.asarray(raster.data, dtype=np.float32), np.asarray(mask.data, dtype=np.uint8)
-    else:
-        raster = bin_transcripts(
-            sdata,
-            points_key=source_key,
-            bin_size=LR_PIXEL_SIZE,
-            genes=genes,
-            image_key=image_key,
-            inplace=False,
-            coordinate_system=coordinate_system,
-        )
-        lr_full = np.asarray(raster.data, dtype=np.float32)
-        lr_mask = np.full(lr_full.shape[-2:], MASK_MEASURED, dtype=np.uint8)
-    tissue = detect_tissue(rgb, pixel_size=hist_px)
-    coverage = np.kron(lr_mask != MASK_OUTSIDE, np.ones((lr_factor, lr_factor), dtype=bool))
-    coverage = coverage[: tissue.shape[0], : tissue.shape[1]]
-    tissue[: coverage.shape[0], : coverage.shape[1]] &= coverage
-    if not tissue.any():
-        raise ValueError(
-            f"No tissue with counts: the H&E `image_key={image_key!r}` shows no tissue where "
-            f"`{source_kind}_key={source_key!r}` has data."
-        )
-    plan = plan_tiles(hist_grid.height, hist_grid.width, size=size, stride=stride, keep=tissue)
-
-    out_grid = RasterGeometry(
-        y0=hist_grid.y0,
-        x0=hist_grid.x0,
-        sy=hist_px * out_factor,
-        sx=hist_px * out_factor,
-        height=math.ceil(hist_grid.height / out_factor),
-        width=math.ceil(hist_grid.width / out_factor),
-    )
-    out_size = size // out_factor
-    per_lr = lr_factor // out_factor  # output pixels per LR pixel
-
-    def window(array: np.ndarray, row: int, col: int, n: int, fill: float | None) -> np.ndarray:
-        """``array[..., row:row+n, col:col+n]``; past the edge: ``fill``, or the edge values when ``fill`` is None."""
-        h, w = array.shape[-2:]
-        part = array[..., row : row + n, col : col + n]
-        pad = [(0, 0)] * (array.ndim - 2) + [(0, n - part.shape[-2]), (0, n - part.shape[-1])]
-        if fill is None:
-            return np.pad(part, pad, mode="edge")
-        return np.pad(part, pad, mode="constant", constant_values=fill)
-
-    def lr_window(tile) -> tuple[np.ndarray, np.ndarray]:
-        # LR past the slide's edge repeats the edge (a neutral context for the model); the mask marks it outside
-        r, c = tile.row // lr_factor, tile.col // lr_factor
-        return window(lr_full, r, c, lr_size, None), window(lr_mask, r, c, lr_size, MASK_OUTSIDE)
-
-    groups = chunked(plan.tiles, batch_size)
-    batches = []
-    for group in groups:
-        lr = np.stack([lr_window(t)[0] for t in group])
-        batches.append(
-            TileBatch(
-                histology=np.stack([window(rgb, t.row, t.col, size, 255) for t in group]),
-                lr=minmax_normalize(lr)[0],
-                seeds=tuple(int(seed) + t.index for t in group),
-            )
-        )
-
-    # --- run -------------------------------------------------------------------------------------------------
-    if method == "c3diff":
-        from c3diff.models.sampling import auto_gene_batch_size
-
-        model_genes = _model_geometry(model_obj)["genes"]
-        predictor = ModelPredictor(
-            revision=revision,
-            gene_indices=tuple(model_genes.index(g) for g in genes),
-            scale=scale,
-            steps=steps,
-            eta=float(eta),
-            n_samples=n_samples if mode == "sample" else 1,
-            device=device,
-            mode=mode,
-            gene_batch_size=auto_gene_batch_size(
-                model_obj,
-                len(genes),
-                mode=mode,
-                device=resolve_device(device),
-                n_samples=n_samples if mode == "sample" else 1,
-            ),
-        )
-        client = active_client()
-        if client is not None:
-            import os
-
-            client.run(_torch_threads_as_dask_threads, os.getpid())  # no oversubscription, no idle threads
-            # one model per worker: by path (each worker loads and caches it) or scattered once as an object
-            model_arg = model_id if model_id is not None else client.scatter(ModelPayload(model_obj), broadcast=True)
-        else:
-            model_arg = model_obj.to(resolve_device(device))
-    else:
-        predictor, model_arg = BicubicPredictor(factor=per_lr, out_size=out_size), None
-
-    weight = blend_window(out_size, (size - stride) // out_factor)
-    corners = [(t.row // out_factor, t.col // out_factor) for t in plan.tiles]  # each store chunk written once
-    layout = dict(height=out_grid.height, width=out_grid.width, chunk=256, tiles=corners, tile_size=out_size)
-    mean_acc = BlendAccumulator(len(genes), **layout, store=None if store is None else store_tmp / "mean")
-    std_acc = None
-    if n_samples > 1 and method == "c3diff" and mode == "sample":
-        std_acc = BlendAccumulator(len(genes), **layout, store=None if store is None else store_tmp / "std")
-    bar = tqdm(total=len(plan), desc=f"super_resolve ({method})", unit="tile", disable=not progress)
-    for b, (mean, std) in run_tasks(run_predictor, batches, extra_args=(predictor, model_arg)):
-        group = groups[b]
-        for k, tile in enumerate(group):
-            lr_counts, mask = lr_window(tile)
-            counts, spread = _to_counts(mean[k], None if std is None else std[k], lr_counts, mask, per_lr, calibration)
-            row, col = tile.row // out_factor, tile.col // out_factor
-            mean_acc.add(row, col, counts, weight)
-            if std_acc is not None and spread is not None:
-                std_acc.add(row, col, spread, weight)
-        bar.update(len(group))
-    bar.close()
-
-    transformations = _transformations_like(image, out_grid, coordinate_system)
-    results = [acc.result() for acc in (mean_acc, std_acc) if acc is not None]
-    arrays = tuple(
-        acc.values if acc.store is not None else r  # in place: the store, or the in-memory result
-        for acc, r in zip((mean_acc, std_acc), results, strict=False)
-    )
-    on_tissue = layer_tissue_mask(tissue, out_factor, (out_grid.height, out_grid.width))  # one mask, every method
-    zero_off_tissue(arrays, on_tissue)
-    footprints = (
-        spot_footprints(sdata, source_key, genes, out_grid, coordinate_system=coordinate_system)
-        if source_kind == "table"
-        else bin_footprints(lr_full, LR_PIXEL_SIZE, out_grid)
-    )
-    footprint_fit = match_footprints(arrays[0], out_grid, footprints, on_tissue, others=arrays[1:])
-    if store is not None:  # complete: only now does the layer appear at `store`
-        results = _publish_store(store_tmp, Path(store), len(results))
-    layers = {"mean": _parse_layer(results[0], genes, transformations), "std": None}
-    if std_acc is not None:
-        layers["std"] = _parse_layer(results[1], genes, transformations)
-    if not inplace:
-        return layers
-
-    replaced_std = sdata.attrs.get(ATTRS_KEY, {}).get(key, {}).get("params", {}).get("std_key")
-    sdata.images[key] = layers["mean"]
-    if layers["std"] is not None:
-        sdata.images[f"{key}_std"] = layers["std"]
-    elif replaced_std is not None and replaced_std in sdata.images:
-        del sdata.images[replaced_std]  # the replaced layer's uncertainty, which would no longer match its layer
-    record(
-        sdata,
-        key,
-        "super_resolve",
-        image_key=image_key,
-        source=f"{source_kind}:{source_key}",
-        method=method,
-        model=model_id if model_id is not None else (type(model_obj).__name__ if model_obj is not None else None),
-        revision=revision,
-        scale=scale,
-        mode=mode,
-        steps=steps,
-        eta=eta,
-        n_samples=n_samples,
-        seed=seed,
-        tile_size=size,
-        overlap=size - stride,
-        n_tiles=len(plan),
-        genes=genes,
-        units=UNITS,
-        calibration=calibration,
-        pixel_size_um=out_grid.sy,
-        footprints=footprint_fit,
-        std_key=f"{key}_std" if layers["std"] is not None else None,
-        store=None if store is None else str(Path(store).resolve()),
-    )
-    return None
+    args = dict(locals())
+    call = _validate(sdata, image_key, args)
+    inputs, tissue = _inputs(sdata, image_key, call, coordinate_system)
+    plan = _plan(inputs, tissue, call)
+    out_grid = _out_grid(inputs, call)
+    accumulators = _predict(inputs, plan, call, out_grid, progress=progress)
+    results, fit = _finish(sdata, inputs, tissue, accumulators, call, out_grid, coordinate_system)
+    transformations = _transformations_like(sdata.images[image_key], out_grid, coordinate_system)
+    provenance = _provenance(image_key, call, plan, out_grid, fit)
+    return _write(sdata, call, results, transformations, provenance, inplace=inplace)

@@ -3,7 +3,6 @@ checkpoints."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -20,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from c3diff._atomic import recover_all, remove_folder, write_folder
 from c3diff._constants import ATTRS_KEY
 from c3diff.models.training_config import TrainingConfig
 from c3diff.pp import PatchSet, make_patches, split_samples
@@ -245,45 +245,17 @@ def _latest_checkpoint(output_dir: Path) -> Path | None:
 
 
 def _write_folder_atomically(final: Path, write) -> None:
-    """Write a folder with ``write(folder)`` into a temporary sibling (``.tmp-<name>-<pid>``) and rename it to
-    ``final`` only when complete, so that a killed process leaves either the old folder or the new one, never a
-    half-written one. An existing ``final`` is moved aside (``.old-<name>-<pid>``) for the rename and then deleted;
-    :func:`_clean_checkpoints` puts it back if the process died in between."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    try:
-        write(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if final.exists():
-        old = final.parent / f".old-{final.name}-{os.getpid()}"
-        if old.exists():
-            shutil.rmtree(old)
-        final.rename(old)
-    tmp.rename(final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    """Write a folder with ``write(folder)`` so that a killed process leaves either the old folder or the new one,
+    never a half-written one (:func:`c3diff._atomic.write_folder`: ``.NAME.c3diff-tmp-PID`` renamed when complete, an
+    existing folder moved aside to ``.NAME.c3diff-old-PID`` meanwhile; :func:`_clean_checkpoints` puts it back if
+    the process died in between)."""
+    write_folder(final, write)
 
 
 def _clean_checkpoints(folder: Path) -> None:
-    """Undo what a killed :func:`_write_folder_atomically` left in ``folder``: temporary folders are deleted, a
-    folder moved aside whose replacement never arrived is put back."""
-    if not folder.is_dir():
-        return
-    for path in sorted(folder.glob(".old-*")):
-        name = path.name[len(".old-") :].rsplit("-", 1)[0]
-        if not (folder / name).exists():
-            # another process of the same run (several GPUs) may have put it back first
-            with contextlib.suppress(FileNotFoundError):
-                path.rename(folder / name)
-        else:
-            shutil.rmtree(path, ignore_errors=True)
-    for path in folder.glob(".tmp-*"):
-        shutil.rmtree(path, ignore_errors=True)
+    """Undo what a killed :func:`_write_folder_atomically` left in ``folder``: temporary folders of dead processes
+    are deleted, a folder moved aside whose replacement never arrived is put back (:func:`c3diff._atomic.recover`)."""
+    recover_all(folder)
 
 
 def _trim_log(log_path: Path, step: int) -> None:
@@ -453,10 +425,8 @@ def _undo_stop_validation(checkpoint: Path, best_dir: Path) -> None:
     saved = checkpoint / _BEST_AT_STOP
     if saved.is_dir():
         _write_folder_atomically(best_dir, lambda folder: shutil.copytree(saved, folder))
-    elif best_dir.exists():
-        aside = best_dir.with_name(f".{best_dir.name}.removed-{os.getpid()}")
-        best_dir.rename(aside)  # gone at once, never half-deleted
-        shutil.rmtree(aside)
+    else:
+        remove_folder(best_dir)
 
 
 def _load_checkpoint(path: Path) -> tuple[C3DiffModel, dict, Any, dict[str, Any] | None, dict[str, Any]]:
