@@ -355,3 +355,22 @@ def test_super_resolve_to_a_store_killed_midway_then_rerun(tmp_path):
     assert list(scale0(sdata.images["a"]).coords["c"].values) == ["GENE_B"]
     assert sdata.attrs["c3diff"]["a"]["params"]["genes"] == ["GENE_B"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.zarr", "b.zarr"]
+
+
+def test_a_store_whose_replacement_was_killed_between_the_renames_comes_back(tmp_path):
+    """`super_resolve(store=..., overwrite=True)` killed after moving the old store aside and before renaming the new
+    one in: the next call on that store puts the old one back (it was deleted), and drops the dead call's folders;
+    a folder another running process is writing stays."""
+    from c3diff._atomic import recover, staging
+
+    final = tmp_path / "layer.zarr"
+    final.mkdir()
+    (final / "mean").write_text("old layer")
+    dead = _dead_pid()
+    final.rename(staging(final, "old", dead))
+    staging(final, "tmp", dead).mkdir()  # the dead call's complete new store, never renamed in
+    staging(final, "tmp", os.getppid()).mkdir()  # a live process writing the same place
+    recover(final)
+    assert (final / "mean").read_text() == "old layer"
+    live = staging(final, "tmp", os.getppid()).name
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["layer.zarr", live])

@@ -550,6 +550,7 @@ def _predict(
     bar = tqdm(total=len(plan), desc=f"super_resolve ({call.method})", unit="tile", disable=not progress)
     for b, (mean, std) in run_tasks(run_predictor, batches, extra_args=(predictor, model_arg)):
         for k, tile in enumerate(groups[b]):
+            # the counts under the tile, cut again (a slice) rather than kept from _batches for every tile
             lr_counts, lr_mask = inputs.lr_window(tile.row, tile.col, call.size)
             counts, spread = to_counts(
                 mean[k],
@@ -754,7 +755,8 @@ def super_resolve(
     genes
         Genes to predict. Default: the model's genes (c3diff) or every gene of the LR source (bicubic).
     scale
-        10 (10 um output pixels) or 5 (20 um). A model trained at 10x predicts 5x by 2x2 averaging.
+        10 (output pixels of the model's histology pixel size: 10 um in the paper's geometry) or 5 (twice that,
+        20 um). A model trained at 10x predicts 5x by 2x2 averaging.
     model
         A c3diff model object, a local folder written by ``save_pretrained``, or a Hugging Face Hub repo id.
     method
