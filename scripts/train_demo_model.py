@@ -50,6 +50,8 @@ def main() -> None:
     parser.add_argument("--mean-fraction", type=float, default=0.75,
                         help="share of the budget for the conditional-mean stage (residual models)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--preset", default="tiny-texture", choices=["tiny", "tiny-texture"],
+                        help="model preset to start from (tiny-texture: the mean network reads the H&E's texture)")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--run-dir", type=Path, default=None,
                         help="keep the training run (checkpoints, best/, log.jsonl) here; default: a temporary folder")
@@ -62,8 +64,11 @@ def main() -> None:
     panel = set(sections[0].tables["cell_table"].var_names)
     genes = c3.pp.select_genes(sections[0], table_key="cell_table", n_top_genes=args.genes,
                                include=[g for g in markers if g in panel])
+    texture = bool(c3.models.PRESETS[args.preset]["mean_net_config"].get("texture_channels"))
+    if args.init_from is not None:
+        texture = c3.models.from_pretrained(str(args.init_from)).texture_channels > 0
     patches = [c3.pp.make_patches(s, genes=genes, points_key="transcripts", patch_size=64, stride=30,
-                                  sample_id=f"simulated_seed{i}") for i, s in enumerate(sections)]
+                                  sample_id=f"simulated_seed{i}", texture=texture) for i, s in enumerate(sections)]
     print(f"{len(genes)} genes; {sum(len(p) for p in patches)} patches from {len(sections)} sections "
           f"({time.perf_counter() - start:.0f} s)", flush=True)
 
@@ -81,7 +86,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         run = args.run_dir or tmp
         result = c3.tl.train(
-            patches[:-1], val_data=patches[-1], model=str(args.init_from) if args.init_from else "tiny",
+            patches[:-1], val_data=patches[-1], model=str(args.init_from) if args.init_from else args.preset,
             genes=genes, output_dir=run, model_overrides=overrides,
             learning_rate=args.learning_rate, epochs=10**6, max_time=args.minutes * 60, seed=args.seed,
             val_steps=10, val_max_patches=16, lr_schedule=args.lr_schedule, mean_time_fraction=args.mean_fraction,
@@ -91,7 +96,7 @@ def main() -> None:
         if args.timestep_spacing is not None:  # sampling only: training noise does not depend on it
             scheduler = {**model.noise_scheduler.config, "timestep_spacing": args.timestep_spacing}
             model.set_scheduler(type(model.noise_scheduler).from_config(scheduler))  # saved as scheduler_config.json
-        start_from = f"continued from {args.init_from.name}" if args.init_from else "tiny preset"
+        start_from = f"continued from {args.init_from.name}" if args.init_from else f"{args.preset} preset"
         recipe = {"min_snr_gamma": args.min_snr_gamma, "latent_scaling": args.latent_scaling}
         options = {**overrides, **{k: v for k, v in recipe.items() if v is not None}}
         options.update({"timestep_spacing": args.timestep_spacing} if args.timestep_spacing else {})

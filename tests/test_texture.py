@@ -139,3 +139,58 @@ def test_texture_models_need_texture_and_keep_it_through_save_and_predict(tmp_pa
     loaded = c3diff.models.from_pretrained(str(tmp_path / "m"))
     assert loaded.texture_channels == 2
     torch.testing.assert_close(loaded.predict(histology, lr, texture=texture)[0], mean)
+
+
+def test_patches_carry_the_texture_through_save_concat_and_the_dataset(tmp_path, toy_section):
+    genes = ["GENE_A", "GENE_B"]
+    patches = c3diff.pp.make_patches(
+        toy_section, genes=genes, points_key="transcripts", patch_size=32, stride=30, texture=True
+    )
+    assert patches.texture.shape == (len(patches), len(TEXTURE_FEATURES), 32, 32)
+    assert patches.texture.dtype == np.float16 and patches.params["texture"] is True
+    # a patch's texture is the section's texture under its window
+    rgb, grid = c3diff.pp.histology_raster(toy_section, "hne")
+    full = histology_texture(toy_section, "hne", grid=grid, tissue=c3diff.pp.detect_tissue(rgb, pixel_size=10.0))
+    r, c = (int(round(v / 10.0)) for v in patches.origins[0])
+    np.testing.assert_allclose(patches.texture[0], full[:, r : r + 32, c : c + 32], atol=5e-3)
+    patches.save(tmp_path / "p.npz")
+    loaded = c3diff.pp.PatchSet.load(tmp_path / "p.npz")
+    np.testing.assert_array_equal(loaded.texture, patches.texture)
+    assert loaded.subset(index=np.array([1])).texture.shape[0] == 1
+    item = patches.dataset(genes=genes)[0]
+    assert item["texture"].shape == (len(TEXTURE_FEATURES), 32, 32) and item["texture"].dtype == torch.float32
+    plain = c3diff.pp.make_patches(toy_section, genes=genes, points_key="transcripts", patch_size=32, stride=30)
+    assert plain.texture is None and "texture" not in plain.dataset(genes=genes)[0]
+    with pytest.raises(ValueError, match="with and without texture"):
+        c3diff.pp.PatchSet.concat([patches, plain])
+
+
+def test_train_refuses_patches_without_the_texture_its_model_reads(tmp_path, toy_section):
+    patches = c3diff.pp.make_patches(toy_section, genes=["GENE_A"], points_key="transcripts", patch_size=64)
+    with pytest.raises(ValueError, match=r"no histology texture.*make_patches\(\.\.\., texture=True\)"):
+        c3diff.tl.train(patches, output_dir=tmp_path / "run", model="tiny-texture", max_steps=1, progress=False)
+
+
+def test_super_resolve_reads_the_texture_and_refuses_coarse_images(toy_section):
+    genes = ["GENE_A", "GENE_B"]
+    model = c3diff.models.build_model("tiny-texture", genes=genes).eval()
+    with torch.no_grad():
+        model.mean_net.texture_weights.weight.normal_(std=0.3)
+    c3diff.tl.super_resolve(toy_section, "hne", table_key="table", model=model, progress=False, key_added="tex")
+    layer = np.asarray(c3diff._geometry.scale0(toy_section.images["tex"]).data)
+    assert np.isfinite(layer).all() and layer.sum() > 0
+    from toy_sections import make_toy_section
+
+    coarse = make_toy_section(pixel_size=4.0)
+    with pytest.raises(ValueError, match=r"image_key='hne'.*texture features need nuclei resolved"):
+        c3diff.tl.super_resolve(coarse, "hne", table_key="table", model=model, progress=False, key_added="tex")
+    assert "tex" not in coarse.images  # nothing written by the failed call
+
+
+def test_fit_slide_reads_the_texture_when_asked(toy_section):
+    fitted = c3diff.tl.fit_slide(toy_section, "hne", table_key="table", steps=2, progress=False, texture=True)
+    assert fitted.texture_channels == len(TEXTURE_FEATURES)
+    before = c3diff.models.build_model("tiny-texture", genes=fitted.genes).mean_net.texture_weights.weight
+    assert not torch.equal(fitted.mean_net.texture_weights.weight, before)  # the texture term was fitted
+    plain = c3diff.tl.fit_slide(toy_section, "hne", table_key="table", steps=2, progress=False)
+    assert plain.texture_channels == 0

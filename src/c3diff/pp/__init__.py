@@ -10,7 +10,7 @@ from c3diff.pp._normalize import minmax_denormalize, minmax_normalize
 from c3diff.pp._patches import PatchSet, make_patches
 from c3diff.pp._splits import split_samples
 from c3diff.pp._spots import Spots, spots_from_table, spots_to_grid
-from c3diff.pp._texture import TEXTURE_FEATURES, histology_texture
+from c3diff.pp._texture import TEXTURE_FEATURES, TEXTURE_MAX_PIXEL_SIZE, histology_texture
 
 if TYPE_CHECKING:  # pragma: no cover
     from c3diff.pp._dataset import PatchDataset
@@ -37,6 +37,7 @@ __all__ = [
     "PatchSet",
     "Spots",
     "TEXTURE_FEATURES",
+    "TEXTURE_MAX_PIXEL_SIZE",
     "bin_transcripts",
     "detect_tissue",
     "histology_raster",

@@ -99,4 +99,6 @@ class PatchDataset(_TorchDataset):
             low, high = self.patches.hr_low[patch, channel], self.patches.hr_high[patch, channel]
             counts = self.patches.hr[patch, channel][None] * (high - low) + low
             item["hr_counts"] = torch.from_numpy(np.maximum(counts, 0).astype(np.float32))
+        if self.patches.texture is not None:
+            item["texture"] = torch.from_numpy(self.patches.texture[patch].astype(np.float32))
         return item

@@ -24,8 +24,8 @@ if TYPE_CHECKING:  # pragma: no cover
 #: What a window holds past the edge of the data, for training and inference alike: the gene maps (LR counts, HR
 #: truth) repeat their edge values - a neutral context, no change that min-max normalisation or the model would read
 #: as a pattern - while the LR mask says "outside" (so the calibration leaves those pixels alone); the H&E shows
-#: bare glass (white) and the tissue mask no tissue.
-PADDING = {"histology": 255, "tissue": False, "lr": "edge", "lr_mask": MASK_OUTSIDE, "hr": "edge"}
+#: bare glass (white), the tissue mask no tissue and the texture its slide mean (0).
+PADDING = {"histology": 255, "tissue": False, "lr": "edge", "lr_mask": MASK_OUTSIDE, "hr": "edge", "texture": 0.0}
 
 
 def _whole(ratio: float) -> int | None:
@@ -203,6 +203,9 @@ class ModelInputs:
         the LR grid's placement; ``None`` until :meth:`add_lr`.
     hr, hr_grid
         float32 ``(G, h', w')`` HR counts (ground truth) and its grid; ``None`` unless :meth:`add_hr` found some.
+    texture
+        float32 ``(K, H, W)``: the H&E's texture on the histology grid (:func:`~c3diff.pp.histology_texture`);
+        ``None`` until :meth:`add_texture`.
     sources
         Where each input came from (element keys), for provenance.
     """
@@ -218,6 +221,7 @@ class ModelInputs:
     lr_grid: RasterGeometry | None = None
     hr: np.ndarray | None = None
     hr_grid: RasterGeometry | None = None
+    texture: np.ndarray | None = None
     sources: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -340,6 +344,22 @@ class ModelInputs:
             coordinate_system=cs,
         )
         return np.asarray(raster.data, dtype=np.float32), raster_geometry(raster, coordinate_system=cs)
+
+    def add_texture(self, sdata: SpatialData, *, image_key: str) -> ModelInputs:
+        """The texture of the H&E (:func:`~c3diff.pp.histology_texture`, standardised over the tissue) on the
+        histology grid, for models whose mean network reads it. Returns ``self``."""
+        from c3diff.pp._texture import histology_texture
+
+        self.texture = histology_texture(
+            sdata, image_key, grid=self.grid, tissue=self.tissue, coordinate_system=self.coordinate_system
+        )
+        return self
+
+    def texture_window(self, row: int, col: int, size: int) -> np.ndarray:
+        """The texture ``(K, size, size)`` at ``(row, col)``, padded by :data:`PADDING`."""
+        if self.texture is None:
+            raise ValueError("No texture: call `add_texture` first.")
+        return window(self.texture, row, col, size, PADDING["texture"])
 
     @property
     def lr_offset(self) -> tuple[int, int]:

@@ -29,6 +29,7 @@ _ARRAYS = (
     "hr_high",
     "origins",
     "sample_id",
+    "texture",
 )
 
 
@@ -54,6 +55,10 @@ class PatchSet:
         float64 ``(n, 2)``: (y, x) of each patch's top-left corner in micrometres (``coordinate_system``).
     sample_id
         str ``(n,)``: the section/patient each patch comes from (splits are made on this, never on patches).
+    texture
+        float16 ``(n, K, S, S)``: the H&E's texture on the histology grid (:func:`~c3diff.pp.histology_texture`,
+        standardised per section), for models whose mean network reads it; ``None`` unless made with
+        ``texture=True``.
     genes
         Gene names, channel order.
     params
@@ -73,6 +78,7 @@ class PatchSet:
     sample_id: np.ndarray
     genes: list[str]
     params: dict[str, Any] = field(default_factory=dict)
+    texture: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.histology.shape[0])
@@ -137,6 +143,10 @@ class PatchSet:
                     )
             if (other.hr is None) != (first.hr is None):
                 raise ValueError("Cannot concatenate PatchSets with and without HR ground truth.")
+            if (other.texture is None) != (first.texture is None):
+                raise ValueError(
+                    "Cannot concatenate PatchSets with and without texture; make them all with the same `texture`."
+                )
         arrays = {
             name: (None if getattr(first, name) is None else np.concatenate([getattr(p, name) for p in patchsets]))
             for name in _ARRAYS
@@ -196,6 +206,7 @@ def make_patches(
     stride: int | None = None,
     min_tissue: float = 0.5,
     sample_id: str | None = None,
+    texture: bool = False,
     coordinate_system: str = COORDINATE_SYSTEM,
 ) -> PatchSet:
     """Cut a section into the paper's training/inference patches.
@@ -236,6 +247,9 @@ def make_patches(
     sample_id
         The section's sample/patient id. Default: ``sdata.attrs["c3diff"]["sample_id"]``, else derived from the
         simulation seed or the reader's path.
+    texture
+        Also cut the H&E's texture (:func:`~c3diff.pp.histology_texture`; needs the H&E at 2.5 um/px or finer), for
+        models whose mean network reads it (``mean_net_config["texture_channels"]``).
     coordinate_system
         Coordinate system (micrometres) shared by all elements.
 
@@ -278,6 +292,8 @@ def make_patches(
         raise ValueError(f"No tissue found in `image_key={image_key!r}` (the H&E looks blank at {hist_px:g} um/px).")
     inputs.add_lr(sdata, genes=genes, image_key=image_key, table_key=table_key, points_key=points_key, lr_key=lr_key)
     inputs.add_hr(sdata, image_key=image_key, hr_key=hr_key, points_key=points_key)
+    if texture:
+        inputs.add_texture(sdata, image_key=image_key)
 
     # --- patch corners on the histology grid, on LR (and HR) pixel corners ------------------------------------------
     phase_y, phase_x = inputs.phase
@@ -304,7 +320,12 @@ def make_patches(
     lr_mask = np.empty((n, lr_size, lr_size), dtype=np.uint8)
     hr = None if inputs.hr is None else np.empty((n, len(genes), hr_size, hr_size), dtype=np.float32)
     origins = np.empty((n, 2), dtype=np.float64)
+    textures = (
+        None if inputs.texture is None else np.empty((n, len(inputs.texture), patch_size, patch_size), np.float16)
+    )
     for i, (r, c) in enumerate(corners):
+        if textures is not None:
+            textures[i] = inputs.texture_window(r, c, patch_size)
         histology[i] = inputs.histology_window(r, c, patch_size)
         tissue_patches[i] = inputs.tissue_window(r, c, patch_size)
         origins[i] = (hist_grid.y0 + r * hist_px, hist_grid.x0 + c * hist_px)
@@ -330,6 +351,7 @@ def make_patches(
         "coordinate_system": coordinate_system,
         "sources": inputs.sources,
         "n_candidates": len(rows) * len(cols),
+        "texture": bool(texture),
     }
     return PatchSet(
         histology=histology,
@@ -345,4 +367,5 @@ def make_patches(
         sample_id=np.array([sample_id or _default_sample_id(sdata)] * n),
         genes=genes,
         params=params,
+        texture=textures,
     )

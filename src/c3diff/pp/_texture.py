@@ -35,10 +35,10 @@ TEXTURE_FEATURES = (
     "laplacian",
     "nucleus_size",
 )
-#: Pixel size (um) the features are computed at; the H&E must have a level at most :data:`MAX_SOURCE_PIXEL_SIZE`.
+#: Pixel size (um) the features are computed at; the H&E must have a level at most :data:`TEXTURE_MAX_PIXEL_SIZE`.
 TEXTURE_PIXEL_SIZE = 1.0
 #: Coarsest H&E pixel (um) that still resolves nuclei.
-MAX_SOURCE_PIXEL_SIZE = 2.5
+TEXTURE_MAX_PIXEL_SIZE = 2.5
 #: Grey levels (RGB mean in [0, 1]) below which a pixel is nuclear, above which it is glass or fat.
 _DARK, _BRIGHT = 0.45, 0.85
 #: Output rows computed at once (bounds memory on whole slides).
@@ -110,7 +110,7 @@ def histology_texture(
     sdata
         The section.
     image_key
-        The H&E (RGB) in ``sdata.images``; it needs a level at most :data:`MAX_SOURCE_PIXEL_SIZE` um/px.
+        The H&E (RGB) in ``sdata.images``; it needs a level at most :data:`TEXTURE_MAX_PIXEL_SIZE` um/px.
     grid
         The target grid (e.g. from :func:`c3diff.pp.histology_raster`); its pixel must be a whole number of
         texture pixels (10 um: 10).
@@ -132,10 +132,10 @@ def histology_texture(
 
     image = get_element(sdata, image_key, "images", arg="image_key")
     finest = min(g.sy for _, g in level_geometries(image, coordinate_system=coordinate_system, arg="image_key"))
-    if finest > MAX_SOURCE_PIXEL_SIZE:
+    if finest > TEXTURE_MAX_PIXEL_SIZE:
         raise ValueError(
             f"`image_key={image_key!r}` is {finest:g} um/px at its finest; texture features need nuclei resolved, "
-            f"at most {MAX_SOURCE_PIXEL_SIZE:g} um/px. Use the full-resolution H&E (or a model without texture)."
+            f"at most {TEXTURE_MAX_PIXEL_SIZE:g} um/px. Use the full-resolution H&E (or a model without texture)."
         )
     factor = max(1, round(grid.sy / max(TEXTURE_PIXEL_SIZE, finest)))
     if abs(grid.sy - grid.sx) > 1e-9 * grid.sy:

@@ -20,6 +20,7 @@ import numpy as np
 
 from c3diff._constants import ATTRS_KEY, COORDINATE_SYSTEM, HISTOLOGY_PIXEL_SIZE, LR_PIXEL_SIZE
 from c3diff._validation import check_genes, get_element, raster_geometry
+from c3diff.pp import TEXTURE_FEATURES
 
 if TYPE_CHECKING:  # pragma: no cover
     from spatialdata import SpatialData
@@ -220,7 +221,7 @@ def footprint_sums(mu: Any, rows: Any, cols: Any, weights: Any, row0: int, col0:
     return (flat[:, local] * weights[None]).sum(-1)
 
 
-def _start_model(model: Any, genes: list[str]):
+def _start_model(model: Any, genes: list[str], texture: bool):
     """A residual model for ``genes``: the ``tiny`` preset (a preset name), or a copy of ``model`` (object or folder)
     with every shape-compatible weight, the gene-specific parts fresh when its genes differ (a paper-formulation
     model gives its geometry and hint encoders; its mean stage starts fresh)."""
@@ -231,7 +232,12 @@ def _start_model(model: Any, genes: list[str]):
     from c3diff.models.presets import PRESETS
 
     if isinstance(model, str) and model in PRESETS:
-        fresh = build_model(model, genes=genes)
+        mean_config = PRESETS[model].get("mean_net_config")
+        overrides = {}
+        if mean_config is not None:  # the texture channels as asked (or as the H&E allows)
+            k = len(TEXTURE_FEATURES) if texture else 0
+            overrides["mean_net_config"] = {**mean_config, "texture_channels": k}
+        fresh = build_model(model, genes=genes, **overrides)
         if fresh.mean_net is None:
             raise ValueError(
                 f"`model={model!r}` has no conditional-mean stage; fit_slide needs a residual preset "
@@ -279,6 +285,7 @@ def fit_slide(
     genes_per_tile: int = 8,
     learning_rate: float = 1e-3,
     seed: int = 0,
+    texture: bool = False,
     progress: bool = True,
     output_dir: str | Path | None = None,
     coordinate_system: str = COORDINATE_SYSTEM,
@@ -331,6 +338,12 @@ def fit_slide(
         AdamW learning rate.
     seed
         Seeds the tiles, genes and initialisation drawn.
+    texture
+        Whether a preset's mean network reads the H&E's texture (:func:`c3diff.pp.histology_texture`: what each
+        10 um pixel holds at ~1 um/px; the H&E must be 2.5 um/px or finer). Off by default: on a real legacy-ST
+        section (her2st B4, 283 spots) a 180 s fit with texture scored below one without (the benchmarks page,
+        real-tissue pool-and-recover): a few hundred spots do not pin down a per-gene weight for each feature. A
+        given model keeps its own choice.
     progress
         Show a progress bar.
     output_dir
@@ -385,7 +398,7 @@ def fit_slide(
             f"least {MIN_PSEUDO_SPOTS}. Use a smaller `pool` or a larger section."
         )
     torch.manual_seed(seed)  # a fresh preset's initialisation
-    start_model, start_name = _start_model(model, list(genes))
+    start_model, start_name = _start_model(model, list(genes), bool(texture))
 
     # --- inputs: histology at 10 um, the pseudo-spots' LR raster on the same corner -------------------------------
     hist_px = HISTOLOGY_PIXEL_SIZE

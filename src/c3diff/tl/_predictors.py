@@ -17,11 +17,12 @@ import numpy as np
 @dataclass(frozen=True)
 class TileBatch:
     """Inputs of a batch of tiles: histology ``(B, 3, S, S)`` uint8, normalised LR ``(B, G, L, L)``, one seed per
-    tile."""
+    tile, and for models that read it the texture ``(B, K, S, S)``."""
 
     histology: np.ndarray
     lr: np.ndarray
     seeds: tuple[int, ...]
+    texture: np.ndarray | None = None
 
 
 def resolve_device(device: str) -> str:
@@ -127,6 +128,7 @@ class ModelPredictor:
                 gene_batch_size=self.gene_batch_size,
                 scale=self.scale,
                 mode=self.mode,
+                texture=None if batch.texture is None else torch.from_numpy(batch.texture.astype(np.float32)),
             )
 
         def to_numpy(t):

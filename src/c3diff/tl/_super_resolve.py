@@ -236,6 +236,7 @@ class _Call:
     revision: str | None = None
     store: Path | None = None
     store_tmp: Path | None = None
+    texture: bool = False  # the model's mean network reads the H&E's texture
 
     @property
     def writes_std(self) -> bool:
@@ -432,6 +433,7 @@ def _validate(sdata: SpatialData, image_key: str, args: dict[str, Any]) -> _Call
         model_id=model_id,
         revision=args["revision"],
         store=None if args["store"] is None else Path(args["store"]),
+        texture=method == "c3diff" and getattr(model_obj, "texture_channels", 0) > 0,
     )
     if args["inplace"]:
         keys = [call.key, *([f"{call.key}_std"] if call.writes_std else [])]
@@ -466,6 +468,8 @@ def _inputs(sdata: SpatialData, image_key: str, call: _Call, coordinate_system: 
         streamed_per_gene=bytes_per_gene(**sizes, streamed=True),
     )
     inputs.add_lr(sdata, genes=call.genes, image_key=image_key, **{f"{call.source_kind}_key": call.source_key})
+    if call.texture:
+        inputs.add_texture(sdata, image_key=image_key)
     tissue = inputs.covered_tissue()
     if not tissue.any():
         raise ValueError(
@@ -489,6 +493,7 @@ def _batches(inputs: ModelInputs, groups: list[list[Any]], call: _Call) -> list[
             histology=np.stack([inputs.histology_window(t.row, t.col, call.size) for t in group]),
             lr=minmax_normalize(np.stack([inputs.lr_window(t.row, t.col, call.size)[0] for t in group]))[0],
             seeds=tuple(int(call.seed) + t.index for t in group),
+            texture=np.stack([inputs.texture_window(t.row, t.col, call.size) for t in group]) if call.texture else None,
         )
         for group in groups
     ]

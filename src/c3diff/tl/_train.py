@@ -163,6 +163,11 @@ def _patches_from(
     if any(p.scale != scale for p in patchsets):
         raise ValueError(f"`{arg}`: patches at scales {sorted({p.scale for p in patchsets})}x, the model is {scale}x.")
     out = PatchSet.concat(patchsets)
+    if patch_kwargs.get("texture") and out.texture is None:
+        raise ValueError(
+            f"`{arg}` has no histology texture, which this model's mean network reads; make the patches with "
+            "`c3diff.pp.make_patches(..., texture=True)` (or pass the SpatialData itself)."
+        )
     if out.hr is None:
         raise ValueError(f"`{arg}` has no HR ground truth to learn from (make the patches with `points_key`/`hr_key`).")
     missing = [g for g in genes if g not in set(out.genes)]
@@ -877,6 +882,7 @@ def train(
         "lr_key": lr_key,
         "table_key": table_key,
         "min_tissue": min_tissue,
+        "texture": net.texture_channels > 0,
     }
     train_patches = _patches_from(
         data, genes=genes_model, scale=scale_model, patch_size=patch_size, patch_kwargs=patch_kwargs, arg="data"
