@@ -9,11 +9,12 @@ pattern r (how well a map places counts *inside* each 100 um LR pixel, the only 
 
 Rows:
 
-- C3-Diff (residual formulation, the ``tiny`` preset): the conditional mean; mean + residual samples (the average
-  of ``--samples`` DDIM samples); the same model at test time without LR ST;
+- C3-Diff (residual formulation, the ``tiny-texture`` preset: the mean reads the H&E's texture): the conditional
+  mean; mean + residual samples (the average of ``--samples`` DDIM samples); the same model at test time without LR
+  ST; the ``tiny`` preset (no texture);
 - C3-Diff ablations: no contrastive losses; no histology (a blank H&E in training and test: LR + gene code only);
 - C3-Diff, the paper's formulation (``formulation="paper"``: the diffusion generates the whole map);
-- a deterministic U-Net regressor given the same inputs (benchmarks/baselines/unet_regressor.py);
+- a deterministic U-Net regressor given the same inputs, texture included (benchmarks/baselines/unet_regressor.py);
 - bicubic upsampling of the LR map; the LR count spread by the H&E's squared darkness (a one-line heuristic);
 - TESLA (Hu et al. 2023) from its PyPI package (benchmarks/baselines/tesla.py), if installed;
 - the noise ceiling: the simulator's noise-free expected 10 um map (cell expectations before the Gamma-Poisson
@@ -52,6 +53,7 @@ LR_PIXELS = 10  # 10 um output pixels per 100 um LR pixel
 #: Trained rows: name -> (training options, test options).
 TRAINED = {
     "C3-Diff mean": {"model": "residual"},
+    "C3-Diff mean, no texture": {"model": "residual", "preset": "tiny"},
     "C3-Diff, no contrastive losses": {
         "model": "residual",
         "loss_weights": {"modal": 0.0, "content": 0.0, "inter_sphere": 0.0},
@@ -78,6 +80,7 @@ def _patchsets(args, sections, genes):
             stride=stride,
             scale=scale,
             sample_id=f"seed{seed}",
+            texture=True,
         )
 
     train = [patches(s, 10, 30) for s in args.train_seeds]
@@ -95,6 +98,7 @@ def _blank(patches: c3.pp.PatchSet) -> c3.pp.PatchSet:
     """The same patches with a white H&E (no histology signal)."""
     out = patches.subset(index=np.arange(len(patches)))
     out.histology = np.full_like(out.histology, 255)
+    out.texture = np.zeros_like(out.texture)  # the texture of a blank slide: its mean everywhere
     return out
 
 
@@ -104,8 +108,16 @@ def _predict(model, patches: c3.pp.PatchSet, *, mode: str, steps: int, samples: 
     for i in range(len(patches)):
         histology = torch.from_numpy(patches.histology[i : i + 1].astype(np.float32) / 255.0)
         lr = torch.from_numpy(patches.lr[i : i + 1]) if with_lr else None
+        texture = torch.from_numpy(patches.texture[i : i + 1].astype(np.float32)) if model.texture_channels else None
         mean, _ = model.predict(
-            histology, lr, num_inference_steps=steps, n_samples=samples, seed=i, gene_batch_size=64, mode=mode
+            histology,
+            lr,
+            num_inference_steps=steps,
+            n_samples=samples,
+            seed=i,
+            gene_batch_size=64,
+            mode=mode,
+            texture=texture,
         )
         out.append(mean.numpy())
     return np.concatenate(out)
@@ -129,7 +141,7 @@ def _train_row(job: tuple) -> tuple[str, int, dict[str, np.ndarray], str]:
         )
         out[name] = predict_unet_regressor(unet, t10)
         return name, seed, out, f"{unet.training_log['steps']} steps"
-    preset = "tiny" if spec["model"] == "residual" else "tiny-paper"
+    preset = spec.get("preset", "tiny-texture" if spec["model"] == "residual" else "tiny-paper")
     with tempfile.TemporaryDirectory() as work:
         learning_rate = args.learning_rate if spec["model"] == "residual" else args.paper_learning_rate
         result = c3.tl.train(
@@ -171,8 +183,16 @@ def _sample_mean(model, patches, *, steps: int, samples: int) -> np.ndarray:
     for i in range(len(patches)):
         histology = torch.from_numpy(patches.histology[i : i + 1].astype(np.float32) / 255.0)
         lr = torch.from_numpy(patches.lr[i : i + 1])
+        texture = torch.from_numpy(patches.texture[i : i + 1].astype(np.float32)) if model.texture_channels else None
         draws = draw_samples(
-            model, histology, lr, num_inference_steps=steps, n_samples=samples, seed=i, gene_batch_size=64
+            model,
+            histology,
+            lr,
+            num_inference_steps=steps,
+            n_samples=samples,
+            seed=i,
+            gene_batch_size=64,
+            texture=texture,
         )
         out.append(draws.mean(dim=2).numpy())
     return np.concatenate(out)

@@ -75,13 +75,14 @@ class UNetRegressor(ModelMixin, ConfigMixin):
         layers_per_block: int = 1,
         norm_num_groups: int = 8,
         lr_skip: bool = True,
+        texture_channels: int = 0,
     ) -> None:
         super().__init__()
         if scale not in (5, 10):
             raise ValueError(f"`scale` must be 5 or 10, got {scale!r}.")
         n = len(block_out_channels)
         self.unet = UNet2DModel(
-            in_channels=4,  # RGB histology + the upsampled LR map
+            in_channels=4 + texture_channels,  # RGB histology (+ its texture, when the patches have it) + the LR map
             out_channels=1,
             block_out_channels=tuple(block_out_channels),
             layers_per_block=layers_per_block,
@@ -148,6 +149,8 @@ def _batches_of_items(patches: PatchSet, channels: np.ndarray, items: np.ndarray
     """Tensors of a batch of (patch, gene) items: histology, LR map and HR target (``None`` without truth)."""
     p, g = items[:, 0], items[:, 1]
     histology = torch.from_numpy(patches.histology[p].astype(np.float32) / 255.0)
+    if patches.texture is not None:  # the same inputs as a C3-Diff model that reads the texture
+        histology = torch.cat([histology, torch.from_numpy(patches.texture[p].astype(np.float32))], dim=1)
     lr = torch.from_numpy(np.ascontiguousarray(patches.lr[p, channels[g]][:, None]))
     hr = None if patches.hr is None else torch.from_numpy(np.ascontiguousarray(patches.hr[p, channels[g]][:, None]))
     return histology, lr, hr
@@ -311,6 +314,7 @@ def _fit(
         block_out_channels=tuple(block_out_channels),
         layers_per_block=layers_per_block,
         lr_skip=lr_skip,
+        texture_channels=0 if train.texture is None else int(train.texture.shape[1]),
     ).to(device)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate)
