@@ -127,6 +127,8 @@ def _time(model, run: dict, *, genes: int, tiles: int, repeats: int, precision: 
     generator = torch.Generator().manual_seed(0)
     histology = torch.rand(tiles, 3, s, s, generator=generator)
     lr = torch.rand(tiles, n_genes, lr_size, lr_size, generator=generator)
+    k = model.texture_channels
+    texture = torch.randn(tiles, k, s, s, generator=generator) if k else None
     gene_batch = auto_gene_batch_size(model, n_genes, mode=run["mode"], n_samples=run["n_samples"], device=device)
     autocast = (
         torch.autocast(device_type=device.type, dtype=torch.bfloat16)
@@ -144,6 +146,7 @@ def _time(model, run: dict, *, genes: int, tiles: int, repeats: int, precision: 
                 num_inference_steps=run["steps"] or 1,
                 n_samples=run["n_samples"],
                 gene_batch_size=gene_batch,
+                texture=texture,
             )
         if device.type == "cuda":
             torch.cuda.synchronize(device)

@@ -122,6 +122,7 @@ def main() -> None:
         patch_size=model.config.image_size,
         stride=30,
         sample_id="benchmark",
+        texture=model.texture_channels > 0,
     )
     if len(patches) < 2:
         raise ValueError(f"The section has {len(patches)} tissue tile(s); the swap test needs two. Raise `--size`.")
@@ -129,8 +130,15 @@ def main() -> None:
     lr_tiles = torch.from_numpy(patches.lr.astype(np.float32))
     with torch.no_grad():
         kwargs = {"num_inference_steps": args.steps, "n_samples": args.samples, "seed": 0}
-        own, _ = model.predict(histology, lr_tiles, **kwargs)
-        swapped, _ = model.predict(histology.roll(len(patches) // 2, dims=0), lr_tiles, **kwargs)
+        texture = None if patches.texture is None else torch.from_numpy(patches.texture.astype(np.float32))
+        own, _ = model.predict(histology, lr_tiles, texture=texture, **kwargs)
+        shift = len(patches) // 2  # the histology swapped, its texture with it
+        swapped, _ = model.predict(
+            histology.roll(shift, dims=0),
+            lr_tiles,
+            texture=None if texture is None else texture.roll(shift, dims=0),
+            **kwargs,
+        )
     sensitivity = float((own - swapped).abs().mean() / own.abs().mean())
 
     elapsed = time.perf_counter() - start
