@@ -510,7 +510,10 @@ class C3DiffModel(ModelMixin, ConfigMixin):
         model.load_state_dict(self.state_dict())
         model.noise_scheduler = type(self.noise_scheduler).from_config(self.noise_scheduler.config)
         model.training_config = self.training_config
-        return model.to(self.device, self.dtype).train(self.training)
+        model = model.to(self.device)
+        if model.dtype != self.dtype:  # (diffusers warns about every dtype cast: only when there is one)
+            model = model.to(self.dtype)
+        return model.train(self.training)
 
     @torch.no_grad()
     def first_stage_statistics(self, maps: torch.Tensor, *, latent_scaling: str = "std") -> dict[str, float]:
