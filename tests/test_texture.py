@@ -165,10 +165,26 @@ def test_patches_carry_the_texture_through_save_concat_and_the_dataset(tmp_path,
         c3diff.pp.PatchSet.concat([patches, plain])
 
 
-def test_train_refuses_patches_without_the_texture_its_model_reads(tmp_path, toy_section):
-    patches = c3diff.pp.make_patches(toy_section, genes=["GENE_A"], points_key="transcripts", patch_size=64)
+def test_train_refuses_patches_without_the_texture_its_model_reads_and_validates_with_it(tmp_path, toy_section):
+    genes = ["GENE_A", "GENE_B"]
+    patches = c3diff.pp.make_patches(toy_section, genes=genes, points_key="transcripts", patch_size=64)
     with pytest.raises(ValueError, match=r"no histology texture.*make_patches\(\.\.\., texture=True\)"):
         c3diff.tl.train(patches, output_dir=tmp_path / "run", model="tiny-texture", max_steps=1, progress=False)
+    # given the section itself, train makes the patches with texture and validates the model on them
+    result = c3diff.tl.train(
+        toy_section,
+        val_data=toy_section,
+        points_key="transcripts",
+        output_dir=tmp_path / "run2",
+        model="tiny-texture",
+        genes=genes,
+        max_steps=2,
+        mean_max_steps=2,
+        batch_size=2,
+        progress=False,
+    )
+    assert result.model.texture_channels == len(TEXTURE_FEATURES)
+    assert np.isfinite(result.history["val_pcc"].dropna()).all() and len(result.history["val_pcc"].dropna())
 
 
 def test_super_resolve_reads_the_texture_and_refuses_coarse_images(toy_section):

@@ -22,7 +22,7 @@ import torch
 from c3diff._atomic import recover_all, remove_folder, write_folder
 from c3diff._constants import ATTRS_KEY
 from c3diff.models.training_config import TrainingConfig
-from c3diff.pp import PatchSet, make_patches, split_samples
+from c3diff.pp import ModelGeometry, PatchSet, make_patches, split_samples
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -162,6 +162,14 @@ def _patches_from(
         raise ValueError(f"`{arg}`: patches of {sizes} px do not match the model's {patch_size} px tiles.")
     if any(p.scale != scale for p in patchsets):
         raise ValueError(f"`{arg}`: patches at scales {sorted({p.scale for p in patchsets})}x, the model is {scale}x.")
+    geometry = patch_kwargs.get("geometry")
+    sizes = {(p.params.get("histology_pixel_size"), p.params.get("lr_pixel_size")) for p in patchsets}
+    if geometry is not None and sizes != {(geometry.histology_pixel_size, geometry.lr_pixel_size)}:
+        raise ValueError(
+            f"`{arg}`: patches at (histology, LR) pixel sizes {sorted(sizes)} um, the model's are "
+            f"({geometry.histology_pixel_size:g}, {geometry.lr_pixel_size:g}) um. Make them with "
+            "`c3diff.pp.make_patches(..., geometry=c3diff.pp.ModelGeometry.of_model(model.config))`."
+        )
     out = PatchSet.concat(patchsets)
     if patch_kwargs.get("texture") and out.texture is None:
         raise ValueError(
@@ -352,6 +360,7 @@ def validation_scores(
         num_inference_steps=steps,
         n_samples=n_samples,
         seed=seed,
+        texture=None if not model.texture_channels else torch.from_numpy(patches.texture[index].astype(np.float32)),
     )
     model.train(was_training)
     truth = patches.hr[index][:, picked]
@@ -882,6 +891,7 @@ def train(
         "lr_key": lr_key,
         "table_key": table_key,
         "min_tissue": min_tissue,
+        "geometry": ModelGeometry.of_model(net.config),  # the model's pixel sizes, as super_resolve uses them
         "texture": net.texture_channels > 0,
     }
     train_patches = _patches_from(
