@@ -352,3 +352,36 @@ def test_select_genes_on_spatialdata_requires_table_key(toy_section):
         c3.pp.select_genes(toy_section, n_top_genes=2)
     with pytest.warns(UserWarning, match="seurat_v3"):
         assert len(c3.pp.select_genes(toy_section, table_key="table", n_top_genes=2, inplace=False)) == 2
+
+
+def test_make_patches_at_a_models_geometry_and_the_shared_padding(toy_section):
+    """Patches at a model's own pixel sizes (20 um histology, 200 um LR): their HR truth pooled over each LR pixel
+    is that LR pixel's count; windows past the data follow :data:`c3diff.pp._model_inputs.PADDING` (white glass,
+    maps repeating their edge, LR mask "outside"), for training as for super_resolve."""
+    from c3diff._constants import MASK_OUTSIDE
+
+    geometry = c3.pp.ModelGeometry(histology_pixel_size=20.0, lr_pixel_size=200.0)
+    patches = c3.pp.make_patches(
+        toy_section,
+        genes=["GENE_A", "GENE_B"],
+        points_key="transcripts",
+        patch_size=32,
+        min_tissue=0.3,
+        geometry=geometry,
+    )
+    params = patches.params
+    assert (params["histology_pixel_size"], params["lr_pixel_size"], params["hr_pixel_size"]) == (20.0, 200.0, 20.0)
+    assert patches.histology.shape[-1] == 32 and patches.lr.shape[-1] == 4 and patches.hr.shape[-1] == 32
+    hr, lr = patches.hr_counts(), patches.lr_counts()
+    pooled = hr[:, :, :30, :30].reshape(len(patches), 2, 3, 10, 3, 10).sum(axis=(3, 5))  # whole LR pixels
+    np.testing.assert_allclose(pooled, lr[:, :, :3, :3], rtol=1e-5, atol=1e-4)
+
+    inputs = c3.pp.model_inputs(toy_section, image_key="hne", genes=["GENE_B"], table_key="table", geometry=geometry)
+    h, w = inputs.histology.shape[-2:]
+    corner = ((h - 20) // 10 * 10, (w - 20) // 10 * 10)  # on an LR corner, running past the data's bottom-right
+    histology = inputs.histology_window(*corner, 30)
+    counts, mask = inputs.lr_window(*corner, 30)
+    assert (histology[:, h - corner[0] :, :] == 255).all() and (histology[:, :, w - corner[1] :] == 255).all()
+    n_y, n_x = inputs.lr.shape[-2] - corner[0] // 10, inputs.lr.shape[-1] - corner[1] // 10
+    assert (mask[n_y:, :] == MASK_OUTSIDE).all() and (mask[:, n_x:] == MASK_OUTSIDE).all()
+    np.testing.assert_array_equal(counts[:, n_y:, :n_x], np.repeat(counts[:, n_y - 1 : n_y, :n_x], 3 - n_y, axis=1))

@@ -243,3 +243,15 @@ def test_residual_training_runs_its_stages_and_resumes_exactly(patchsets, tmp_pa
         train(patchsets, output_dir=tmp_path / "bad", model="tiny", genes=GENES, batch_size=8, training_config=saved)
     with pytest.raises(ValueError, match="mean_loss"):
         train(patchsets, model="tiny", genes=GENES, output_dir=tmp_path / "bad", mean_loss="gaussian")
+
+
+def test_patches_at_other_pixel_sizes_than_the_models_are_refused(patchsets, tmp_path):
+    with pytest.raises(ValueError, match=r"pixel sizes \[\(10.0, 100.0\)\] um, the model's are \(20, 200\) um"):
+        train(
+            patchsets,
+            model="tiny",
+            genes=GENES,
+            output_dir=tmp_path,
+            model_overrides={"histology_pixel_size": 20.0, "hr_pixel_size": 20.0, "lr_pixel_size": 200.0},
+        )
+    assert not (tmp_path / "checkpoints").exists()

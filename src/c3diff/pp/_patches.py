@@ -206,14 +206,17 @@ def make_patches(
     stride: int | None = None,
     min_tissue: float = 0.5,
     sample_id: str | None = None,
+    geometry: ModelGeometry | None = None,
     texture: bool = False,
     coordinate_system: str = COORDINATE_SYSTEM,
 ) -> PatchSet:
     """Cut a section into the paper's training/inference patches.
 
-    The histology is resampled from the H&E (through its transform) to 10 um/px; a patch is ``patch_size`` pixels
-    square (the paper: 256 px = 2.56 mm). Its LR map is the ``ceil(patch_size * 10 / 100)`` LR pixels (100 um)
-    starting at the same corner; its HR map covers the patch at 10 um (``scale=10``) or 20 um (``scale=5``).
+    The histology is resampled from the H&E (through its transform) to 10 um/px (the ``geometry``'s histology pixel
+    size); a patch is ``patch_size`` pixels square (the paper: 256 px = 2.56 mm). Its LR map is the
+    ``ceil(patch_size * 10 / 100)`` LR pixels (100 um) starting at the same corner; its HR map covers the patch at
+    10 um (``scale=10``) or 20 um (``scale=5``). Windows are cut from :class:`~c3diff.pp.ModelInputs`, as
+    :func:`c3diff.tl.super_resolve` cuts its tiles.
     Maps are min-max normalised per (patch, gene) (:doc:`/method`, *Normalisation and units*), the ranges kept.
 
     Parameters
@@ -250,6 +253,9 @@ def make_patches(
     texture
         Also cut the H&E's texture (:func:`~c3diff.pp.histology_texture`; needs the H&E at 2.5 um/px or finer), for
         models whose mean network reads it (``mean_net_config["texture_channels"]``).
+    geometry
+        The model's pixel sizes (:class:`~c3diff.pp.ModelGeometry`, e.g. ``ModelGeometry.of_model(model.config)``;
+        its scale is replaced by ``scale``). Default: the paper's 10 um histology and 100 um LR maps.
     coordinate_system
         Coordinate system (micrometres) shared by all elements.
 
@@ -265,7 +271,7 @@ def make_patches(
     >>> patches.hr.shape  # doctest: +SKIP
     (1, 2, 256, 256)
     """
-    geometry = ModelGeometry(scale=check_scale(scale))
+    geometry = (geometry or ModelGeometry()).at_scale(check_scale(scale))
     if not isinstance(patch_size, int) or patch_size < 8 or patch_size % 2:
         raise ValueError(f"`patch_size` must be an even integer >= 8 (histology pixels), got {patch_size!r}.")
     if not 0.0 <= min_tissue <= 1.0:
