@@ -360,6 +360,7 @@ def validation_scores(
         num_inference_steps=steps,
         n_samples=n_samples,
         seed=seed,
+        texture=None if not model.texture_channels else torch.from_numpy(patches.texture[index].astype(np.float32)),
     )
     model.train(was_training)
     truth = patches.hr[index][:, picked]
