@@ -59,15 +59,24 @@ class PeakRSS:
         import psutil
 
         self._process = psutil.Process()
-        self.start = self.peak = self._process.memory_info().rss
+        self.start = self.peak = self.window = self._process.memory_info().rss
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._watch, daemon=True)
         self._thread.start()
 
     def _watch(self) -> None:
         while not self._done.is_set():
-            self.peak = max(self.peak, self._process.memory_info().rss)
+            rss = self._process.memory_info().rss
+            self.peak, self.window = max(self.peak, rss), max(self.window, rss)
             time.sleep(0.02)
+
+    def open_window(self) -> None:
+        """Start a new window: :attr:`window` is then the peak since this call."""
+        self.window = self._process.memory_info().rss
+
+    def close_window(self) -> int:
+        self.window = max(self.window, self._process.memory_info().rss)
+        return self.window
 
     def stop(self) -> dict[str, float]:
         self._done.set()
@@ -94,9 +103,22 @@ class StageTimer:
         "write": ("_parse_layer",),
     }
 
-    def __init__(self) -> None:
+    #: Timed within *inputs* only for the peak memory of that stage (its time is the remainder, see :meth:`split`).
+    INPUTS = ("bin_transcripts", "spots_to_grid", "detect_tissue", "plan_tiles")
+
+    def __init__(self, memory: PeakRSS | None = None) -> None:
         self.seconds = {"read": 0.0, "inputs": 0.0, "model": 0.0, "calibrate": 0.0, "write": 0.0}
+        self.peak_rss = dict.fromkeys(self.seconds, 0.0)  # MiB, the largest RSS seen during each stage
+        self.memory = memory
         self._patches: list[tuple[object, str, object]] = []
+
+    def _enter(self) -> None:
+        if self.memory is not None:
+            self.memory.open_window()
+
+    def _leave(self, stage: str) -> None:
+        if self.memory is not None:
+            self.peak_rss[stage] = max(self.peak_rss[stage], self.memory.close_window() / 2**20)
 
     def _wrap(self, owner, name: str, stage: str) -> None:
         original = getattr(owner, name, None)
@@ -105,10 +127,12 @@ class StageTimer:
 
         def timed(*args, **kwargs):
             start = time.perf_counter()
+            self._enter()
             try:
                 return original(*args, **kwargs)
             finally:
                 self.seconds[stage] += time.perf_counter() - start
+                self._leave(stage)
 
         self._patches.append((owner, name, original))
         setattr(owner, name, timed)
@@ -122,12 +146,14 @@ class StageTimer:
             iterator = iter(original(*args, **kwargs))
             while True:
                 start = time.perf_counter()
+                self._enter()
                 try:
                     item = next(iterator)
                 except StopIteration:
-                    self.seconds["model"] += time.perf_counter() - start
                     return
-                self.seconds["model"] += time.perf_counter() - start
+                finally:
+                    self.seconds["model"] += time.perf_counter() - start
+                    self._leave("model")
                 yield item
 
         self._patches.append((module, "run_tasks", original))
@@ -138,7 +164,7 @@ class StageTimer:
         import c3diff.tl._super_resolve as module
         from c3diff.tl import _tiling
 
-        for stage, names in self.STAGES.items():
+        for stage, names in {**self.STAGES, "inputs": self.INPUTS}.items():
             for name in names:
                 self._wrap(module, name, stage)
         self._wrap_tasks(module)
@@ -191,7 +217,8 @@ def _worker(spec: dict) -> dict:
         import shutil
 
         shutil.rmtree(spec["store"])
-    timer = StageTimer()
+    timer = StageTimer(memory)
+    timer.peak_rss["read"] = memory.peak / 2**20  # read_zarr's
     kwargs = dict(points_key="transcripts", store=spec["store"], progress=False, genes=genes)
     if spec["method"] == "bicubic":
         kwargs.update(method="bicubic", tile_size=64)
@@ -210,6 +237,7 @@ def _worker(spec: dict) -> dict:
         "tiles": params["n_tiles"],
         **memory.stop(),
         "stages": timer.split(total, read_zarr),
+        "stage_peak_rss_mib": timer.peak_rss,
         "steps": params.get("steps"),
         "n_samples": params.get("n_samples"),
         "torch_threads": torch.get_num_threads(),
@@ -559,6 +587,26 @@ def _markdown(args, results: dict) -> str:
                 + " | ".join(_fmt(st.get(k)) for k in ("read", "inputs", "model", "calibrate", "write"))
                 + " |"
             )
+        with_rss = [r for r in rows if r.get("stage_peak_rss_mib")]
+        if with_rss:
+            lines += [
+                "",
+                "Peak RSS during each stage (MiB, whole process; the stages as above, *inputs* measured over the LR "
+                "raster, tissue mask and tile plan):",
+                "",
+                "| run | area | start | read | inputs | model | calibrate | write |",
+                "|---|---|---|---|---|---|---|---|",
+            ]
+            for r in sorted(with_rss, key=lambda r: (runs.index(r["run"]), areas.get(r["area"], 3))):
+                rss = r["stage_peak_rss_mib"]
+                start = r["peak_rss_mib"] - r["peak_above_start_mib"]
+                lines.append(
+                    f"| {r['run']} | {r['area']} | {start:.0f} | "
+                    + " | ".join(
+                        _fmt(rss.get(k) or None, ".0f") for k in ("read", "inputs", "model", "calibrate", "write")
+                    )
+                    + " |"
+                )
         lines += [
             "",
             "Stage columns are seconds; *model* includes loading the model (imports, weights). TESLA's "
