@@ -90,10 +90,10 @@ class StageTimer:
     of ``c3diff.tl._super_resolve`` no longer has are skipped; their time lands in *inputs*, the remainder)."""
 
     STAGES = {
-        "read": ("histology_raster",),
+        "read": ("histology_raster", "histology_texture"),
         "model": ("_load_model",),
         "calibrate": (
-            "_to_counts",
+            "to_counts",
             "layer_tissue_mask",
             "zero_off_tissue",
             "spot_footprints",
@@ -161,12 +161,15 @@ class StageTimer:
 
     @contextlib.contextmanager
     def patched(self):
+        import c3diff.pp._model_inputs as inputs_module
+        import c3diff.pp._texture as texture_module
         import c3diff.tl._super_resolve as module
         from c3diff.tl import _tiling
 
         for stage, names in {**self.STAGES, "inputs": self.INPUTS}.items():
-            for name in names:
-                self._wrap(module, name, stage)
+            for name in names:  # super_resolve's helpers, and those its inputs are built with
+                for owner in (module, inputs_module, texture_module):
+                    self._wrap(owner, name, stage)
         self._wrap_tasks(module)
         for cls_name in ("BlendAccumulator",):
             cls = getattr(module, cls_name, getattr(_tiling, cls_name, None))
@@ -321,13 +324,20 @@ def _steps_table(args) -> list[dict]:
 
     import c3diff as c3
     from c3diff.models.sampling import draw_samples
-    from c3diff.tl._super_resolve import _to_counts
+    from c3diff.tl._calibration import to_counts as _to_counts
 
     warnings.filterwarnings("ignore")
     model = c3.models.load_demo_model().eval()
     sdata = c3.datasets.simulate_section(width=args.steps_size, height=args.steps_size, seed=1000, progress=False)
     patches = c3.pp.make_patches(
-        sdata, genes=model.genes, points_key="transcripts", patch_size=64, stride=60, scale=10, sample_id="seed1000"
+        sdata,
+        genes=model.genes,
+        points_key="transcripts",
+        patch_size=64,
+        stride=60,
+        scale=10,
+        sample_id="seed1000",
+        texture=model.texture_channels > 0,
     )
     lr_counts = patches.lr_counts()
 
@@ -349,8 +359,16 @@ def _steps_table(args) -> list[dict]:
             torch.from_numpy(patches.lr[i : i + 1]),
         )
 
+    def texture(i: int) -> dict:  # for a demo model whose mean reads the H&E's texture
+        if not model.texture_channels:
+            return {}
+        return {"texture": torch.from_numpy(patches.texture[i : i + 1].astype(np.float32))}
+
     mean = np.concatenate(
-        [model.predict(*inputs(i), mode="mean", gene_batch_size=None)[0].numpy() for i in range(len(patches))]
+        [
+            model.predict(*inputs(i), mode="mean", gene_batch_size=None, **texture(i))[0].numpy()
+            for i in range(len(patches))
+        ]
     )
 
     def spread(draws: np.ndarray) -> float:  # the std layer super_resolve writes: scaled as the mean is, in counts
@@ -384,7 +402,13 @@ def _steps_table(args) -> list[dict]:
         draws = np.concatenate(
             [
                 draw_samples(
-                    model, *inputs(i), n_samples=args.samples, num_inference_steps=steps, seed=i, gene_batch_size=None
+                    model,
+                    *inputs(i),
+                    n_samples=args.samples,
+                    num_inference_steps=steps,
+                    seed=i,
+                    gene_batch_size=None,
+                    **texture(i),
                 ).numpy()
                 for i in range(len(patches))
             ]
