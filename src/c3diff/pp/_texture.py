@@ -9,6 +9,7 @@ features reach 10x PCC 0.47 and within-pixel pattern r 0.40, the squared darknes
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -41,8 +42,10 @@ TEXTURE_PIXEL_SIZE = 1.0
 TEXTURE_MAX_PIXEL_SIZE = 2.5
 #: Grey levels (RGB mean in [0, 1]) below which a pixel is nuclear, above which it is glass or fat.
 _DARK, _BRIGHT = 0.45, 0.85
-#: Output rows computed at once (bounds memory on whole slides).
+#: Output rows whose features are computed at once (bounds the float maps on whole slides).
 _BAND_ROWS = 32
+#: Texture pixels of the H&E read in one piece (3 bytes each: 384 MiB); larger slides are read in bands.
+_READ_ONCE_PIXELS = 2**27
 
 
 def _cell_features(rgb: np.ndarray, factor: int, pixel_size: float) -> np.ndarray:
@@ -141,18 +144,18 @@ def histology_texture(
     if abs(grid.sy - grid.sx) > 1e-9 * grid.sy:
         raise ValueError(f"`grid` must have square pixels, got {grid.sy:g} x {grid.sx:g} um.")
     out = np.zeros((len(TEXTURE_FEATURES), grid.height, grid.width), dtype=np.float32)
-    for r0 in range(0, grid.height, _BAND_ROWS):
-        rows = min(_BAND_ROWS, grid.height - r0)
-        band = RasterGeometry(
-            y0=grid.y0 + r0 * grid.sy,
-            x0=grid.x0,
-            sy=grid.sy / factor,
-            sx=grid.sx / factor,
-            height=rows * factor,
-            width=grid.width * factor,
-        )
+    fine = RasterGeometry(
+        y0=grid.y0, x0=grid.x0, sy=grid.sy / factor, sx=grid.sx / factor, height=0, width=grid.width * factor
+    )
+    # read the H&E once when it fits (a lazy pyramid level is computed per read), else band by band
+    band_rows = grid.height if grid.height * grid.width * factor**2 <= _READ_ONCE_PIXELS else _BAND_ROWS
+    for r0 in range(0, grid.height, band_rows):
+        rows = min(band_rows, grid.height - r0)
+        band = replace(fine, y0=grid.y0 + r0 * grid.sy, height=rows * factor)
         rgb, _ = histology_raster(sdata, image_key, grid=band, coordinate_system=coordinate_system)
-        out[:, r0 : r0 + rows] = _cell_features(rgb, factor, band.sy)
+        for b0 in range(0, rows, _BAND_ROWS):  # features of a few rows at a time: float maps of the band's size
+            b1 = min(b0 + _BAND_ROWS, rows)
+            out[:, r0 + b0 : r0 + b1] = _cell_features(rgb[:, b0 * factor : b1 * factor], factor, band.sy)
     ymin, xmin, ymax, xmax = raster_geometry(image, coordinate_system=coordinate_system, arg="image_key").extent
     cy, cx = grid.pixel_centres()
     inside = ((cy >= ymin) & (cy < ymax))[:, None] & ((cx >= xmin) & (cx < xmax))[None, :]
