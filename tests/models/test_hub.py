@@ -312,11 +312,11 @@ def test_training_config_round_trips_beside_the_model(tmp_path):
         assert c3diff.models.from_pretrained(tmp_path / "m").training_config is None
 
 
-def test_the_bundled_demo_model_is_the_tiny_preset_trained():
-    """The presets are what is trained: the demo model's network is `tiny` exactly; only the first stage's fitted
-    statistics and the description of its training data differ."""
+def test_the_bundled_demo_model_is_a_tiny_preset_trained():
+    """The presets are what is trained: the demo model's network is `tiny-texture` (or `tiny`, without texture)
+    exactly; only the first stage's fitted statistics and the description of its training data differ."""
     demo = c3diff.models.load_demo_model()
-    preset = c3diff.models.build_model("tiny", genes=demo.genes)
+    preset = c3diff.models.build_model("tiny-texture" if demo.texture_channels else "tiny", genes=demo.genes)
     keys = {k for k in set(demo.config) | set(preset.config) if not k.startswith("_")}
     differ = {k for k in keys if demo.config.get(k) != preset.config.get(k)}
     assert differ == {"latent_shift", "latent_scale", "training_data"}

@@ -44,8 +44,8 @@ TEXTURE_MAX_PIXEL_SIZE = 2.5
 _DARK, _BRIGHT = 0.45, 0.85
 #: Output rows whose features are computed at once (bounds the float maps on whole slides).
 _BAND_ROWS = 32
-#: Texture pixels of the H&E read in one piece (3 bytes each: 384 MiB); larger slides are read in bands.
-_READ_ONCE_PIXELS = 2**27
+#: Texture pixels of the H&E read at once (resampled as float32: 192 MiB); larger slides are read in bands of rows.
+_READ_PIXELS = 2**24
 
 
 def _cell_features(rgb: np.ndarray, factor: int, pixel_size: float) -> np.ndarray:
@@ -147,8 +147,8 @@ def histology_texture(
     fine = RasterGeometry(
         y0=grid.y0, x0=grid.x0, sy=grid.sy / factor, sx=grid.sx / factor, height=0, width=grid.width * factor
     )
-    # read the H&E once when it fits (a lazy pyramid level is computed per read), else band by band
-    band_rows = grid.height if grid.height * grid.width * factor**2 <= _READ_ONCE_PIXELS else _BAND_ROWS
+    # the H&E in as few reads as memory allows (a lazy pyramid level is computed again for every read)
+    band_rows = max(_BAND_ROWS, _READ_PIXELS // max(grid.width * factor**2, 1))
     for r0 in range(0, grid.height, band_rows):
         rows = min(band_rows, grid.height - r0)
         band = replace(fine, y0=grid.y0 + r0 * grid.sy, height=rows * factor)
