@@ -1,7 +1,7 @@
 """Fault injection: runs killed with SIGKILL (in a subprocess) after and during a write, then resumed or rerun.
 
 Each test checks what the user sees (the error type and the words that say what to do) and that nothing already on
-disk changed; a resumed training run must equal the uninterrupted run bit for bit (CPU).
+disk changed; a resumed training run must equal the uninterrupted run bit for bit (CPU, one torch thread).
 """
 
 from __future__ import annotations
@@ -23,6 +23,9 @@ from toy_sections import make_toy_section
 import c3diff as c3
 from c3diff._geometry import scale0
 from c3diff.tl._train import _clean_checkpoints, _latest_checkpoint, _write_folder_atomically, train
+
+#: the training runs (the killed ones in subprocesses too, see ``_killed_run``) run on one torch thread
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 GENES = ["GENE_A", "GENE_B", "GENE_C"]
 #: 2 sections x 4 patches x 3 genes: 2 mean-stage and 4 residual steps per epoch (checkpoints at steps 2, 4, 8, 12)
@@ -133,7 +136,7 @@ def patch_files(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(patch_files, tmp_path_factory):
+def uninterrupted(one_torch_thread, patch_files, tmp_path_factory):
     """The reference: the whole run without interruption."""
     folder = tmp_path_factory.mktemp("uninterrupted")
     with pytest.warns(UserWarning, match="no validation data"):

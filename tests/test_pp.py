@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 from toy_sections import make_toy_section
@@ -352,6 +354,23 @@ def test_select_genes_on_spatialdata_requires_table_key(toy_section):
         c3.pp.select_genes(toy_section, n_top_genes=2)
     with pytest.warns(UserWarning, match="seurat_v3"):
         assert len(c3.pp.select_genes(toy_section, table_key="table", n_top_genes=2, inplace=False)) == 2
+
+
+def test_select_genes_keeps_torchs_thread_count(toy_section):
+    """scanpy's numba kernels share torch's OpenMP runtime and left it at every core (a later training run in the same
+    process then summed in another order than a resumed one: tests/test_fault_injection.py after this module)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        for flavor in ("seurat", "seurat_v3"):  # (seurat_v3 falls back to seurat on the toy's few genes)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                c3.pp.select_genes(toy_section, table_key="table", n_top_genes=2, flavor=flavor, inplace=False)
+            assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_make_patches_at_a_models_geometry_and_the_shared_padding(toy_section):

@@ -75,7 +75,7 @@ def test_optimiser_defaults_are_table_1(patchsets, tmp_path):
     assert (group["lr"], tuple(group["betas"]), group["eps"], group["weight_decay"]) == (1e-5, (0.9, 0.999), 1e-8, 0.5)
 
 
-def test_resume_reproduces_the_uninterrupted_run(patchsets, tmp_path):
+def test_resume_reproduces_the_uninterrupted_run(one_torch_thread, patchsets, tmp_path):
     common = dict(
         model="tiny",
         genes=GENES,
@@ -208,7 +208,7 @@ def test_batches_of_several_genes_per_patch():
         PatchBatchSampler(patch_of_item, batch_size=4, seed=0, genes_per_patch=0)
 
 
-def test_residual_training_runs_its_stages_and_resumes_exactly(patchsets, tmp_path):
+def test_residual_training_runs_its_stages_and_resumes_exactly(one_torch_thread, patchsets, tmp_path):
     common = dict(
         model="tiny",
         genes=GENES,

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
@@ -17,6 +19,20 @@ if TYPE_CHECKING:  # pragma: no cover
     from spatialdata import SpatialData
 
 _MIN_GENES_SEURAT_V3 = 20
+
+
+@contextmanager
+def _torch_threads_kept() -> Iterator[None]:
+    """Keep torch's intra-op thread count across scanpy calls: scanpy's numba kernels run on the OpenMP runtime torch
+    shares and leave it at numba's thread count (every core, whatever ``OMP_NUM_THREADS`` says), so a later model
+    call or training run in the same process would otherwise use other threads, and sum in another order."""
+    torch = sys.modules.get("torch")  # (not imported here: torch imported later reads its threads from the env)
+    threads = torch.get_num_threads() if torch is not None else None
+    try:
+        yield
+    finally:
+        if torch is not None and torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
 
 
 def _resolve_table(data: SpatialData | AnnData, table_key: str | None) -> AnnData:
@@ -106,18 +122,19 @@ def select_genes(
             stacklevel=2,
         )
         flavor = "seurat"
-    if flavor == "seurat_v3":
-        result = sc.pp.highly_variable_genes(
-            work, n_top_genes=adata.n_vars, flavor="seurat_v3", batch_key=batch_key, inplace=False
-        )
-        score = result["variances_norm"].to_numpy()
-    elif flavor in ("seurat", "cell_ranger"):
-        sc.pp.normalize_total(work)
-        sc.pp.log1p(work)
-        result = sc.pp.highly_variable_genes(work, flavor=flavor, batch_key=batch_key, inplace=False)
-        score = result["dispersions_norm"].to_numpy()
-    else:
+    if flavor not in ("seurat_v3", "seurat", "cell_ranger"):
         raise ValueError(f"`flavor` must be 'seurat_v3', 'seurat' or 'cell_ranger', got {flavor!r}.")
+    with _torch_threads_kept():
+        if flavor == "seurat_v3":
+            result = sc.pp.highly_variable_genes(
+                work, n_top_genes=adata.n_vars, flavor="seurat_v3", batch_key=batch_key, inplace=False
+            )
+            score = result["variances_norm"].to_numpy()
+        else:
+            sc.pp.normalize_total(work)
+            sc.pp.log1p(work)
+            result = sc.pp.highly_variable_genes(work, flavor=flavor, batch_key=batch_key, inplace=False)
+            score = result["dispersions_norm"].to_numpy()
     score = np.nan_to_num(np.asarray(score, dtype=float), nan=-np.inf)
     ranking = [var_names[i] for i in np.argsort(-score, kind="stable")]
     rank = {g: r for r, g in enumerate(ranking)}

@@ -746,11 +746,13 @@ def train(
         Write a checkpoint every this many epochs.
     resume
         ``"latest"`` or a checkpoint folder (``output_dir/checkpoints/step-N``): continue that run exactly - the same
-        weights as the uninterrupted run, bit for bit on the CPU (data order and position in the epoch, step counter,
-        noise generator and process-wide random streams are restored; ``data``, ``batch_size``, ``seed`` and
-        ``mean_genes_per_patch`` must be the run's, else ``ValueError``). Checkpoints are written to a temporary
-        folder and renamed when complete, so ``"latest"`` is the newest complete one, also after a kill; what a
-        killed run left is cleaned up, and ``log.jsonl`` is trimmed to the checkpoint's step.
+        weights as the uninterrupted run, bit for bit on the CPU with one torch thread (data order and position in
+        the epoch, step counter, noise generator and process-wide random streams are restored; ``data``,
+        ``batch_size``, ``seed`` and ``mean_genes_per_patch`` must be the run's, else ``ValueError``; on several
+        threads the CPU kernels may sum in another order, so that two uninterrupted runs can differ in the last
+        bits too). Checkpoints are written to a temporary folder and renamed when complete, so ``"latest"`` is the
+        newest complete one, also after a kill; what a killed run left is cleaned up, and ``log.jsonl`` is trimmed
+        to the checkpoint's step.
     num_workers
         DataLoader workers.
     progress
