@@ -221,7 +221,7 @@ def footprint_sums(mu: Any, rows: Any, cols: Any, weights: Any, row0: int, col0:
     return (flat[:, local] * weights[None]).sum(-1)
 
 
-def _start_model(model: Any, genes: list[str], texture: bool):
+def _start_model(model: Any, genes: list[str], texture: bool = False):
     """A residual model for ``genes``: the ``tiny`` preset (a preset name), or a copy of ``model`` (object or folder)
     with every shape-compatible weight, the gene-specific parts fresh when its genes differ (a paper-formulation
     model gives its geometry and hint encoders; its mean stage starts fresh)."""
