@@ -142,12 +142,15 @@ class C3DiffModel(ModelMixin, ConfigMixin):
         mean + sampled residual (CorrDiff's regression-then-residual-diffusion pattern).
     mean_net_config
         ``"residual"`` only: ``block_out_channels``, ``layers_per_block`` and ``norm_num_groups`` of the mean
-        network's histology trunk (a U-Net), ``head_channels``, the width of its gene head, and ``histology_prior``
-        (start the logits from bicubic times the squared H&E darkness, with a learned exponent per gene; see
-        :class:`~c3diff.models.conditional_mean.ConditionalMeanNet`).
+        network's histology trunk (a U-Net), ``head_channels``, the width of its gene head, ``histology_prior``
+        (start the logits from bicubic times the squared H&E darkness, with a learned exponent per gene) and
+        ``texture_channels`` (read the H&E's texture, :func:`c3diff.pp.histology_texture`; 0: none); see the
+        class :class:`~c3diff.models.conditional_mean.ConditionalMeanNet`.
     training_data
         Free text recorded in the model card (what the model was trained on).
 
+    Notes
+    -----
     The config holds the network only: architecture, geometry and the noise schedule it was trained with. The
     training recipe (loss weights, contrastive temperature, feature augmentation, min-SNR, stage budgets) is a
     :class:`~c3diff.models.training_config.TrainingConfig`, passed to the loss methods and saved by

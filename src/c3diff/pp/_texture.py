@@ -42,6 +42,9 @@ TEXTURE_PIXEL_SIZE = 1.0
 TEXTURE_MAX_PIXEL_SIZE = 2.5
 #: Grey levels (RGB mean in [0, 1]) below which a pixel is nuclear, above which it is glass or fat.
 _DARK, _BRIGHT = 0.45, 0.85
+#: Floor of a feature's spread when standardising: a feature (nearly) constant over the slide, e.g. on a flat-coloured
+#: image, stays (nearly) 0 rather than its rounding noise being blown up to unit spread.
+_MIN_SPREAD = 1e-3
 #: Output rows whose features are computed at once (bounds the float maps on whole slides).
 _BAND_ROWS = 32
 #: Texture pixels of the H&E read at once (resampled as float32: 192 MiB); larger slides are read in bands of rows.
@@ -163,7 +166,7 @@ def histology_texture(
     if not where.any():
         where = inside if inside.any() else np.ones_like(inside)
     mean = out[:, where].mean(axis=1)
-    sd = out[:, where].std(axis=1) + 1e-6
+    sd = np.maximum(out[:, where].std(axis=1), _MIN_SPREAD)
     out = np.clip((out - mean[:, None, None]) / sd[:, None, None], -5.0, 5.0)
     out[:, ~inside] = 0.0
     return out.astype(np.float32)

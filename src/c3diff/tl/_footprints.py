@@ -109,6 +109,14 @@ def _smoothing_kernel(pixels_yx: np.ndarray, centres: np.ndarray, sigma: float) 
     return sparse.diags(np.where(totals > 0, 1.0 / np.where(totals > 0, totals, 1.0), 0.0)) @ kernel
 
 
+#: A footprint predicted to hold less than this fraction of its count is treated as empty (its count is first spread
+#: evenly over it), so that no round multiplies by more than about its inverse.
+_EMPTY_SHARE = 1e-3
+#: Largest factor (and smallest, its inverse) one round applies to a footprint's ratio: a measurement the model
+#: missed by orders of magnitude is met over several rounds, not by one jump that its neighbours' pixels share.
+_MAX_STEP = 10.0
+
+
 def match_footprints(
     values: Any,
     grid: RasterGeometry,
@@ -127,8 +135,9 @@ def match_footprints(
     weights normalised per pixel) and the layer multiplied by it, until every footprint sum is within
     ``tolerance`` (relative, or absolute below one count) of its count. The pattern inside each footprint is the
     model's; values stay non-negative; pixels off ``tissue`` are not touched (they are 0 in a masked layer).
-    A footprint whose prediction is 0 while its count is not first gets the count spread evenly over its tissue
-    pixels. Measurements with less than :data:`MIN_FOOTPRINT_ON_TISSUE` of their footprint on tissue are left out.
+    A footprint whose prediction sums to less than a thousandth of its count first gets the count spread evenly over
+    its tissue pixels, and no round moves a ratio by more than ten times. Measurements with less than
+    :data:`MIN_FOOTPRINT_ON_TISSUE` of their footprint on tissue are left out.
 
     Parameters
     ----------
@@ -190,7 +199,7 @@ def match_footprints(
         original = m.copy()
         y = counts[:, genes]
         s = weights @ m
-        empty = (s <= 0) & (y > 0)
+        empty = (s < _EMPTY_SHARE * y) & (y > 0)  # a ratio to a near-zero sum would blow up the multiplicative rounds
         if empty.any():
             m += support.T @ np.where(empty, y / support_area[:, None], 0.0)
         # genes still off are iterated in a compact array of their own; the converged ones are written back
@@ -206,7 +215,7 @@ def match_footprints(
                 if not active.size:
                     break
             rounds += 1
-            ratio = np.where(s > 0, target / np.where(s > 0, s, 1.0), 1.0)
+            ratio = np.where(s > 0, target / np.where(s > 0, s, 1.0), 1.0).clip(1 / _MAX_STEP, _MAX_STEP)
             factor = kernel @ ratio**RELAXATION
             factor[unreached] = 1.0
             work *= factor
