@@ -180,6 +180,7 @@ def test_train_refuses_patches_without_the_texture_its_model_reads_and_validates
         genes=genes,
         max_steps=2,
         mean_max_steps=2,
+        backbone_steps=1,
         batch_size=2,
         progress=False,
     )
