@@ -103,21 +103,26 @@ def _blank(patches: c3.pp.PatchSet) -> c3.pp.PatchSet:
 
 
 # ------------------------------------------------------------------------------------------------ predictions
+def _tile(model, patches: c3.pp.PatchSet, i: int, *, with_lr: bool = True) -> dict:
+    """Patch ``i`` as the model's input: histology, LR maps (or None) and, for models that read it, the texture."""
+    texture = patches.texture[i : i + 1].astype(np.float32) if model.texture_channels else None
+    return {
+        "histology": torch.from_numpy(patches.histology[i : i + 1].astype(np.float32) / 255.0),
+        "lr": torch.from_numpy(patches.lr[i : i + 1]) if with_lr else None,
+        "texture": None if texture is None else torch.from_numpy(texture),
+    }
+
+
 def _predict(model, patches: c3.pp.PatchSet, *, mode: str, steps: int, samples: int, with_lr: bool = True):
     out = []
     for i in range(len(patches)):
-        histology = torch.from_numpy(patches.histology[i : i + 1].astype(np.float32) / 255.0)
-        lr = torch.from_numpy(patches.lr[i : i + 1]) if with_lr else None
-        texture = torch.from_numpy(patches.texture[i : i + 1].astype(np.float32)) if model.texture_channels else None
         mean, _ = model.predict(
-            histology,
-            lr,
+            **_tile(model, patches, i, with_lr=with_lr),
             num_inference_steps=steps,
             n_samples=samples,
             seed=i,
             gene_batch_size=64,
             mode=mode,
-            texture=texture,
         )
         out.append(mean.numpy())
     return np.concatenate(out)
@@ -181,18 +186,8 @@ def _sample_mean(model, patches, *, steps: int, samples: int) -> np.ndarray:
 
     out = []
     for i in range(len(patches)):
-        histology = torch.from_numpy(patches.histology[i : i + 1].astype(np.float32) / 255.0)
-        lr = torch.from_numpy(patches.lr[i : i + 1])
-        texture = torch.from_numpy(patches.texture[i : i + 1].astype(np.float32)) if model.texture_channels else None
         draws = draw_samples(
-            model,
-            histology,
-            lr,
-            num_inference_steps=steps,
-            n_samples=samples,
-            seed=i,
-            gene_batch_size=64,
-            texture=texture,
+            model, **_tile(model, patches, i), num_inference_steps=steps, n_samples=samples, seed=i, gene_batch_size=64
         )
         out.append(draws.mean(dim=2).numpy())
     return np.concatenate(out)
