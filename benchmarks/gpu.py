@@ -121,7 +121,7 @@ def _runs(name: str, model, args) -> list[dict]:
 def _time(model, run: dict, *, genes: int, tiles: int, repeats: int, precision: str, device) -> dict:
     import torch
 
-    from c3diff.models.sampling import auto_gene_batch_size
+    from c3diff.models._sampling import auto_gene_batch_size
 
     s, lr_size, n_genes = model.config.image_size, model.config.lr_size, min(genes, model.num_genes)
     generator = torch.Generator().manual_seed(0)

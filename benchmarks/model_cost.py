@@ -19,7 +19,7 @@ import time
 import torch
 
 import c3diff
-from c3diff.models.controlnet import DECODER_MODULES, ENCODER_MODULES
+from c3diff.models._controlnet import DECODER_MODULES, ENCODER_MODULES
 
 
 def _count(modules) -> int:

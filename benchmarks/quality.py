@@ -182,7 +182,7 @@ def _train_row(job: tuple) -> tuple[str, int, dict[str, np.ndarray], str]:
 
 def _sample_mean(model, patches, *, steps: int, samples: int) -> np.ndarray:
     """Average of ``samples`` mean + residual samples per (patch, gene)."""
-    from c3diff.models.sampling import draw_samples
+    from c3diff.models import draw_samples
 
     out = []
     for i in range(len(patches)):

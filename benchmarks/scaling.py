@@ -323,7 +323,7 @@ def _steps_table(args) -> list[dict]:
     from diffusers import DPMSolverMultistepScheduler
 
     import c3diff as c3
-    from c3diff.models.sampling import draw_samples
+    from c3diff.models import draw_samples
     from c3diff.tl._calibration import to_counts as _to_counts
 
     warnings.filterwarnings("ignore")

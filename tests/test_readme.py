@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import c3diff as c3
-from c3diff.models import bundled
+from c3diff.models import _bundled as bundled
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

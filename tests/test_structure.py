@@ -108,7 +108,7 @@ def test_a_model_folder_names_its_class_from_the_registry_only(tmp_path):
     import json
 
     import c3diff
-    from c3diff.models.hub import MODEL_CLASSES
+    from c3diff.models._hub import MODEL_CLASSES
 
     model = c3diff.models.build_model("tiny", genes=["EPCAM", "PTPRC"], scale=10)
     c3diff.models.save_pretrained(model, tmp_path)

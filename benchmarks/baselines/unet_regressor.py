@@ -31,7 +31,7 @@ from diffusers import ModelMixin, UNet2DModel
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 
 from c3diff._validation import check_genes
-from c3diff.models.hint_encoders import lr_condition_image
+from c3diff.models._hint_encoders import lr_condition_image
 
 if TYPE_CHECKING:  # pragma: no cover
     from c3diff.pp import PatchSet

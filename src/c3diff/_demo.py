@@ -63,7 +63,7 @@ def run_demo(
     import matplotlib.pyplot as plt
 
     import c3diff as c3
-    from c3diff.models.bundled import demo_model_path
+    from c3diff.models import demo_model_path
 
     quiet = not progress
     start = time.perf_counter()

@@ -8,7 +8,7 @@ import torch
 
 import c3diff
 from c3diff.models import TrainingConfig
-from c3diff.models.autoencoder import autoencoder_loss
+from c3diff.models._autoencoder import autoencoder_loss
 from c3diff.tl._train import _fit_map_stage
 
 CONFIG = {

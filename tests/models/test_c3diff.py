@@ -8,7 +8,7 @@ import torch
 
 import c3diff
 from c3diff.models import C3DiffModel, TrainingConfig
-from c3diff.models.controlnet import unet_forward_with_residuals
+from c3diff.models._controlnet import unet_forward_with_residuals
 
 ENCODERS = ("histology_content", "st_content", "histology_modal", "st_modal")
 

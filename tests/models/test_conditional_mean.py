@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import c3diff
-from c3diff.models.conditional_mean import block_log_softmax, multinomial_nll, poisson_nll, share_map
+from c3diff.models._conditional_mean import block_log_softmax, multinomial_nll, poisson_nll, share_map
 
 
 def _toy_batch(generator: torch.Generator, n_tiles: int = 8, genes_per_tile: int = 2):
@@ -123,7 +123,7 @@ def test_sampling_keeps_the_exact_mean_and_adds_spread():
     sampled_mean, std = model.predict(histology, lr, mode="sample", n_samples=3, num_inference_steps=2)
     assert torch.equal(mean, sampled_mean)
     assert std.shape == mean.shape and float(std.max()) > 0
-    draws = c3diff.models.sampling.draw_samples(model, histology, lr, n_samples=3, num_inference_steps=2)
+    draws = c3diff.models.draw_samples(model, histology, lr, n_samples=3, num_inference_steps=2)
     assert draws.shape == (1, 2, 3, 64, 64) and float(draws.min()) >= 0
     torch.testing.assert_close(draws.std(dim=2), std)
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import UNet2DModel
 
-from c3diff.models.controlnet import UNet2DControlNetModel, unet_decode, unet_encode, unet_forward_with_residuals
+from c3diff.models._controlnet import UNet2DControlNetModel, unet_decode, unet_encode, unet_forward_with_residuals
 
 
 def _unet(**kwargs) -> UNet2DModel:

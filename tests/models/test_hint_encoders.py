@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from c3diff.models.hint_encoders import HintEncoder, gene_code_map, lr_condition_image, sphere_noise_augment
+from c3diff.models._hint_encoders import HintEncoder, gene_code_map, lr_condition_image, sphere_noise_augment
 
 
 def test_encoder_reaches_the_latent_size_with_a_zero_hint_and_a_live_embedding():

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import re
 
 import huggingface_hub
 import pytest
@@ -13,7 +15,8 @@ from huggingface_hub.errors import LocalEntryNotFoundError
 from safetensors.torch import load_file, save_file
 
 import c3diff
-from c3diff.models import C3DiffModel, hub
+from c3diff.models import C3DiffModel
+from c3diff.models import _hub as hub
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -322,3 +325,62 @@ def test_the_bundled_demo_model_is_a_tiny_preset_trained():
     assert differ == {"latent_shift", "latent_scale", "training_data"}
     assert all(demo.is_fitted(stage) for stage in ("first_stage", "backbone", "mean"))
     assert {k: v.shape for k, v in demo.state_dict().items()} == {k: v.shape for k, v in preset.state_dict().items()}
+
+
+def test_folders_naming_the_old_public_module_paths_load(tmp_path):
+    """config.json records `_module` (c3diff writes the package, `c3diff.models`); a folder saved before the modules
+    became private, or edited to name the module that defined the class then, loads by the registry - the bundled
+    demo model included - and nothing is imported by the name in the file."""
+    import shutil
+
+    demo_folder = c3diff.models.demo_model_path()
+    assert json.loads((demo_folder / "config.json").read_text())["_module"] == "c3diff.models"
+    demo = c3diff.models.from_pretrained(demo_folder)
+    assert type(demo) is C3DiffModel and demo.is_fitted("mean")
+
+    old = shutil.copytree(demo_folder, tmp_path / "old")
+    config = json.loads((old / "config.json").read_text())
+    for module in ("c3diff.models.c3diff", None):  # None: a config without `_module` (diffusers writes none)
+        changed = {k: v for k, v in config.items() if k != "_module"}
+        if module is not None:
+            changed["_module"] = module
+        (old / "config.json").write_text(json.dumps(changed))
+        loaded = c3diff.models.from_pretrained(old)
+        assert type(loaded) is C3DiffModel, module
+        for (k, a), (_, b) in zip(demo.state_dict().items(), loaded.state_dict().items(), strict=True):
+            assert torch.equal(a, b), (module, k)
+    # every old public module path is mapped to the private module now at its place; the old paths are gone
+    assert hub.MODEL_MODULES["c3diff.models"] == "c3diff.models"
+    assert hub.MODEL_MODULES["c3diff.models.c3diff"] == C3DiffModel.__module__ == "c3diff.models._c3diff"
+    for old_path, new_path in hub.MODEL_MODULES.items():
+        if old_path != "c3diff.models":
+            assert importlib.util.find_spec(new_path) is not None, new_path
+            assert importlib.util.find_spec(old_path) is None, old_path
+    # new saves name the package and the bare class name, never the private module that defines the class
+    model = c3diff.models.build_model("tiny", genes=["A"])
+    model.save_pretrained(str(tmp_path / "new"))
+    saved = json.loads((tmp_path / "new" / "config.json").read_text())
+    assert (saved["_module"], saved["_class_name"]) == ("c3diff.models", "C3DiffModel")
+    assert "_diffusers_version" in saved and not any("._" in str(v) for k, v in saved.items() if k.startswith("_"))
+
+
+@pytest.mark.parametrize(
+    ("class_name", "module"),
+    [
+        ("C3DiffModelV2", "c3diff.models"),  # a class this version does not have
+        ("C3DiffModelV2", "c3diff.models.c3diff"),
+        ("UNet2DControlNetModel", "c3diff.models.controlnet"),  # a c3diff class, but no model class
+        ("C3DiffModel", "c3diff.models.losses"),  # the module never defined the class
+        ("C3DiffModel", "c3diff.models.nonexistent"),
+    ],
+)
+def test_a_config_naming_an_unknown_class_is_refused(tmp_path, class_name, module):
+    model = c3diff.models.build_model("tiny", genes=["A"])
+    model.save_pretrained(str(tmp_path / "m"))
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**config, "_class_name": class_name, "_module": module}))
+    named = rf"names the class {re.escape(module)}\.{class_name}, .*the model classes are c3diff\.models\.C3DiffModel"
+    with pytest.raises(ValueError, match=named):
+        c3diff.models.from_pretrained(tmp_path / "m")
+    # the caller may name the class: the registry is only for what a file names
+    assert type(C3DiffModel.from_pretrained(tmp_path / "m")) is C3DiffModel

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from c3diff.models.losses import (
+from c3diff.models._losses import (
     LossWeights,
     content_loss,
     diffusion_mse,

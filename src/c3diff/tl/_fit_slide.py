@@ -227,9 +227,7 @@ def _start_model(model: Any, genes: list[str], texture: bool = False):
     model gives its geometry and hint encoders; its mean stage starts fresh)."""
     import torch
 
-    from c3diff.models import C3DiffModel, build_model, from_pretrained
-    from c3diff.models.c3diff import config_kwargs
-    from c3diff.models.presets import PRESETS
+    from c3diff.models import PRESETS, C3DiffModel, build_model, config_kwargs, from_pretrained
 
     if isinstance(model, str) and model in PRESETS:
         mean_config = PRESETS[model].get("mean_net_config")
@@ -458,7 +456,7 @@ def fit_slide(
     optimizer = torch.optim.AdamW(params, lr=learning_rate)
     counts_t = torch.as_tensor(spots.counts, dtype=torch.float32)
     block = fitted.output_block()
-    from c3diff.models.conditional_mean import block_pixel_counts
+    from c3diff.models import block_pixel_counts
 
     visible = (block_pixel_counts(size, size, block) / block**2).to(device)  # cut LR pixels: their visible share
     n_genes = len(genes)

@@ -130,7 +130,7 @@ def _choose_lr_source(sdata: SpatialData, table_key: str | None, points_key: str
 
 def _load_model(model: Any, revision: str | None):
     if model is None:
-        from c3diff.models.bundled import MODEL_CHOICES
+        from c3diff.models import MODEL_CHOICES
 
         raise ValueError(
             f"`model` is required with method='c3diff', got None. Pass {MODEL_CHOICES}; or use "
@@ -142,7 +142,7 @@ def _load_model(model: Any, revision: str | None):
         return from_pretrained(str(model), revision=revision), str(model)
     if not hasattr(model, "predict") or not hasattr(model, "config"):
         raise TypeError(f"`model` must be a c3diff model, a local folder or a Hub repo id, got {type(model).__name__}.")
-    from c3diff.models.hub import warn_ignored_revision
+    from c3diff.models import warn_ignored_revision
 
     warn_ignored_revision(revision, what="a model object")
     return model, None
@@ -271,7 +271,7 @@ def _model_setup(
 ) -> tuple[Any, str | None, str, ModelGeometry, int, list[str]]:
     """The model, its id, the mode, its stored geometry at ``scale``, its tile size and its genes."""
     model_obj, model_id = _load_model(model, revision)
-    from c3diff.models.bundled import warn_demo_on_real_data
+    from c3diff.models import warn_demo_on_real_data
 
     warn_demo_on_real_data(model_obj, sdata)  # once: the demo model knows simulated tissue only
     config = model_obj.config
@@ -503,7 +503,7 @@ def _predictor(call: _Call) -> tuple[Any, Any]:
     """The per-tile predictor and the model argument its tasks get (a path, a scattered model, or the model)."""
     if call.method != "c3diff":
         return BicubicPredictor(factor=call.geometry.hr_per_lr, out_size=call.out_size), None
-    from c3diff.models.sampling import auto_gene_batch_size
+    from c3diff.models import auto_gene_batch_size
 
     config = call.model.config
     model_genes = list(config["genes"] if isinstance(config, dict) else config.genes)
@@ -788,7 +788,7 @@ def super_resolve(
     batch_size
         Tiles per dask task (and model call); default :data:`DEVICE_DEFAULTS` (4 on the CPU, 16 on a GPU). A tile's
         genes go through the model in as few calls as memory allows
-        (:func:`~c3diff.models.sampling.auto_gene_batch_size`).
+        (:func:`~c3diff.models._sampling.auto_gene_batch_size`).
     device
         ``"auto"`` (a GPU when visible), ``"cpu"``, ``"cuda"``, ...
     seed

@@ -21,7 +21,7 @@ import torch
 
 from c3diff._atomic import recover_all, remove_folder, write_folder
 from c3diff._constants import ATTRS_KEY
-from c3diff.models.training_config import TrainingConfig
+from c3diff.models import TrainingConfig
 from c3diff.pp import ModelGeometry, PatchSet, make_patches, split_samples
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -479,7 +479,7 @@ class _LossModule(torch.nn.Module):
         if self.stage == "backbone":
             return self.model.compute_backbone_losses(batch, generator=generator)
         if self.stage == "first_stage":  # a VQ autoencoder learning to reconstruct the maps
-            from c3diff.models.autoencoder import autoencoder_loss
+            from c3diff.models import autoencoder_loss
 
             return autoencoder_loss(self.model.vqvae, self.model.target_image(batch))
         return self.model.compute_losses(batch, recipe=self.recipe, generator=generator)
@@ -543,7 +543,7 @@ def _fit_map_stage(
     from torch.utils.data import DataLoader, RandomSampler
     from tqdm.auto import tqdm
 
-    from c3diff.models.c3diff import config_kwargs
+    from c3diff.models import config_kwargs
 
     if stage == "first_stage" and net.vqvae is None:
         fitted = net.with_config(
@@ -580,7 +580,7 @@ def _fit_map_stage(
     if stage == "backbone":
         net.finish_backbone()
         return net
-    from c3diff.models.autoencoder import estimate_scaling_factor
+    from c3diff.models import estimate_scaling_factor
 
     size = recipe.batch_size
     images = (net.target_image(maps[i : i + size]) for i in range(0, min(len(maps), 16 * size), size))
@@ -692,7 +692,7 @@ def train(
     (:meth:`~c3diff.models.C3DiffModel.is_fitted`; e.g. a pretrained backbone) are skipped.
 
     The recipe (every argument below that says how to train, not what on or where) is collected in a
-    :class:`~c3diff.models.training_config.TrainingConfig`, handed to the model's loss methods and saved as
+    :class:`~c3diff.models.TrainingConfig`, handed to the model's loss methods and saved as
     ``training_config.json`` beside every model the run writes; the model's ``config.json`` holds the network only.
 
     Parameters
@@ -783,7 +783,7 @@ def train(
         On-sphere noise augmentation of the ST features during training (0.03).
     min_snr_gamma
         Min-SNR-gamma weighting of the diffusion loss (``None``: the paper's plain mean; see
-        :func:`c3diff.models.losses.min_snr_weights`).
+        :func:`c3diff.models._losses.min_snr_weights`).
     latent_scaling
         Pixel-space first stage: ``"std"`` (unit-variance latents) or ``"range"`` (the maps' [-1, 1] range).
     training_config

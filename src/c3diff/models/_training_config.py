@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from c3diff.models.losses import LossWeights
+from c3diff.models._losses import LossWeights
 
 __all__ = ["LEGACY_RECIPE_KEYS", "MEAN_LOSSES", "TRAINING_CONFIG_NAME", "TrainingConfig"]
 
@@ -36,7 +36,7 @@ LEGACY_RECIPE_KEYS = (
     "latent_scaling",
 )
 
-#: Count likelihoods of the conditional-mean stage (see :mod:`c3diff.models.conditional_mean`).
+#: Count likelihoods of the conditional-mean stage (see :mod:`c3diff.models._conditional_mean`).
 MEAN_LOSSES = ("multinomial", "poisson")
 
 
@@ -57,7 +57,7 @@ class TrainingConfig:
         On-sphere noise augmentation of the ST features of complete samples during training (0.03).
     min_snr_gamma
         Weight ``L_mse`` per sample by ``min(SNR, gamma) / SNR`` (``/ (SNR + 1)`` for v-prediction), see
-        :func:`c3diff.models.losses.min_snr_weights`; ``None``: the paper's plain mean.
+        :func:`c3diff.models._losses.min_snr_weights`; ``None``: the paper's plain mean.
     latent_scaling
         Pixel-space first stage: ``"std"`` (the latents get unit variance over the training maps) or ``"range"``
         (scale 1: the maps keep their [-1, 1] range). See ``C3DiffModel``'s ``latent_scale``.
@@ -147,7 +147,7 @@ class TrainingConfig:
             raise ValueError(f"`lr_missing_fraction` must be in [0, 1], got {self.lr_missing_fraction!r}.")
 
     def loss_weights(self) -> LossWeights:
-        """The four loss weights as :class:`~c3diff.models.losses.LossWeights`."""
+        """The four loss weights as :class:`~c3diff.models.LossWeights`."""
         return LossWeights(
             mse=self.lambda_mse,
             modal=self.lambda_modal,

@@ -4,7 +4,7 @@ Training
     For a sample ``m`` without LR ST, ``C_y^m = alpha * sum_k softmax_k(<C_h^m, C_h^k> / tau) C_y^k`` and
     ``M_y^m = beta * sum_k softmax_k(<M_h^m, M_h^k> / tau) M_y^k`` over the complete samples ``k`` of the batch,
     with learnable scalars ``alpha``, ``beta`` (initialised to 1). Similarities use the normalised embeddings, the
-    imputed values are embeddings (see :mod:`c3diff.models.hint_encoders`); imputed samples enter only ``L_mse``.
+    imputed values are embeddings (see :mod:`c3diff.models._hint_encoders`); imputed samples enter only ``L_mse``.
 
 Inference
     A tile without LR ST has no batch of complete samples to borrow from (and its result should not depend on which
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from c3diff.models.losses import TEMPERATURE, sphere_normalize
+from c3diff.models._losses import TEMPERATURE, sphere_normalize
 
 __all__ = ["FeatureImputer", "impute_features"]
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
-    from c3diff.models.c3diff import C3DiffModel
+    from c3diff.models._c3diff import C3DiffModel
 
 #: Folder (inside the installed package) of the demo model written by ``scripts/train_demo_model.py``.
 DEMO_MODEL = "demo_model"
@@ -53,7 +53,7 @@ def load_demo_model() -> C3DiffModel:
     >>> model.config.image_size  # doctest: +SKIP
     64
     """
-    from c3diff.models.hub import from_pretrained
+    from c3diff.models._hub import from_pretrained
 
     return from_pretrained(str(demo_model_path()))
 

@@ -30,8 +30,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from c3diff._panels import paper_genes
-from c3diff.models.c3diff import C3DiffModel
-from c3diff.models.training_config import LEGACY_RECIPE_KEYS
+from c3diff.models._c3diff import C3DiffModel
+from c3diff.models._training_config import LEGACY_RECIPE_KEYS
 from c3diff.pp import TEXTURE_FEATURES
 
 __all__ = ["PRESETS", "build_model", "preset_config"]

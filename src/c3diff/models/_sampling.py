@@ -30,11 +30,11 @@ import torch.nn.functional as F
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
-from c3diff.models.conditional_mean import share_map
-from c3diff.models.hint_encoders import ModalityFeatures
+from c3diff.models._conditional_mean import share_map
+from c3diff.models._hint_encoders import ModalityFeatures
 
 if TYPE_CHECKING:  # pragma: no cover
-    from c3diff.models.c3diff import C3DiffModel
+    from c3diff.models._c3diff import C3DiffModel
 
 __all__ = ["auto_gene_batch_size", "draw_samples", "noise_generator", "sample"]
 

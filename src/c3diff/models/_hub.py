@@ -42,11 +42,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from c3diff._version import __version__
-from c3diff.models.autoencoder import downsampling_factor
-from c3diff.models.c3diff import C3DiffModel, config_kwargs
-from c3diff.models.model_card import make_model_card
-from c3diff.models.presets import preset_config
-from c3diff.models.training_config import TRAINING_CONFIG_NAME, TrainingConfig
+from c3diff.models._autoencoder import downsampling_factor
+from c3diff.models._c3diff import C3DiffModel, config_kwargs
+from c3diff.models._model_card import make_model_card
+from c3diff.models._presets import preset_config
+from c3diff.models._training_config import TRAINING_CONFIG_NAME, TrainingConfig
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "from_ldm", "from_pretrained", "push_to_hub", "save_pretrained"]
 
@@ -56,10 +56,38 @@ WEIGHTS_NAME = "model.safetensors"
 SCHEDULER_NAME = "scheduler_config.json"
 _PICKLE_WEIGHTS_NAME = "model.bin"
 CARD_NAME = "README.md"
-#: Public module that exports the model classes; recorded in config.json (checkpoints depend on it staying stable).
+#: The public package that exports the model classes: what :func:`save_pretrained` records as ``_module`` in
+#: config.json (never the private module that defines a class, which may move; saved models depend on it).
 _PUBLIC_MODULE = "c3diff.models"
-#: The model classes a config.json may name (its ``_class_name``); nothing else is resolved or imported.
+#: The model classes a config.json may name (its ``_class_name``, written by diffusers' ``ConfigMixin`` as the bare
+#: class name): the only classes :func:`from_pretrained` instantiates. A name not here is refused; no class or module
+#: is ever imported because a file names it.
 MODEL_CLASSES: dict[str, type] = {"C3DiffModel": C3DiffModel}
+#: The ``_module`` values a config.json may record, each with the module that holds its classes now: the public
+#: package (what c3diff writes) and the public module paths the models' modules had before they became private
+#: (``c3diff.models.c3diff`` is now ``c3diff.models._c3diff``). A folder naming one of these loads when the class is
+#: exported by the package or defined in the module now at that path; any other value is refused.
+MODEL_MODULES: dict[str, str] = {
+    _PUBLIC_MODULE: _PUBLIC_MODULE,
+    **{
+        f"c3diff.models.{name}": f"c3diff.models._{name}"
+        for name in (
+            "autoencoder",
+            "bundled",
+            "c3diff",
+            "conditional_mean",
+            "controlnet",
+            "hint_encoders",
+            "hub",
+            "imputation",
+            "losses",
+            "model_card",
+            "presets",
+            "sampling",
+            "training_config",
+        )
+    },
+}
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
 
@@ -159,7 +187,8 @@ def from_pretrained(
     device
         Where to put the model.
     model_class
-        The class to instantiate (default: the one recorded in ``config.json``, which must live in c3diff).
+        The class to instantiate (default: the class ``config.json`` names, one of c3diff's model classes; see
+        ``MODEL_CLASSES``).
     torch_dtype
         Cast the floating-point weights to this dtype (e.g. ``torch.bfloat16`` on a GPU).
     variant
@@ -169,7 +198,7 @@ def from_pretrained(
     -------
     The model in eval mode, with the sampling scheduler of ``scheduler_config.json`` when the folder has one (any
     diffusers scheduler; older folders: the DDIM scheduler of the config) and ``model.training_config``, the
-    :class:`~c3diff.models.training_config.TrainingConfig` it was trained with (``training_config.json``), or
+    :class:`~c3diff.models.TrainingConfig` it was trained with (``training_config.json``), or
     ``None`` when not recorded.
 
     Folders written by c3diff <= 0.1 kept the training recipe (loss weights, ``st_noise_sigma``,
@@ -309,7 +338,7 @@ def load_weights(model: torch.nn.Module, path: str | Path, *, fitted_stages: lis
 
 
 #: ``config.json`` keys of c3diff <= 0.1 that are no network options any more: the training recipe (mapped to a
-#: :class:`~c3diff.models.training_config.TrainingConfig`), the fitted-stage flags (mapped to the ``fitted_stages``
+#: :class:`~c3diff.models.TrainingConfig`), the fitted-stage flags (mapped to the ``fitted_stages``
 #: buffer) and options nothing used.
 _LEGACY_FLAGS = ("first_stage_fitted", "backbone_fitted", "mean_fitted")
 
@@ -318,7 +347,7 @@ def split_legacy_config(config: dict, *, path: str | Path) -> tuple[dict, dict]:
     """Split a ``config.json`` into the network's config and what older versions kept there.
 
     Returns ``(config, legacy)``; ``legacy`` may hold ``"recipe"`` (the training-recipe entries) and
-    ``"fitted_stages"`` (the flags, in :data:`~c3diff.models.c3diff.FITTED_STAGES` order). A legacy entry whose
+    ``"fitted_stages"`` (the flags, in :data:`~c3diff.models._c3diff.FITTED_STAGES` order). A legacy entry whose
     value the current version cannot honour is an error that says so.
 
     Examples
@@ -327,7 +356,7 @@ def split_legacy_config(config: dict, *, path: str | Path) -> tuple[dict, dict]:
     >>> net, legacy["recipe"], legacy["fitted_stages"]
     ({'genes': ['A']}, {'lambda_mse': 1.0}, [False, False, True])
     """
-    from c3diff.models.training_config import LEGACY_RECIPE_KEYS
+    from c3diff.models._training_config import LEGACY_RECIPE_KEYS
 
     config = dict(config)
     legacy: dict[str, Any] = {}
@@ -642,14 +671,31 @@ def _offline_message(what: str, repo_id: str, revision: str | None, reason: str 
 
 
 def _model_class(config: dict) -> type:
-    """The model class recorded in a config, looked up in :data:`MODEL_CLASSES` (no module is imported)."""
-    name, module = config.get("_class_name", "C3DiffModel"), config.get("_module", _PUBLIC_MODULE)
+    """The model class a config names (``_module`` and ``_class_name``), looked up in :data:`MODEL_CLASSES` and
+    :data:`MODEL_MODULES`; nothing is imported.
+
+    Examples
+    --------
+    >>> _model_class({"_class_name": "C3DiffModel", "_module": "c3diff.models.c3diff"}).__name__  # old path
+    'C3DiffModel'
+    >>> _model_class({"_class_name": "Popen", "_module": "subprocess"})
+    Traceback (most recent call last):
+    ...
+    ValueError: config.json names the class subprocess.Popen, which is not part of c3diff; ...
+    """
+    name, module = str(config.get("_class_name", "C3DiffModel")), str(config.get("_module", _PUBLIC_MODULE))
+    known = ", ".join(f"{_PUBLIC_MODULE}.{known}" for known in MODEL_CLASSES)
     if not (module == "c3diff" or module.startswith("c3diff.")):
-        raise ValueError(f"config.json names the class {module}.{name}, which is not part of c3diff.")
-    cls = MODEL_CLASSES.get(str(name))
-    if cls is None:
         raise ValueError(
-            f"config.json names the class {module}.{name}, which this c3diff version ({__version__}) does not have; "
-            f"it was written by c3diff {config.get('_c3diff_version', 'unknown')}."
+            f"config.json names the class {module}.{name}, which is not part of c3diff; c3diff loads only its own "
+            f"model classes ({known}). Load the folder with the library that wrote it."
+        )
+    cls = MODEL_CLASSES.get(name)
+    where = MODEL_MODULES.get(module)
+    if cls is None or where is None or where not in (_PUBLIC_MODULE, cls.__module__):
+        raise ValueError(
+            f"config.json names the class {module}.{name}, which this c3diff version ({__version__}) does not have as "
+            f"a model class (it was written by c3diff {config.get('_c3diff_version', 'unknown')}); the model classes "
+            f"are {known}. Pass `model_class=` if the folder holds one of them."
         )
     return cls

@@ -14,7 +14,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from c3diff._version import __version__
 
 if TYPE_CHECKING:  # pragma: no cover
-    from c3diff.models.c3diff import C3DiffModel
+    from c3diff.models._c3diff import C3DiffModel
 
 __all__ = ["card_metadata", "make_model_card"]
 

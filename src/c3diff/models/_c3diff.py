@@ -2,8 +2,8 @@
 
 :class:`C3DiffModel` holds every trainable and frozen part and the geometry it was built for; it computes the
 training losses of a batch (:meth:`C3DiffModel.compute_losses`) and super-resolves tiles
-(:meth:`C3DiffModel.predict`, DDIM, see :mod:`c3diff.models.sampling`). Persistence goes through
-:mod:`c3diff.models.hub`.
+(:meth:`C3DiffModel.predict`, DDIM, see :mod:`c3diff.models._sampling`). Persistence goes through
+:func:`c3diff.models.save_pretrained` / :func:`c3diff.models.from_pretrained` (:mod:`c3diff.models._hub`).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils.torch_utils import randn_tensor
 
 from c3diff._validation import check_genes
-from c3diff.models.autoencoder import build_autoencoder, downsampling_factor
-from c3diff.models.conditional_mean import (
+from c3diff.models._autoencoder import build_autoencoder, downsampling_factor
+from c3diff.models._conditional_mean import (
     ConditionalMeanNet,
     block_log_softmax,
     block_pixel_counts,
@@ -32,22 +32,22 @@ from c3diff.models.conditional_mean import (
     pool_log_shares,
     share_map,
 )
-from c3diff.models.controlnet import (
+from c3diff.models._controlnet import (
     DECODER_MODULES,
     ENCODER_MODULES,
     UNet2DControlNetModel,
     unet_decode,
     unet_encode,
 )
-from c3diff.models.hint_encoders import (
+from c3diff.models._hint_encoders import (
     HintEncoders,
     ModalityFeatures,
     gene_code_map,
     lr_condition_image,
     sphere_noise_augment,
 )
-from c3diff.models.imputation import FeatureImputer
-from c3diff.models.losses import (
+from c3diff.models._imputation import FeatureImputer
+from c3diff.models._losses import (
     LossOutput,
     content_loss,
     diffusion_mse,
@@ -56,7 +56,7 @@ from c3diff.models.losses import (
     modal_loss,
     overall_loss,
 )
-from c3diff.models.training_config import MEAN_LOSSES, TrainingConfig
+from c3diff.models._training_config import MEAN_LOSSES, TrainingConfig
 
 __all__ = ["C3DiffModel"]
 
@@ -125,9 +125,9 @@ class C3DiffModel(ModelMixin, ConfigMixin):
     temperature
         ``tau`` of the imputation's softmax over donor features (0.07; used at inference for tiles without LR ST).
         The contrastive losses take theirs from the training recipe
-        (:class:`~c3diff.models.training_config.TrainingConfig`).
+        (:class:`~c3diff.models.TrainingConfig`).
     memory_bank_size, memory_bank_pool
-        Inference-time imputation memory bank: entries and pooled size (see :mod:`c3diff.models.imputation`).
+        Inference-time imputation memory bank: entries and pooled size (see :mod:`c3diff.models._imputation`).
     latent_shift, latent_scale
         Pixel space only: the diffusion space is ``(fold(x) - latent_shift) * latent_scale`` (zero mean, unit
         variance over training maps, as the LDM's ``scaling_factor`` does for VQ latents). Sparse single-gene maps
@@ -136,7 +136,7 @@ class C3DiffModel(ModelMixin, ConfigMixin):
         model anew with them: a config is never changed after construction.
     formulation
         ``"paper"``: the diffusion generates the whole normalised HR map (the paper). ``"residual"``: a
-        deterministic conditional-mean stage (:class:`~c3diff.models.conditional_mean.ConditionalMeanNet`, on the
+        deterministic conditional-mean stage (:class:`~c3diff.models._conditional_mean.ConditionalMeanNet`, on the
         same hint) predicts where each LR pixel's counts go, and the ControlNet diffusion models only the residual
         (truth minus mean, in within-LR-pixel share units), with the mean's share map as an extra hint; a sample is
         mean + sampled residual (CorrDiff's regression-then-residual-diffusion pattern).
@@ -145,7 +145,7 @@ class C3DiffModel(ModelMixin, ConfigMixin):
         network's histology trunk (a U-Net), ``head_channels``, the width of its gene head, ``histology_prior``
         (start the logits from bicubic times the squared H&E darkness, with a learned exponent per gene) and
         ``texture_channels`` (read the H&E's texture, :func:`c3diff.pp.histology_texture`; 0: none); see the
-        class :class:`~c3diff.models.conditional_mean.ConditionalMeanNet`.
+        class :class:`~c3diff.models._conditional_mean.ConditionalMeanNet`.
     training_data
         Free text recorded in the model card (what the model was trained on).
 
@@ -153,7 +153,7 @@ class C3DiffModel(ModelMixin, ConfigMixin):
     -----
     The config holds the network only: architecture, geometry and the noise schedule it was trained with. The
     training recipe (loss weights, contrastive temperature, feature augmentation, min-SNR, stage budgets) is a
-    :class:`~c3diff.models.training_config.TrainingConfig`, passed to the loss methods and saved by
+    :class:`~c3diff.models.TrainingConfig`, passed to the loss methods and saved by
     :func:`c3diff.tl.train` as ``training_config.json`` beside the model. Which training stages are done (first
     stage, backbone, conditional mean) is state saved with the weights (:meth:`is_fitted`).
 
@@ -604,7 +604,7 @@ class C3DiffModel(ModelMixin, ConfigMixin):
         compare tiles (one item per tile: the paper's negatives are the other tiles). In train mode the ST features
         of complete items get on-sphere noise augmentation (``recipe.st_noise_sigma``) and are pushed into the
         imputation memory bank; items with ``missing`` LR ST get imputed ST features. ``recipe`` (default: the
-        paper's, :class:`~c3diff.models.training_config.TrainingConfig`) also gives the contrastive temperature.
+        paper's, :class:`~c3diff.models.TrainingConfig`) also gives the contrastive temperature.
 
         Returns
         -------
@@ -782,13 +782,13 @@ class C3DiffModel(ModelMixin, ConfigMixin):
         batch
             As for :meth:`compute_losses`, plus ``"hr_counts"`` ``(B, 1, H, H)``: the observed counts.
         loss
-            ``"multinomial"``: :func:`~c3diff.models.conditional_mean.multinomial_nll` of the counts inside each LR
+            ``"multinomial"``: :func:`~c3diff.models._conditional_mean.multinomial_nll` of the counts inside each LR
             pixel given its total (calibrated, exactly LR-consistent). ``"poisson"``:
-            :func:`~c3diff.models.conditional_mean.poisson_nll` of rates relative to the LR pixel's density.
+            :func:`~c3diff.models._conditional_mean.poisson_nll` of rates relative to the LR pixel's density.
             ``None``: ``recipe.mean_loss``.
         recipe
             The training recipe: contrastive loss weights and temperature, feature augmentation (default: the
-            paper's, :class:`~c3diff.models.training_config.TrainingConfig`).
+            paper's, :class:`~c3diff.models.TrainingConfig`).
         generator
             Seeds the feature augmentation.
         """
@@ -885,7 +885,7 @@ class C3DiffModel(ModelMixin, ConfigMixin):
             ``(B,)`` bool; ``"hr_counts"`` ``(B, 1, H, H)`` (residual formulation).
         recipe
             The training recipe: loss weights, contrastive temperature, feature augmentation, min-SNR weighting
-            (default: the paper's, :class:`~c3diff.models.training_config.TrainingConfig`).
+            (default: the paper's, :class:`~c3diff.models.TrainingConfig`).
         generator
             Seeds the diffusion noise, the timesteps and the feature augmentation.
 
@@ -997,7 +997,7 @@ class C3DiffModel(ModelMixin, ConfigMixin):
         texture: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Super-resolve gene maps of ``T`` tiles: the conditional mean and/or DDIM samples (see
-        :func:`c3diff.models.sampling.sample`).
+        :func:`c3diff.models._sampling.sample`).
 
         Parameters
         ----------
@@ -1041,7 +1041,7 @@ class C3DiffModel(ModelMixin, ConfigMixin):
         formulation) or in normalised-LR units (residual formulation, :meth:`expected_map`); ``std`` is ``None``
         with one sample or ``mode="mean"``.
         """
-        from c3diff.models.sampling import sample
+        from c3diff.models._sampling import sample
 
         return sample(
             self,
@@ -1107,28 +1107,28 @@ class C3DiffModel(ModelMixin, ConfigMixin):
         """Write ``config.json``, ``model.safetensors``, ``scheduler_config.json`` and a model card ``README.md`` to
         ``save_directory`` (``safe_serialization`` and ``variant`` as in diffusers).
 
-        See :func:`c3diff.models.hub.save_pretrained`.
+        See :func:`c3diff.models.save_pretrained`.
         """
-        from c3diff.models import hub
+        from c3diff.models import _hub as hub
 
         hub.save_pretrained(self, save_directory, training_data=training_data, **kwargs)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, **kwargs: Any) -> C3DiffModel:
-        """Load a model from a local folder or a Hub repo id; see :func:`c3diff.models.hub.from_pretrained`."""
-        from c3diff.models import hub
+        """Load a model from a local folder or a Hub repo id; see :func:`c3diff.models.from_pretrained`."""
+        from c3diff.models import _hub as hub
 
         return hub.from_pretrained(pretrained_model_name_or_path, model_class=cls, **kwargs)
 
     def push_to_hub(self, repo_id: str, **kwargs: Any):
-        """Upload the model to the Hub; see :func:`c3diff.models.hub.push_to_hub`."""
-        from c3diff.models import hub
+        """Upload the model to the Hub; see :func:`c3diff.models.push_to_hub`."""
+        from c3diff.models import _hub as hub
 
         return hub.push_to_hub(self, repo_id, **kwargs)
 
     def model_card(self, **kwargs: Any):
-        """The model card (``huggingface_hub.ModelCard``); see :func:`c3diff.models.model_card.make_model_card`."""
-        from c3diff.models.model_card import make_model_card
+        """The model card (``huggingface_hub.ModelCard``); see :func:`c3diff.models._model_card.make_model_card`."""
+        from c3diff.models._model_card import make_model_card
 
         return make_model_card(self, **kwargs)
 
