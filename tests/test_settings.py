@@ -53,7 +53,7 @@ def test_info_messages_follow_the_verbosity(caplog):
     (record,) = [r for r in caplog.records if r.name.startswith("c3diff")]
     assert record.name == "c3diff.tl._celltype" and record.levelno == logging.INFO
     assert record.getMessage() == (
-        "celltype_map: 16 of 16 pixels with data assigned to 2 type(s), 0 unassigned (min_score=0.04)"
+        "celltype_map: 16 of 16 pixels with data assigned to 2 type(s), 0 unassigned (min_score=0.1)"
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -182,3 +183,38 @@ def true_cell_types(
     entry["labels"] = mapping
     entry["pixel_size"] = _plain(pixel_size)
     return None
+
+
+def main_types(
+    sdata: SpatialData, types: Sequence[str], *, pixel_size: float = 10.0, **kwargs
+) -> tuple[xr.DataArray, np.ndarray]:
+    """The main cell type of each pixel, kept where it is one of ``types``: the truth that cell-type maps are scored
+    against (``c3diff demo``, ``benchmarks/celltype_threshold.py``).
+
+    :func:`true_cell_types` over *every* type of the table, so a pixel is labelled ``types[i - 1]`` (value ``i``) only
+    if that type covers more of it than any other type; a pixel mostly of another type (tumour, stroma, ...) or
+    without cells is 0. (``true_cell_types(types=types)`` instead lets other types count as background, so a pixel
+    95 % tumour that an immune cell touches would be labelled with the immune type.)
+
+    Returns the ``Labels2DModel`` raster (``attrs["c3diff"]["labels"]``: value -> type) and the tissue mask (pixels
+    covered by any cell). ``kwargs`` go to :func:`true_cell_types` (``labels_key``, ``table_key``, ...).
+    """
+    from spatialdata.models import Labels2DModel
+    from spatialdata.transformations import get_transformation
+
+    types = [types] if isinstance(types, str) else list(types)
+    every = true_cell_types(sdata, pixel_size=pixel_size, inplace=False, **kwargs)
+    names = every.attrs[ATTRS_KEY]["labels"]
+    missing = [t for t in types if t not in names.values()]
+    if missing:
+        raise KeyError(f"`types`: {missing} are not cell types of the section (types: {list(names.values())}).")
+    lut = np.zeros(max(names, default=0) + 1, dtype=np.uint8 if len(types) < 256 else np.int32)
+    for value, name in names.items():
+        if name in types:
+            lut[value] = types.index(name) + 1
+    codes = np.asarray(every.data)
+    element = Labels2DModel.parse(
+        lut[codes], dims=("y", "x"), transformations=copy.deepcopy(get_transformation(every, get_all=True))
+    )
+    element.attrs[ATTRS_KEY] = {"labels": {i + 1: t for i, t in enumerate(types)}}
+    return element, codes > 0
