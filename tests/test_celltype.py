@@ -379,3 +379,69 @@ def test_log1p_is_recorded_and_must_be_a_bool(sdata):
             celltype_map(sdata, "sr", log1p=wrong, key_added="wrong")
     assert "wrong" not in sdata.labels and "wrong" not in sdata.attrs["c3diff"]
 
+
+def _cells(blocks: dict[tuple[int, int], list[tuple[str, int]]]):
+    """A 20 x 20 um section at 1 um/px, 2 x 2 pixels of 10 um: per 10 um pixel, its cells as (type, area in label
+    pixels), filled row by row."""
+    import anndata as ad
+    import pandas as pd
+    from spatialdata import SpatialData
+    from spatialdata.models import Labels2DModel, TableModel
+    from spatialdata.transformations import Identity
+
+    labels = np.zeros((20, 20), np.int32)
+    types = []
+    for (r, c), cells in blocks.items():
+        block = np.zeros(100, np.int32)
+        start = 0
+        for cell_type, area in cells:
+            types.append(cell_type)
+            block[start : start + area] = len(types)
+            start += area
+        labels[r * 10 : r * 10 + 10, c * 10 : c * 10 + 10] = block.reshape(10, 10)
+    categories = ["tumor", *IMMUNE_TYPES]
+    obs = pd.DataFrame(
+        {
+            "cell_id": np.arange(1, len(types) + 1),
+            "region": pd.Categorical(["cell_labels"] * len(types)),
+            "cell_type": pd.Categorical(types, categories=categories),
+        },
+        index=[str(i) for i in range(1, len(types) + 1)],
+    )
+    table = TableModel.parse(ad.AnnData(obs=obs), region="cell_labels", region_key="region", instance_key="cell_id")
+    element = Labels2DModel.parse(labels, dims=("y", "x"), transformations={"global": Identity()})
+    return SpatialData(labels={"cell_labels": element}, tables={"cell_table": table})
+
+
+def test_demo_scores_against_the_main_cell_type_of_each_pixel():
+    """The demo's truth (``main_types``, as in benchmarks/celltype_threshold.py): a pixel 95 % tumour that a CD8 T
+    cell touches is not a CD8 pixel (``true_cell_types(types=IMMUNE_TYPES)`` would call it one), a pixel mostly B
+    cell is a B-cell pixel, and an immune pixel is scored only there."""
+    from spatialdata.transformations import get_transformation
+
+    import c3diff as c3
+    from c3diff._demo import _celltype_accuracy
+    from c3diff.datasets import main_types
+
+    sdata = _cells(
+        {
+            (0, 0): [("tumor", 95), ("T cell CD8", 5)],
+            (0, 1): [("T cell CD8", 100)],
+            (1, 0): [("tumor", 40), ("B cell", 60)],
+        }
+    )
+    truth, tissue = main_types(sdata, IMMUNE_TYPES, pixel_size=10.0)
+    cd8, b = IMMUNE_TYPES.index("T cell CD8") + 1, IMMUNE_TYPES.index("B cell") + 1
+    np.testing.assert_array_equal(np.asarray(truth.data), [[0, cd8], [b, 0]])
+    np.testing.assert_array_equal(tissue, [[True, True], [True, False]])
+    assert truth.attrs["c3diff"]["labels"][cd8] == "T cell CD8"
+    sdata.labels["true_immune_types"] = truth  # a valid labels element, on the 10 um grid of true_cell_types
+    touched = c3.datasets.true_cell_types(sdata, pixel_size=10.0, types=IMMUNE_TYPES, inplace=False)
+    assert np.asarray(touched.data)[0, 0] == cd8  # the old demo truth
+    matrix = [get_transformation(e).to_affine_matrix(("y", "x"), ("y", "x")) for e in (truth, touched)]
+    np.testing.assert_array_equal(*matrix)
+    # a map calling the tumour pixel anything is not scored there
+    predicted = np.array([[b, cd8], [b, 0]])
+    assert _celltype_accuracy(predicted, np.asarray(truth.data)) == {"accuracy": 1.0, "n_pixels": 2, "chance": 1 / 7}
+    with pytest.raises(KeyError, match="NK cell"):
+        main_types(sdata, ["NK cell"])
