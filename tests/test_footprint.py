@@ -16,8 +16,15 @@ from c3diff.tl._footprints import Footprints, match_footprints
 from c3diff.tl._tissue import layer_tissue_mask
 
 GENES = ["EPCAM", "PTPRC", "ACTA2", "CD68"]
-#: Calibration tolerance of a footprint sum: 3 % of the count (one count below one count).
+#: Calibration tolerance of a footprint sum: 3 % of the count (one count below one count), or - the correction's
+#: noise rule - two Poisson standard deviations of the sum (a count is one noisy draw of the expected map).
 TOLERANCE = 0.03
+
+
+def _met(predicted: np.ndarray, measured: np.ndarray) -> np.ndarray:
+    """Whether each footprint sum is within the tolerance or two Poisson standard deviations of its count."""
+    gap = np.abs(predicted - measured)
+    return (gap <= TOLERANCE * np.maximum(measured, 1.0)) | (gap <= 2.0 * np.sqrt(np.maximum(predicted, 1.0)) + 1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -69,12 +76,15 @@ def test_spot_footprint_sums_equal_the_spot_counts(section, fitted, method, tabl
     disc = fraction[:, 0] / (np.pi * (diameter / 2) ** 2 / 10.0**2)
     inner = disc > 0.999
     assert inner.mean() > 0.7, inner.mean()
-    error = np.abs(predicted[inner] - measured[inner]) / np.maximum(measured[inner], 1.0)
-    assert error.max() <= TOLERANCE, (error.max(), np.unravel_index(error.argmax(), error.shape))
-    # over all in-tissue spots (edge spots included) the totals agree too
-    np.testing.assert_allclose(predicted.sum(axis=0), measured.sum(axis=0), rtol=0.05)
+    met = _met(predicted[inner], measured[inner])
+    assert met.all(), np.argwhere(~met)[:5]
+    # the inner spots' totals agree (one factor per gene removes a bias every spot shares within its noise) ...
+    assert _met(predicted[inner].sum(axis=0), measured[inner].sum(axis=0)).all()
+    # ... and over all in-tissue spots (edge spots, not corrected, included) within two Poisson SDs of the total
+    total = measured.sum(axis=0)
+    assert np.all(np.abs(predicted.sum(axis=0) - total) <= 2 * np.sqrt(total) + 0.05 * total)
     params = section.attrs["c3diff"][key]["params"]
-    assert params["footprints"]["kind"] == "spots" and params["footprints"]["max_relative_error"] <= TOLERANCE
+    assert params["footprints"]["kind"] == "spots" and params["footprints"]["noise_sd"] == 2.0
 
 
 @pytest.mark.parametrize("method", ["bicubic", "c3diff"])
@@ -88,8 +98,7 @@ def test_bin_footprint_sums_equal_the_binned_transcripts(section, fitted, method
     bins = bins[:, :ny, :nx]
     inner = (layer.sum(axis=0) > 0)[: ny * 10, : nx * 10].reshape(ny, 10, nx, 10).all(axis=(1, 3))
     assert inner.sum() > 20
-    error = np.abs(sums[:, inner] - bins[:, inner]) / np.maximum(bins[:, inner], 1.0)
-    assert error.max() <= TOLERANCE, error.max()
+    assert _met(sums[:, inner], bins[:, inner]).all()
 
 
 def test_footprint_sums_hold_at_5x(section):
@@ -101,8 +110,7 @@ def test_footprint_sums_hold_at_5x(section):
     read = c3.tl.sample_at_spots(section, key, table_key="visium_table", genes=GENES)
     measured = np.asarray(section.tables["visium_table"][read.obs_names, GENES].X.todense(), dtype=np.float64)
     predicted = np.asarray(read.layers["counts"], dtype=np.float64)
-    ok = np.abs(predicted - measured) <= TOLERANCE * np.maximum(measured, 1.0)
-    assert ok.all(axis=1).mean() > 0.7  # every spot whose disc is on tissue
+    assert _met(predicted, measured).all(axis=1).mean() > 0.7  # every spot whose disc is on tissue
 
 
 def test_match_footprints_keeps_the_pattern_and_the_zeros():
@@ -126,9 +134,11 @@ def test_match_footprints_keeps_the_pattern_and_the_zeros():
         values, grid, Footprints(weights, centres, counts, 100.0, "spots"), tissue, others=(std,)
     )
     sums = np.asarray(weights @ values.reshape(2, -1).T.astype(np.float64))
-    np.testing.assert_allclose(sums, counts, atol=0.02 * np.maximum(counts, 1.0).max())
-    assert np.all(np.abs(sums - counts) <= 0.005 * np.maximum(counts, 1.0) + 1e-9)
-    assert summary["matched"] == len(centres) and summary["max_relative_error"] <= 0.005
+    gap = np.abs(sums - counts)
+    assert np.all((gap <= 0.005 * np.maximum(counts, 1.0) + 1e-9) | (gap <= 2 * np.sqrt(np.maximum(sums, 1.0)) + 1e-9))
+    assert summary["matched"] == len(centres) and summary["max_noise_sd"] <= 2.0 + 1e-9
+    # the spot the model left empty got its count (30 +- noise), not 0
+    assert sums[12, 1] > 15
     assert values.min() >= 0 and (values[:, ~tissue] == 0).all()
     # a smooth correction: inside one disc the model's pattern is kept up to a slowly varying factor
     ratio = values[0, 28:33, 28:33] / before[0, 28:33, 28:33]
@@ -181,3 +191,28 @@ def test_layer_tissue_mask_pools_any_tissue_pixel():
     mask = layer_tissue_mask(tissue, 2, (3, 4))
     assert mask.shape == (3, 4) and mask[0, 0] and mask[2, 3] and mask.sum() == 2
     np.testing.assert_array_equal(layer_tissue_mask(tissue, 1, (5, 7)), tissue)
+
+
+def test_match_footprints_leaves_counts_within_their_noise_alone():
+    """A sparse gene: the map expects 0.5 counts per disc and the spots counted Poisson draws of it (mostly 0 or 1).
+    Pulling the map onto each draw would empty the discs that counted 0 and their surroundings; within the noise
+    the map stays as it was."""
+    from c3diff._geometry import RasterGeometry
+    from c3diff.metrics import spot_footprint
+
+    rng = np.random.default_rng(1)
+    grid = RasterGeometry(y0=0.0, x0=0.0, sy=10.0, sx=10.0, height=80, width=80)
+    centres = np.array([[y, x] for y in range(100, 800, 100) for x in range(100, 800, 100)], dtype=float)
+    weights = spot_footprint(grid, centres, 50.0)
+    values = np.full((1, 80, 80), 1.0, dtype=np.float32)
+    values *= 0.5 / float((weights @ values.reshape(1, -1).T)[0, 0])  # 0.5 expected counts per disc
+    before = values.copy()
+    counts = rng.poisson(0.5, (len(centres), 1)).clip(max=2).astype(float)  # each within 2 SD of 0.5
+    assert (counts == 0).sum() > 10 and (counts == 2).any()
+    match_footprints(values, grid, Footprints(weights, centres, counts, 100.0, "spots"), np.ones((80, 80), bool))
+    np.testing.assert_allclose(values, before, rtol=1e-6)
+    # a count far outside the noise is still met: 40 where 0.5 were expected
+    counts[24] = 40.0
+    match_footprints(values, grid, Footprints(weights, centres, counts, 100.0, "spots"), np.ones((80, 80), bool))
+    sums = np.asarray(weights @ values.reshape(1, -1).T.astype(np.float64))
+    assert abs(sums[24, 0] - 40.0) <= 2 * np.sqrt(sums[24, 0]) + 1e-6
