@@ -192,9 +192,15 @@ def histology_features(hne: Histology, centres_xy: np.ndarray, diameter: float) 
 
 
 def predict_he_ridge(pseudo: PseudoSpots, hne: Histology, targets: Targets) -> np.ndarray:
+    return histology_ridge(pseudo, targets, histology_features(hne, targets.centres, targets.diameter))
+
+
+def histology_ridge(pseudo: PseudoSpots, targets: Targets, features: np.ndarray) -> np.ndarray:
+    """``rbf`` of the pseudo-spot values plus within-block detail: a ridge regression (alpha by leave-one-out) of the
+    pseudo-spot values on ``features`` ``(m, k)`` of the target spots averaged per pseudo-spot, applied at each
+    spot minus its own RBF-smoothed version (so that only the detail inside blocks is added)."""
     from sklearn.linear_model import RidgeCV
 
-    features = histology_features(hne, targets.centres, targets.diameter)
     mean, std = features.mean(axis=0), features.std(axis=0) + 1e-9
     features = (features - mean) / std
     owner = _nearest_index(pseudo, targets.centres)
@@ -434,12 +440,12 @@ def load_section(folder: Path):
     return c3.io.read_legacy_st(counts, spots, images[0])
 
 
-def _histology(sdata) -> Histology:
+def _histology(sdata, pixel_size: float = HNE_PIXEL_SIZE) -> Histology:
     from c3diff._validation import RasterGeometry, raster_geometry
     from c3diff.pp import histology_raster
 
     ymin, xmin, ymax, xmax = raster_geometry(sdata["hne"], arg="hne").extent
-    p = HNE_PIXEL_SIZE
+    p = pixel_size
     grid = RasterGeometry(
         y0=-p / 2, x0=-p / 2, sy=p, sx=p, height=math.ceil((ymax + p / 2) / p), width=math.ceil((xmax + p / 2) / p)
     )
@@ -526,7 +532,25 @@ def score(truth: np.ndarray, pred: np.ndarray, block_id: np.ndarray, in_kept: np
     return float(np.nanmean(_pearson(truth, pred))), float(np.nanmean(_pearson(demean(truth), demean(pred))))
 
 
-def run_section(name: str, folder: Path, methods: list[str], pools: tuple[int, ...] = POOLS) -> list[dict]:
+@dataclass
+class Section:
+    """A section ready for the protocol: its SpatialData, the scored spots (``adata``, positions, library), the
+    H&E every method gets, the gene sets, the union of their genes and the spots' normalised ``truth``."""
+
+    sdata: object
+    adata: object
+    centres: np.ndarray
+    library: np.ndarray
+    pitch: float
+    diameter: float
+    hne: Histology
+    gene_sets: dict[str, list[str]]
+    genes: list[str]
+    truth: np.ndarray
+
+
+def prepare_section(name: str, folder: Path) -> Section:
+    """Read a section and keep its spots under tissue with counts (the protocol's first steps)."""
     from scipy import sparse
 
     t0 = time.perf_counter()
@@ -536,24 +560,52 @@ def run_section(name: str, folder: Path, methods: list[str], pools: tuple[int, .
     keep = table.obs["in_tissue"].to_numpy(bool) & (library > 0)
     adata = table[keep].copy()
     library = library[keep]
-    centres = np.asarray(adata.obsm["spatial"], dtype=float)
     layout = table.uns["c3diff"]["spots"]
-    pitch, diameter = float(layout["pitch_um"]), float(layout["diameter_um"])
-    hne = _histology(sdata)
     gene_sets = select_genes(adata)
     genes = list(dict.fromkeys(g for s in gene_sets.values() for g in s))
     x = adata[:, genes].X
     x = x.toarray() if sparse.issparse(x) else np.asarray(x)
-    truth = np.log1p(x / library[:, None] * TARGET_SUM)
-    targets = Targets(centres=centres, diameter=diameter)
+    section = Section(
+        sdata=sdata,
+        adata=adata,
+        centres=np.asarray(adata.obsm["spatial"], dtype=float),
+        library=library,
+        pitch=float(layout["pitch_um"]),
+        diameter=float(layout["diameter_um"]),
+        hne=_histology(sdata),
+        gene_sets=gene_sets,
+        genes=genes,
+        truth=np.log1p(x / library[:, None] * TARGET_SUM),
+    )
     print(f"{name}: {adata.n_obs} spots, {len(genes)} genes, loaded in {time.perf_counter() - t0:.0f} s", flush=True)
+    return section
+
+
+def pool_section(section: Section, f: int, targets: Targets) -> tuple[PseudoSpots, np.ndarray, np.ndarray]:
+    """:func:`pool` of the section's spots; sets ``targets.pseudo_index`` (each spot's pseudo-spot, -1 if dropped)."""
+    pseudo, block_id, in_kept = pool(
+        section.adata,
+        section.centres,
+        section.library,
+        section.genes,
+        f,
+        pitch=section.pitch,
+        diameter=section.diameter,
+    )
+    kept_blocks = np.flatnonzero(np.bincount(block_id) >= 2)
+    new_index = np.full(block_id.max() + 1, -1)
+    new_index[kept_blocks] = np.arange(len(kept_blocks))
+    targets.pseudo_index = new_index[block_id]
+    return pseudo, block_id, in_kept
+
+
+def run_section(name: str, folder: Path, methods: list[str], pools: tuple[int, ...] = POOLS) -> list[dict]:
+    section = prepare_section(name, folder)
+    hne, gene_sets, genes, truth = section.hne, section.gene_sets, section.genes, section.truth
+    targets = Targets(centres=section.centres, diameter=section.diameter)
     records = []
     for f in pools:
-        pseudo, block_id, in_kept = pool(adata, centres, library, genes, f, pitch=pitch, diameter=diameter)
-        kept_blocks = np.flatnonzero(np.bincount(block_id) >= 2)
-        new_index = np.full(block_id.max() + 1, -1)
-        new_index[kept_blocks] = np.arange(len(kept_blocks))
-        targets.pseudo_index = new_index[block_id]
+        pseudo, block_id, in_kept = pool_section(section, f, targets)
         for method in methods:
             start = time.perf_counter()
             _REUSED_SECONDS[0] = 0.0
