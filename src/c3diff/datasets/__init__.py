@@ -12,11 +12,14 @@ from c3diff.datasets._celltypes import CELL_TYPES, NICHES
 from c3diff.datasets._expected import expected_counts
 from c3diff.datasets._simulate import simulate_section
 from c3diff.datasets._spots import SPOT_LAYOUTS
-from c3diff.datasets._truth import true_cell_types
+from c3diff.datasets._truth import main_types, true_cell_types
 
-# isort: split
-# For c3diff's other modules (the demo) and benchmarks/celltype_threshold.py: imported from `c3diff.datasets`, never
-# from its private modules (tests/test_structure.py). Not user API: not in `__all__`, changed without notice.
-from c3diff.datasets._truth import main_types as main_types
-
-__all__ = ["CELL_TYPES", "NICHES", "SPOT_LAYOUTS", "expected_counts", "simulate_section", "true_cell_types"]
+__all__ = [
+    "CELL_TYPES",
+    "NICHES",
+    "SPOT_LAYOUTS",
+    "expected_counts",
+    "main_types",
+    "simulate_section",
+    "true_cell_types",
+]

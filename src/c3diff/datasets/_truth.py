@@ -198,6 +198,13 @@ def main_types(
 
     Returns the ``Labels2DModel`` raster (``attrs["c3diff"]["labels"]``: value -> type) and the tissue mask (pixels
     covered by any cell). ``kwargs`` go to :func:`true_cell_types` (``labels_key``, ``table_key``, ...).
+
+    Examples
+    --------
+    >>> import c3diff as c3
+    >>> sdata = c3.datasets.simulate_section(width=640, height=640, seed=0)  # doctest: +SKIP
+    >>> labels, tissue = c3.datasets.main_types(sdata, ["B cell", "T cell CD8"])  # doctest: +SKIP
+    >>> sdata.labels["true_immune_types"] = labels  # 1: B cell, 2: T cell CD8, 0: other  # doctest: +SKIP
     """
     from spatialdata.models import Labels2DModel
     from spatialdata.transformations import get_transformation
