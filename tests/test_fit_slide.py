@@ -21,9 +21,24 @@ def section():
     return c3.datasets.simulate_section(width=960, height=960, seed=0, progress=False)
 
 
+#: Tiles per step above the slide's tile count (at most 5 x 5 tiles of 64 px on this 96 px section), with every gene
+#: per tile: each step sees one fixed batch - the whole slide - so `fit_history` is the full objective, step by step.
+FIXED_BATCH = {"batch_size": 64, "genes_per_tile": len(GENES)}
+
+
 @pytest.fixture(scope="module")
 def fitted(section):
-    return c3.tl.fit_slide(section, "hne", table_key="visium_table", genes=GENES, steps=40, seed=0, progress=False)
+    return c3.tl.fit_slide(
+        section,
+        "hne",
+        table_key="visium_table",
+        genes=GENES,
+        steps=3,
+        learning_rate=1e-2,
+        seed=0,
+        progress=False,
+        **FIXED_BATCH,
+    )
 
 
 def _read_at_spots(section, pseudo, model, method="c3diff"):
@@ -65,7 +80,8 @@ def _within_block_r(truth, pred, block):
 
 def test_fit_places_counts_inside_pseudo_spots_by_the_hne(section, fitted):
     """From 2x2 pooled Visium spots, the fitted model tells the four member spots apart by the H&E; bicubic
-    interpolation of the pseudo-spots (and the untrained model, which starts from it) cannot."""
+    interpolation of the pseudo-spots cannot. The fit lowers the spot likelihood's loss at every step of its fixed
+    batch (the whole slide)."""
     spots = slide_spots(section, "visium_table", GENES)
     pooled = pool_spots(spots, 2)
     pseudo = pooled_sdata(pooled, spots, GENES, pool=2)
@@ -74,10 +90,12 @@ def test_fit_places_counts_inside_pseudo_spots_by_the_hne(section, fitted):
     keep = c3.pp.spots_from_table(section, "visium_table", genes=GENES).library > 0
     bicubic = _within_block_r(truth, _read_at_spots(section, pseudo, None, "bicubic")[keep], pooled.block_of_spot)
     ours = _within_block_r(truth, _read_at_spots(section, pseudo, fitted)[keep], pooled.block_of_spot)
-    # measured: 0.300 against 0.224 (bicubic gained from the footprint correction, which makes every pseudo-spot's
+    # measured: 0.445 against 0.288 (bicubic gained from the footprint correction, which makes every pseudo-spot's
     # disc sum to its count; before it, bicubic scored about 0.07)
     assert ours > bicubic + 0.05, (ours, bicubic)
-    assert np.mean(fitted.fit_history[-5:]) < np.mean(fitted.fit_history[:5])
+    history = np.asarray(fitted.fit_history)
+    assert len(history) == 3 and np.all(np.diff(history) < 0), history  # measured: -1.4223, -1.4250, -1.4694
+    assert history[-1] < history[0] - 0.02, history
 
 
 @pytest.mark.parametrize(("diameter", "pitch"), [(55.0, 100.0), (100.0, 200.0)])

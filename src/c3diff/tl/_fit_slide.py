@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from c3diff._constants import ATTRS_KEY, COORDINATE_SYSTEM, HISTOLOGY_PIXEL_SIZE, LR_PIXEL_SIZE
+from c3diff._constants import ATTRS_KEY, COORDINATE_SYSTEM
 from c3diff._validation import check_genes, get_element, raster_geometry
-from c3diff.pp import TEXTURE_FEATURES
+from c3diff.pp import TEXTURE_FEATURES, ModelGeometry, ModelInputs
 
 if TYPE_CHECKING:  # pragma: no cover
     from spatialdata import SpatialData
@@ -187,6 +187,39 @@ def pooled_sdata(pooled: PooledSpots, spots: SlideSpots, genes: list[str], *, po
         )
 
 
+def _model_inputs(
+    sdata: SpatialData,
+    image_key: str,
+    pseudo: SpatialData,
+    genes: list[str],
+    *,
+    geometry: ModelGeometry,
+    texture: bool,
+    coordinate_system: str,
+) -> ModelInputs:
+    """The model's inputs (:class:`c3diff.pp.ModelInputs`, as :func:`~c3diff.pp.make_patches` and
+    :func:`super_resolve` build them): the H&E at the model's histology pixel size and its tissue, the pseudo-spots
+    rasterised to the model's LR grid anchored at the H&E (:func:`~c3diff.pp.spots_to_grid`, as
+    :func:`super_resolve` rasterises spots) and, with ``texture``, the H&E's texture."""
+    from spatialdata.transformations import Identity, get_transformation, set_transformation
+
+    inputs = ModelInputs.from_histology(sdata, image_key, geometry=geometry, coordinate_system=coordinate_system)
+    # the pseudo-spots' circles are in micrometres of `coordinate_system` (spots_from_arrays calls it "global"); the
+    # H&E joins them (under a key of its own) to anchor their grid
+    for element in pseudo.shapes.values():
+        if coordinate_system not in get_transformation(element, get_all=True):
+            set_transformation(element, Identity(), to_coordinate_system=coordinate_system)
+    taken = {*pseudo.images, *pseudo.labels, *pseudo.points, *pseudo.shapes, *pseudo.tables}
+    anchor = image_key if image_key not in taken else f"{image_key}_anchor"
+    pseudo.images[anchor] = sdata.images[image_key]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*not whole numbers.*")
+        inputs.add_lr(pseudo, genes=list(genes), image_key=anchor, table_key="table")
+    if texture:  # what the H&E shows inside each histology pixel, for mean networks that read it
+        inputs.add_texture(sdata, image_key=image_key)
+    return inputs
+
+
 def spot_windows(
     grid: Any, centres: np.ndarray, diameter: float
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -292,7 +325,9 @@ def fit_slide(
 
     Neighbouring spots of the array are pooled (``pool x pool`` blocks: counts summed, positions averaged) into
     pseudo-spots, which are rasterised to the 100 um LR grid with :func:`c3diff.pp.spots_to_grid` exactly as
-    :func:`super_resolve` rasterises spots. The slide is cut into the model's tiles (64 px at 10 um for the ``tiny``
+    :func:`super_resolve` rasterises spots: the tiles are cut from :class:`c3diff.pp.ModelInputs` at the model's
+    stored geometry (:class:`c3diff.pp.ModelGeometry`), as training and :func:`super_resolve` cut theirs, with the
+    same padding past the slide's edge. The slide is cut into the model's tiles (64 px at 10 um for the ``tiny``
     preset, at whole LR pixels), each tile's LR window is min-max normalised per gene as the model expects, and the
     model predicts its expected 10 um counts ``mu_p = Y_L pi_p`` (``Y_L`` the pseudo-spot raster's count of the LR
     pixel, ``pi_p`` the predicted share of pixel ``p``). Each original spot fully inside the tile gets
@@ -364,7 +399,7 @@ def fit_slide(
     import torch
     from tqdm.auto import tqdm
 
-    from c3diff.pp import detect_tissue, histology_raster, histology_texture, minmax_normalize, spots_to_grid
+    from c3diff.pp import minmax_normalize
 
     # --- checks, before any work ---------------------------------------------------------------------------------
     image = get_element(sdata, image_key, "images", arg="image_key")
@@ -398,54 +433,41 @@ def fit_slide(
     torch.manual_seed(seed)  # a fresh preset's initialisation
     start_model, start_name = _start_model(model, list(genes), bool(texture))
 
-    # --- inputs: histology at 10 um, the pseudo-spots' LR raster on the same corner -------------------------------
-    hist_px = HISTOLOGY_PIXEL_SIZE
-    lr_factor = round(LR_PIXEL_SIZE / hist_px)
+    # --- inputs: the model's (c3diff.pp.ModelInputs, as training and super_resolve build them) --------------------
+    geometry = ModelGeometry.of_model(start_model.config)
+    hist_px, lr_factor = geometry.histology_pixel_size, geometry.lr_factor
     size = int(start_model.config.image_size)
-    lr_size = int(start_model.config.lr_size)
-    rgb, hist_grid = histology_raster(sdata, image_key, pixel_size=hist_px, coordinate_system=coordinate_system)
     pseudo = pooled_sdata(pooled, spots, list(genes), pool=int(pool))
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*not whole numbers.*")
-        raster, _ = spots_to_grid(
-            pseudo, table_key="table", genes=list(genes), origin=(hist_grid.y0, hist_grid.x0), inplace=False
-        )
-    # the LR grid of super_resolve: the image's extent (0 where no spot reaches), its edge repeated past it
-    n_lr_y, n_lr_x = math.ceil(hist_grid.height / lr_factor), math.ceil(hist_grid.width / lr_factor)
-    values = np.asarray(raster.data, dtype=np.float32)[:, :n_lr_y, :n_lr_x]
-    lr_full = np.zeros((len(genes), n_lr_y, n_lr_x), dtype=np.float32)
-    lr_full[:, : values.shape[1], : values.shape[2]] = values
-    lr_full = np.pad(lr_full, [(0, 0), (0, lr_size), (0, lr_size)], mode="edge")
+    inputs = _model_inputs(
+        sdata,
+        image_key,
+        pseudo,
+        list(genes),
+        geometry=geometry,
+        texture=bool(start_model.texture_channels),
+        coordinate_system=coordinate_system,
+    )
+    hist_grid = inputs.grid
 
     # --- tiles: every LR-aligned tile that holds spots fully inside it ----------------------------------------------
     rows, cols, weights, _ = spot_windows(hist_grid, spots.centres, diameter)
     radius = diameter / 2
-    sy = (spots.centres[:, 0] - hist_grid.y0) / hist_px  # spot centres in 10 um pixels
+    sy = (spots.centres[:, 0] - hist_grid.y0) / hist_px  # spot centres in histology pixels
     sx = (spots.centres[:, 1] - hist_grid.x0) / hist_px
     r_px = radius / hist_px
-    tissue = detect_tissue(rgb, pixel_size=hist_px)
-    texture = None
-    if start_model.texture_channels:  # what the H&E shows inside each 10 um pixel, for mean networks that read it
-        texture = histology_texture(
-            sdata, image_key, grid=hist_grid, tissue=tissue, coordinate_system=coordinate_system
-        )
+    phase_y, phase_x = inputs.phase
     origins = []
-    for r in range(0, max(hist_grid.height - size, 0) + lr_factor, lr_factor):
-        for c in range(0, max(hist_grid.width - size, 0) + lr_factor, lr_factor):
+    for r in range(phase_y, max(hist_grid.height - size, 0) + lr_factor, lr_factor):
+        for c in range(phase_x, max(hist_grid.width - size, 0) + lr_factor, lr_factor):
             inside = (sy - r_px >= r) & (sy + r_px <= r + size) & (sx - r_px >= c) & (sx + r_px <= c + size)
             inside &= (sy + r_px <= hist_grid.height) & (sx + r_px <= hist_grid.width)
-            if inside.any() and tissue[r : r + size, c : c + size].any():
+            if inside.any() and inputs.tissue_window(r, c, size).any():
                 origins.append((r, c, np.flatnonzero(inside)))
     if not origins:
         raise ValueError(
             f"No {size * hist_px:g} um tile of `image_key={image_key!r}` holds a whole spot of "
             f"`table_key={table_key!r}` ({diameter:g} um) on tissue: check that the spots and the H&E are registered."
         )
-
-    def window(array: np.ndarray, row: int, col: int, n: int, fill: float) -> np.ndarray:
-        part = array[..., row : row + n, col : col + n]
-        pad = [(0, 0)] * (array.ndim - 2) + [(0, n - part.shape[-2]), (0, n - part.shape[-1])]
-        return np.pad(part, pad, mode="constant", constant_values=fill)
 
     # --- optimisation ---------------------------------------------------------------------------------------------
     rng = np.random.default_rng(seed)
@@ -472,13 +494,11 @@ def fit_slide(
             for t, pick in enumerate(picks):
                 r, c, _ = origins[pick]
                 chosen = rng.choice(n_genes, size=k, replace=False)
-                hist = window(rgb, r, c, size, 255).astype(np.float32) / 255.0
-                lr = lr_full[
-                    chosen, r // lr_factor : r // lr_factor + lr_size, c // lr_factor : c // lr_factor + lr_size
-                ]
+                hist = inputs.histology_window(r, c, size).astype(np.float32) / 255.0
+                lr = inputs.lr_window(r, c, size)[0][chosen]
                 histology.append(np.broadcast_to(hist, (k, *hist.shape)))
-                if texture is not None:
-                    textures.append(window(texture, r, c, size, 0.0))
+                if inputs.texture is not None:
+                    textures.append(inputs.texture_window(r, c, size))
                 lr_norm.append(minmax_normalize(lr)[0])
                 lr_counts.append(lr)
                 gene_index.append(chosen)
