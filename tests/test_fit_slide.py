@@ -172,6 +172,12 @@ def test_bad_inputs_fail_before_any_work(section, monkeypatch):
         c3.tl.fit_slide(sdata, "hne", table_key="table", genes=["A"], progress=False)
 
 
+def test_a_5x_model_is_refused_by_name(section):
+    five = c3.models.build_model("tiny", genes=GENES, scale=5)
+    with pytest.raises(ValueError, match="predicts 5x maps; fit_slide fits 10x models"):
+        c3.tl.fit_slide(section, "hne", table_key="visium_table", model=five, genes=GENES, steps=1, progress=False)
+
+
 def test_start_from_a_pretrained_model_copies_compatible_weights():
     import torch
 

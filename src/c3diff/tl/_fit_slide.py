@@ -285,6 +285,12 @@ def _start_model(model: Any, genes: list[str], texture: bool = False):
             f"{type(model).__name__}."
         )
     config = config_kwargs(source.config)
+    if int(config.get("scale", 10)) != 10:  # its footprint sums are taken on the 10 um grid of a 10x model's output
+        raise ValueError(
+            f"`model` ({name}) predicts {config['scale']}x maps; fit_slide fits 10x models (the spot footprints are "
+            "summed on their 10 um output). Start from a 10x model or a preset name; a 10x model also gives 5x maps "
+            "(`super_resolve(scale=5)`)."
+        )
     config.update(genes=list(genes), training_data=None)
     if source.mean_net is None:  # a paper-formulation model: its geometry and hint encoders, a fresh mean stage
         config.update(formulation="residual", mean_net_config=None)
