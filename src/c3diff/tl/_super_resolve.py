@@ -47,7 +47,8 @@ if TYPE_CHECKING:  # pragma: no cover
 UNITS = (
     "expected transcript counts per output pixel: the expected count of that square as if all tissue had been "
     "measured, so summed over each measured spot's disc (or 100 um transcript bin) the layer gives that spot's count "
-    "(to the tolerance recorded with the layer), and 0 off the tissue mask. Tiles are first calibrated to the LR "
+    "(up to that count's Poisson noise, as recorded with the layer), and 0 off the tissue mask. Tiles are first "
+    "calibrated to the LR "
     "counts: with "
     "calibration='lr_pixel' the "
     "prediction summed over each measured (or gap-filled) 100 um LR pixel equals its count; with calibration='tile' "
@@ -736,8 +737,9 @@ def super_resolve(
     normalised, the model predicts the HR maps, the predictions are mapped to expression units (:data:`UNITS`) and
     overlapping tiles are cross-faded (no seams). A pixel value is the expected count of that 10 um (20 um at
     ``scale=5``) square as if all tissue had been measured: the finished layer is 0 off the tissue (the H&E's tissue
-    where the counts have data, one mask for every method) and a smooth correction makes its sum over each spot's
-    disc (or 100 um transcript bin) equal that spot's count (``sdata.attrs["c3diff"][key_added]["params"]
+    where the counts have data, one mask for every method) and a smooth correction brings its sum over each spot's
+    disc (or 100 um transcript bin) to that spot's count, up to the count's Poisson noise (within two standard
+    deviations: a count is one draw of the expected map; ``sdata.attrs["c3diff"][key_added]["params"]
     ["footprints"]`` records how closely). Before allocating, the memory the run needs is estimated; more genes than
     fit raise a MemoryError saying how many fit. Tiles run as dask tasks on the active scheduler - a
     ``dask.distributed.Client`` included (a model given by path or repo id is loaded once per worker; a model object
