@@ -62,6 +62,19 @@ def test_notebook_is_valid_and_fast_by_default():
     assert "FAST = True" in setup.source  # CI and newcomers run the small version
 
 
+def test_notebook_uses_the_public_api_only():
+    import re
+
+    import nbformat
+
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    code = "\n".join(c.source for c in notebook.cells if c.cell_type == "code")
+    pattern = r"(?:from|import)\s+c3diff(?:\.\w+)*\._\w+|\bc3\.(?:\w+\.)*_(?!_)\w+"  # (dunders are public)
+    private = [m.group(0) for m in re.finditer(pattern, code)]
+    assert not private, f"the tutorial reaches into private c3diff names: {private}"
+    assert re.search(pattern, "from c3diff._constants import X") and re.search(pattern, "c3.tl._celltype")
+
+
 @pytest.mark.slow
 def test_notebook_executes_and_reports(executed):
     code = [c for c in executed.cells if c.cell_type == "code"]
