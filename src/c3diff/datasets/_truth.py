@@ -46,7 +46,8 @@ def true_cell_types(
         than the label raster.
     types
         Cell types to keep, in label order (value ``i`` is ``types[i - 1]``, matching
-        :func:`c3diff.tl.celltype_map` when given the same types, e.g. :data:`c3diff._constants.IMMUNE_TYPES`).
+        :func:`c3diff.tl.celltype_map` when given the same types, e.g. ``list(c3.tl.DEFAULT_MARKERS)``, the seven immune
+        types).
         Cells of other types count as background. ``None``: every type of the table, in its category order.
     key_added
         Name of the new labels element.
@@ -67,9 +68,9 @@ def true_cell_types(
     Examples
     --------
     >>> import c3diff as c3
-    >>> from c3diff._constants import IMMUNE_TYPES
+    >>> immune_types = list(c3.tl.DEFAULT_MARKERS)
     >>> sdata = c3.datasets.simulate_section(width=640, height=640, seed=0)  # doctest: +SKIP
-    >>> c3.datasets.true_cell_types(sdata, types=IMMUNE_TYPES, key_added="true_immune")  # doctest: +SKIP
+    >>> c3.datasets.true_cell_types(sdata, types=immune_types, key_added="true_immune")  # doctest: +SKIP
     >>> sdata.attrs["c3diff"]["true_immune"]["labels"][1]  # doctest: +SKIP
     'B cell'
     """
