@@ -3,8 +3,8 @@
 The model's histology input is the H&E averaged to 10 um pixels, where a nucleus is smaller than a pixel: nuclear
 size, chromatin and the haematoxylin/eosin balance - what tells cell types apart - average away. These features are
 computed from the H&E at about 1 um/px and summarised per 10 um pixel, so the conditional mean can place each LR
-count by them. Measured on held-out simulated tissue (a per-gene linear model inside each 100 um pixel): 13 texture
-features reach 10x PCC 0.47 and within-pixel pattern r 0.40, the squared darkness 0.33 / 0.20 (see the method page).
+count by them: on held-out simulated tissue they place counts inside each 100 um pixel far better than the 10 um
+colour or the squared darkness do (the method page; numbers on the benchmarks pages).
 """
 
 from __future__ import annotations
