@@ -28,7 +28,9 @@ from c3diff.tl._train import _clean_checkpoints, _latest_checkpoint, _write_fold
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 GENES = ["GENE_A", "GENE_B", "GENE_C"]
-#: 2 sections x 4 patches x 3 genes: 2 mean-stage and 4 residual steps per epoch (checkpoints at steps 2, 4, 8, 12)
+#: 2 sections x 4 patches x 3 genes: 2 mean-stage and 4 residual steps per epoch. Steps 1-4 the mean (checkpoints at
+#: steps 2 and 4), the first stage (pixel space: no steps; its checkpoint replaces step 4's), 5-6 the backbone
+#: (checkpoint at 6), 7-14 the residual stage (checkpoints at 10 and 14)
 RUN = dict(
     model="tiny",
     genes=GENES,
@@ -169,39 +171,39 @@ def _killed_run(patch_files, out: Path, mode: str, step: int) -> None:
 def test_killed_after_a_checkpoint_resumes_exactly(patch_files, uninterrupted, tmp_path):
     reference, reference_dir = uninterrupted
     out = tmp_path / "run"
-    _killed_run(patch_files, out, "after", 8)  # in the residual stage, after its first epoch's checkpoint
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2", "step-4", "step-8"]
+    _killed_run(patch_files, out, "after", 10)  # in the residual stage, after its first epoch's checkpoint
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-10", "step-2", "step-4", "step-6"]
     before = _digest(out / "checkpoints")
     with pytest.warns(UserWarning, match="no validation data"):
         resumed = train([str(f) for f in patch_files], output_dir=out, resume="latest", **RUN)
     _assert_same_weights(reference.model, resumed.model)
     after = _digest(out / "checkpoints")
     assert {k: v for k, v in after.items() if k in before} == before  # the checkpoints it resumed from are intact
-    assert _log_steps(out) == _log_steps(reference_dir)  # one row per step: nothing of the dead run past step 8
+    assert _log_steps(out) == _log_steps(reference_dir)  # one row per step: nothing of the dead run past step 10
     assert resumed.history.drop(columns="time").equals(reference.history.drop(columns="time"))
 
 
 def test_killed_during_a_checkpoint_write_resumes_from_the_last_complete_one(patch_files, uninterrupted, tmp_path):
     reference, reference_dir = uninterrupted
     out = tmp_path / "run"
-    _killed_run(patch_files, out, "during", 8)
+    _killed_run(patch_files, out, "during", 10)
     names = sorted(p.name for p in (out / "checkpoints").iterdir())
-    assert "step-8" not in names and any(n.startswith(".step-8.c3diff-tmp-") for n in names)  # never half-written
-    partial = next((out / "checkpoints").glob(".step-8.c3diff-tmp-*"))
+    assert "step-10" not in names and any(n.startswith(".step-10.c3diff-tmp-") for n in names)  # never half-written
+    partial = next((out / "checkpoints").glob(".step-10.c3diff-tmp-*"))
     before = _digest(out)
     # the half-written folder is refused by name, with the way out, and nothing is changed
     with pytest.raises(FileNotFoundError, match="not a c3diff checkpoint .* resume='latest'"):
         train([str(f) for f in patch_files], output_dir=out, resume=partial, **RUN)
     assert _digest(out) == before
     rows = _log_steps(out)
-    assert max(step for _, step in rows) == 8  # the dead run logged past its last complete checkpoint (step 4)
+    assert max(step for _, step in rows) == 10  # the dead run logged past its last complete checkpoint (step 6)
     with pytest.warns(UserWarning, match="no validation data"):
         resumed = train([str(f) for f in patch_files], output_dir=out, resume="latest", **RUN)
     _assert_same_weights(reference.model, resumed.model)
     assert not list((out / "checkpoints").glob(".*.c3diff-tmp-*"))  # cleaned up
     assert _log_steps(out) == _log_steps(reference_dir)
     after = _digest(out)
-    complete = {k: v for k, v in before.items() if k.startswith("checkpoints/step-")}  # step-2 and step-4
+    complete = {k: v for k, v in before.items() if k.startswith("checkpoints/step-")}  # step-2, step-4 and step-6
     assert {k: after.get(k) for k in complete} == complete
 
 
@@ -210,7 +212,8 @@ def test_clean_stop_mid_epoch_resumes_exactly_and_the_data_order_is_checked(patc
     out = tmp_path / "run"
     files = [str(f) for f in patch_files]
     with pytest.warns(UserWarning, match="no validation data"):
-        train(files, output_dir=out, max_steps=6, **RUN)  # mid-epoch, and a whole epoch follows the resume
+        # max_steps counts the mean and residual steps: stopped at step 8, mid-epoch, and a whole epoch follows
+        train(files, output_dir=out, max_steps=6, **RUN)
     before = _digest(out)
     with (
         pytest.raises(ValueError, match=r"different data order \(batch_size 4 -> 2\).*same `data`, `batch_size`"),
@@ -222,16 +225,17 @@ def test_clean_stop_mid_epoch_resumes_exactly_and_the_data_order_is_checked(patc
         resumed = train(files, output_dir=out, resume="latest", **RUN)
     _assert_same_weights(reference.model, resumed.model)
     steps = [step for kind, step in _log_steps(out) if kind == "step"]
-    assert steps == list(range(1, 13))
+    assert steps == list(range(1, 15))  # the backbone's steps 5 and 6 among them
 
 
 def test_a_stop_and_resume_with_validation_keeps_the_uninterrupted_runs_best(patch_files, tmp_path, monkeypatch):
     """A run stopped by ``max_steps`` validates at the stop (so ``best/`` can hold its last weights); resumed, it must
     forget that validation, which an uninterrupted run never made: same ``best/``, model, log and history.
 
-    The validation is replaced by a scorer that calls the weights the run had at the stop (step 6, mid-epoch in the
-    residual stage) the best ever seen, and every other state equally good: remembered across the resume, they would
-    stay in ``best/`` instead of the step-8 weights the uninterrupted run keeps."""
+    The validation is replaced by a scorer that calls the weights the run had at the stop (step 8, after 6 steps of
+    the mean and residual stages, mid-epoch in the residual stage) the best ever seen, and every other state equally
+    good: remembered across the resume, they would stay in ``best/`` instead of the step-10 weights the uninterrupted
+    run keeps."""
     favourite: dict[str, torch.Tensor] = {}
 
     def losses(model, loader, **kwargs):
@@ -245,12 +249,12 @@ def test_a_stop_and_resume_with_validation_keeps_the_uninterrupted_runs_best(pat
     files = [str(f) for f in patch_files]
     run = {**RUN, "val_data": files[1]}
     train(files, output_dir=tmp_path / "probe", max_steps=6, **run)  # the weights at the stop
-    favourite.update(_weights(c3.models.from_pretrained(str(tmp_path / "probe" / "checkpoints" / "step-6" / "model"))))
+    favourite.update(_weights(c3.models.from_pretrained(str(tmp_path / "probe" / "checkpoints" / "step-8" / "model"))))
 
     reference = train(files, output_dir=tmp_path / "full", **run)
     stopped = train(files, output_dir=tmp_path / "split", max_steps=6, **run)
     _assert_same_weights(
-        stopped.model, c3.models.from_pretrained(str(tmp_path / "probe" / "checkpoints" / "step-6" / "model"))
+        stopped.model, c3.models.from_pretrained(str(tmp_path / "probe" / "checkpoints" / "step-8" / "model"))
     )
     resumed = train(files, output_dir=tmp_path / "split", resume="latest", **run)
     assert reference.best_checkpoint is not None and resumed.best_checkpoint is not None
@@ -263,8 +267,60 @@ def test_a_stop_and_resume_with_validation_keeps_the_uninterrupted_runs_best(pat
     assert resumed.history.drop(columns="time").equals(reference.history.drop(columns="time"))
     # the stopped run itself: its last weights were validated at the stop, logged as such, and kept as its best
     last = stopped.history.iloc[-1]
-    assert last["stopped"] is True and last["step"] == 6 and last["val_mse"] == 0.0
+    assert last["stopped"] is True and last["step"] == 8 and last["val_mse"] == 0.0
     assert stopped.best_checkpoint == tmp_path / "split" / "best"
+
+
+class _Killed(Exception):
+    """Ends a run in-process where a SIGKILL would."""
+
+
+def test_map_stages_log_validate_and_checkpoint_and_a_resume_after_the_backbone_skips_it(
+    patch_files, tmp_path, monkeypatch
+):
+    """The first stage and the backbone are stages of the run: their steps are numbered and logged, the backbone is
+    validated, and each ends with a checkpoint; a run killed right after the backbone's checkpoint resumes with the
+    residual stage (no map stage again) to the uninterrupted run's weights, log and history."""
+    files = [str(f) for f in patch_files]
+    # 1 epoch: steps 1-2 the mean, the first stage (checkpoint at 2), 3-4 the backbone (checkpoint at 4), 5-8 residual
+    run = {**RUN, "epochs": 1, "val_data": files[1], "val_steps": 2, "val_max_patches": 2, "val_samples": 1}
+    reference = train(files, output_dir=tmp_path / "full", **run)
+    rows = [json.loads(line) for line in (tmp_path / "full" / "log.jsonl").read_text().splitlines()]
+    backbone = [r for r in rows if r["stage"] == "backbone"]
+    assert [(r["type"], r["step"]) for r in backbone] == [("step", 3), ("step", 4), ("validation", 4)]
+    assert {"total", "mse"} <= set(backbone[0]) and backbone[0]["total"] > 0
+    assert np.isfinite(backbone[-1]["val_mse"]) and backbone[-1]["val_mse"] > 0
+    assert [r["stage"] for r in rows if r["type"] == "step"] == ["mean"] * 2 + ["backbone"] * 2 + ["residual"] * 4
+    assert reference.history["stage"].tolist() == ["mean", "backbone", "residual"]
+    at_backbone_end = tmp_path / "full" / "checkpoints" / "step-4"
+    state = json.loads((at_backbone_end / "trainer_state.json").read_text())
+    assert (state["stage"], state["global_step"], state["map_steps"]) == ("backbone", 4, 2)
+    assert not (at_backbone_end / "optimizer.pt").exists()  # the residual stage starts with its own
+    assert c3.models.from_pretrained(str(at_backbone_end / "model")).is_fitted("backbone")
+
+    scope = train.__globals__
+    write = scope["_write_folder_atomically"]
+
+    def write_then_die(final, fn):
+        write(final, fn)
+        if final.name == "step-4":
+            raise _Killed
+
+    monkeypatch.setitem(scope, "_write_folder_atomically", write_then_die)
+    with pytest.raises(_Killed):
+        train(files, output_dir=tmp_path / "split", **run)
+    monkeypatch.setitem(scope, "_write_folder_atomically", write)
+    assert _latest_checkpoint(tmp_path / "split") == tmp_path / "split" / "checkpoints" / "step-4"
+    fitted = []
+    fit = scope["_fit_map_stage"]
+    monkeypatch.setitem(
+        scope, "_fit_map_stage", lambda stage, *args, **kwargs: fitted.append(stage) or fit(stage, *args, **kwargs)
+    )
+    resumed = train(files, output_dir=tmp_path / "split", resume="latest", **run)
+    assert fitted == []  # neither map stage ran again
+    _assert_same_weights(reference.model, resumed.model)
+    assert _log_steps(tmp_path / "split") == _log_steps(tmp_path / "full")  # the backbone's rows once
+    assert resumed.history.drop(columns="time").equals(reference.history.drop(columns="time"))
 
 
 def _dead_pid() -> int:

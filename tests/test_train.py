@@ -160,7 +160,7 @@ def test_validation_keeps_the_best_model_and_logs(patchsets, tmp_path):
     again = validation_scores(result.model, patchsets[2], steps=2, max_patches=2, seed=0)
     assert again["val_pcc"] == pytest.approx(float(logged.iloc[-1]), rel=1e-5)
     rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
-    assert {r["type"] for r in rows} == {"step", "epoch"}
+    assert {r["type"] for r in rows} == {"step", "epoch", "validation"}  # (the backbone's validation)
     assert {"total", "mse", "content", "modal", "inter_sphere"} <= set(rows[0])
     assert result.model.genes == GENES
 
@@ -231,7 +231,8 @@ def test_residual_training_runs_its_stages_and_resumes_exactly(one_torch_thread,
     for k in a:
         torch.testing.assert_close(a[k], b[k], msg=k)
     # the recipe saved beside a model trains the same model again
-    saved = c3.models.TrainingConfig.from_pretrained(tmp_path / "full" / "checkpoints" / "step-4" / "model")
+    # (step 6: max_steps counts the 4 steps of the mean and residual stages, the backbone's 2 come on top)
+    saved = c3.models.TrainingConfig.from_pretrained(tmp_path / "full" / "checkpoints" / "step-6" / "model")
     assert saved == full.model.training_config and saved.max_steps == 4 and saved.mean_genes_per_patch == 2
     again = train(
         patchsets, output_dir=tmp_path / "again", model="tiny", genes=GENES, val_fraction=0, progress=False,

@@ -11,8 +11,8 @@ import re
 import shutil
 import time
 import warnings
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -56,7 +56,8 @@ class TrainingResult:
     model
         The best model by validation PCC (the last one without validation).
     history
-        One row per validation (epoch): loss components and RMSE/PCC of sampled maps.
+        One row per validation: each epoch of a conditional stage (loss components and RMSE/PCC of sampled maps), and
+        the end of the backbone stage (its diffusion loss ``val_mse`` on validation maps).
     output_dir
         Folder with ``checkpoints/``, ``best/`` (``save_pretrained`` folder) and ``log.jsonl``.
     best_checkpoint
@@ -409,8 +410,8 @@ def _set_global_rng_state(state: Mapping[str, Any]) -> None:
 def _save_checkpoint(
     path: Path, *, model, optimizer, generator, state: dict[str, Any], best_dir: Path | None = None
 ) -> None:
-    """Write a checkpoint folder atomically (see :func:`_write_folder_atomically`): the model, the optimizer, the
-    training noise generator and the process-wide random streams, then the progress state (written last).
+    """Write a checkpoint folder atomically (see :func:`_write_folder_atomically`): the model, the optimizer (if
+    any), the training noise generator and the process-wide random streams, then the progress state (written last).
 
     With ``best_dir`` (a run stopped by its budget, before the validation at the stop), a copy of ``best_dir`` as it
     stands goes into the checkpoint too and the state is marked ``"stopped"``: a run resumed from it puts ``best/``
@@ -419,7 +420,8 @@ def _save_checkpoint(
     def write(folder: Path) -> None:
         folder.mkdir(parents=True)
         model.save_pretrained(str(folder / "model"))
-        torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+        if optimizer is not None:  # (none at a map stage's end: the next stage starts with a fresh optimizer)
+            torch.save(optimizer.state_dict(), folder / "optimizer.pt")
         torch.save(generator.get_state(), folder / "generator.pt")
         torch.save(_global_rng_state(), folder / _RNG_FILE)
         saved = state
@@ -457,7 +459,11 @@ def _load_checkpoint(path: Path) -> tuple[C3DiffModel, dict, Any, dict[str, Any]
             "been cut short by a killed run. Pass resume='latest' to take the newest complete one."
         )
     model = from_pretrained(str(path / "model"))
-    optimizer_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+    optimizer_state = (
+        torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+        if (path / "optimizer.pt").exists()
+        else None
+    )  # (none at a map stage's end)
     generator_state = torch.load(path / "generator.pt", map_location="cpu", weights_only=True)
     rng_state = (
         torch.load(path / _RNG_FILE, map_location="cpu", weights_only=True) if (path / _RNG_FILE).exists() else None
@@ -497,7 +503,9 @@ STAGES = {
     "paper": ("first_stage", "backbone", "diffusion"),
     "residual": ("mean", "first_stage", "backbone", "residual"),
 }
-#: Stages fitted to (up to 4096 of) the training maps, without hint, validation or checkpoints of their own.
+#: Stages fitted to (up to 4096 of) the training maps, without hint. Their steps are logged and numbered with the
+#: run's other steps (outside ``max_steps``: they have their own budgets), the backbone is validated by its diffusion
+#: loss on validation maps, and each ends with a checkpoint, from which a resumed run goes on with the next stage.
 MAP_STAGES = ("first_stage", "backbone")
 
 
@@ -530,6 +538,7 @@ def _fit_map_stage(
     accelerator: Any,
     max_seconds: float | None,
     show: bool,
+    on_step: Callable[[Any], None] | None = None,
 ) -> C3DiffModel:
     """Run a map stage on ``maps`` ``(N, 1, H, H)`` in [-1, 1] and return the model with the stage fitted (a new
     model when the stage estimated config entries: see :meth:`~c3diff.models.C3DiffModel.with_config`).
@@ -538,7 +547,8 @@ def _fit_map_stage(
     autoencoder, ``recipe.autoencoder_steps`` steps of reconstruction (AdamW, lr 1e-4), then its latent scaling
     factor. ``"backbone"``: ``recipe.backbone_steps`` steps of unconditional diffusion of the maps by the whole UNet
     (AdamW, ``recipe.backbone_learning_rate``; at most ``max_seconds``), then its encoder is copied into the
-    ControlNet and frozen. Each step is the step of every stage (:func:`_train_step`) on the run's accelerator.
+    ControlNet and frozen. Each step is the step of every stage (:func:`_train_step`) on the run's accelerator;
+    ``on_step`` is called with its loss components (:func:`train` counts and logs it).
     """
     from torch.utils.data import DataLoader, RandomSampler
     from tqdm.auto import tqdm
@@ -571,7 +581,9 @@ def _fit_map_stage(
     start = time.perf_counter()
     try:
         for batch in tqdm(loader, total=steps, desc=stage.replace("_", " "), disable=not show, leave=False):
-            _train_step(accelerator, loss_module, optimizer, batch, generator)
+            losses = _train_step(accelerator, loss_module, optimizer, batch, generator)
+            if on_step is not None:
+                on_step(losses)
             if max_seconds is not None and time.perf_counter() - start >= max_seconds:
                 break
     finally:
@@ -596,6 +608,8 @@ def _stage_maps(net: C3DiffModel, patches: PatchSet, *, genes: list[str], seed: 
     channels = [patches.genes.index(g) for g in genes]
     pairs = np.argwhere((patches.hr_high - patches.hr_low)[:, channels] > 0)
     pairs = pairs[np.random.default_rng(seed).permutation(len(pairs))[:limit]]
+    if len(pairs) == 0:  # (every map constant)
+        return torch.empty(0, 1, *patches.hr.shape[-2:])
     if net.mean_net is None:
         return torch.from_numpy(np.stack([patches.hr[p, channels[g]] for p, g in pairs])[:, None]) * 2.0 - 1.0
     dataset = patches.dataset(genes=genes)
@@ -615,6 +629,36 @@ def _stage_maps(net: C3DiffModel, patches: PatchSet, *, genes: list[str], seed: 
             maps.append(net.residual_target(log_shares, batch["hr_counts"].to(net.device, net.dtype)).cpu())
     net.train(was_training)
     return torch.cat(maps)
+
+
+def _loss_values(losses: Any) -> dict[str, float]:
+    """A step's loss components (any stage's loss dataclass) as floats for the log."""
+    return {f.name: float(v.detach()) for f in fields(losses) if (v := getattr(losses, f.name)) is not None}
+
+
+def _backbone_validation(
+    net: C3DiffModel, patches: PatchSet, *, genes: list[str], seed: int, batch_size: int, max_batches: int
+) -> dict[str, float]:
+    """The backbone stage's validation: its diffusion loss (``val_mse``, :meth:`~c3diff.models.C3DiffModel.
+    compute_backbone_losses`) on up to ``max_batches`` batches of the validation maps it models (the HR maps, or the
+    residuals of the fitted mean), with noise and timesteps drawn from ``seed``. The training mode of every module
+    and the process-wide random streams are left as they were, so that the run's numerics do not see it."""
+    modes = {module: module.training for module in net.modules()}
+    streams = _global_rng_state()
+    try:
+        maps = _stage_maps(net, patches, genes=genes, seed=seed, limit=batch_size * max_batches)
+        generator = torch.Generator(device=net.device).manual_seed(seed)
+        net.eval()
+        with torch.no_grad():
+            losses = [
+                float(net.compute_backbone_losses(maps[i : i + batch_size], generator=generator).mse)
+                for i in range(0, len(maps), batch_size)
+            ]
+    finally:
+        for module, mode in modes.items():
+            module.training = mode
+        _set_global_rng_state(streams)
+    return {"val_mse": float(np.mean(losses)) if losses else float("nan")}
 
 
 # ------------------------------------------------------------------------------------------------- train
@@ -691,6 +735,15 @@ def train(
     ``"residual"`` trains the ControlNet on them, with the encoders and the mean frozen. Stages the model has done
     (:meth:`~c3diff.models.C3DiffModel.is_fitted`; e.g. a pretrained backbone) are skipped.
 
+    Every stage is a stage of the same run: its steps are numbered in one step count (``global_step``; the
+    ``checkpoints/step-N`` names) and logged in ``log.jsonl`` (``{"type": "step", "stage": ..., "step": ..., "total":
+    ...}``), and each ends with a checkpoint, so that ``resume`` never repeats a finished stage. The conditional stages
+    (``"mean"``, ``"residual"``, ``"diffusion"``) run in epochs, each validated and checkpointed, and decide what
+    ``best/`` keeps; the map stages (``"first_stage"``, ``"backbone"``: fitted to the training maps for a fixed number
+    of steps, ``autoencoder_steps`` / ``backbone_steps``) are checkpointed at their end, and the backbone is validated
+    there by its diffusion loss on validation maps (a ``{"type": "validation", "stage": "backbone", "val_mse": ...}``
+    row, also in the history).
+
     The recipe (every argument below that says how to train, not what on or where) is collected in a
     :class:`~c3diff.models.TrainingConfig`, handed to the model's loss methods and saved as
     ``training_config.json`` beside every model the run writes; the model's ``config.json`` holds the network only.
@@ -730,7 +783,9 @@ def train(
     seed
         Seeds model initialisation, data order, noise and timesteps.
     max_steps, max_time
-        Stop after this many optimisation steps / seconds (a checkpoint is written when stopping).
+        Stop after this many optimisation steps of the conditional stages (the mean and the residual / diffusion stage
+        together; the map stages' steps, numbered in the same count, are budgeted by ``autoencoder_steps`` and
+        ``backbone_steps``) / after this many seconds of the whole run (a checkpoint is written when stopping).
     val_steps, val_max_patches, val_max_genes, val_max_batches, val_samples
         Validation cost: DDIM steps, patches and genes sampled; batches for the validation losses; samples
         averaged per map for the scores.
@@ -743,7 +798,7 @@ def train(
         :meth:`~c3diff.models.C3DiffModel.compute_backbone_losses`), before its encoder is copied into the
         ControlNet and frozen. With ``max_time`` the stage takes at most a quarter of the time left. 0 skips it.
     checkpoint_every
-        Write a checkpoint every this many epochs.
+        Write a checkpoint every this many epochs (and one at the end of each map stage).
     resume
         ``"latest"`` or a checkpoint folder (``output_dir/checkpoints/step-N``): continue that run exactly - the same
         weights as the uninterrupted run, bit for bit on the CPU with one torch thread (data order and position in
@@ -758,7 +813,7 @@ def train(
     progress
         Progress bars with the loss components.
     log_every
-        Write a step row to the log every this many steps.
+        Write a step row to the log every this many steps (of the run's step count, in every stage).
     model_overrides
         Config overrides for a new model from a preset (e.g. ``{"unet_config": {...}}``).
     mean_loss
@@ -768,8 +823,8 @@ def train(
         Residual formulation with ``max_time``: the share of the budget the mean stage gets; the residual stage
         (its first stage, backbone and ControlNet) gets the rest.
     mean_max_steps
-        Residual formulation: at most this many steps in the mean stage (``max_steps`` counts the steps of all
-        stages together).
+        Residual formulation: at most this many steps in the mean stage (``max_steps`` counts the steps of the mean
+        and residual stages together).
     mean_genes_per_patch
         Residual formulation: a mean-stage batch holds this many genes of each of ``batch_size`` distinct patches
         (the histology trunk runs once per patch; the contrastive losses compare the patches).
@@ -944,7 +999,8 @@ def train(
         "stage": conditional[0],
         "epoch": 0,
         "step_in_epoch": 0,
-        "global_step": 0,
+        "global_step": 0,  # the steps of every stage
+        "map_steps": 0,  # of which in the map stages (outside max_steps)
         "stage_step": 0,
         "best_pcc": -math.inf,
         "best_loss": math.inf,
@@ -984,27 +1040,77 @@ def train(
             with log_path.open("a") as fh:
                 fh.write(json.dumps(row) + "\n")
 
+    def save_checkpoint(net: C3DiffModel, optimizer: Any, *, stopped: bool = False) -> None:
+        state["elapsed"] = time.perf_counter() - start_time
+        if accelerator.is_main_process:
+            _save_checkpoint(
+                output_dir / "checkpoints" / f"step-{state['global_step']}",
+                model=net,
+                optimizer=optimizer,
+                generator=generator,
+                state=state,
+                best_dir=best_dir if stopped else None,
+            )
+
+    def budget_steps() -> int:
+        """The steps ``max_steps`` counts: those of the conditional stages."""
+        return state["global_step"] - state["map_steps"]
+
+    def map_stage(stage: str, net: C3DiffModel, maps: torch.Tensor) -> C3DiffModel:
+        """A map stage (:func:`_fit_map_stage`) as a stage of the run: its steps numbered and logged, the backbone
+        validated, and a checkpoint at its end (without optimizer: the next stage starts afresh from it)."""
+        state.update(stage=stage, epoch=0, step_in_epoch=0, stage_step=0)
+
+        def count(losses: Any) -> None:
+            state["global_step"] += 1
+            state["map_steps"] += 1
+            state["stage_step"] += 1
+            if state["global_step"] % log_every == 0:
+                log({"type": "step", "stage": stage, "step": state["global_step"], **_loss_values(losses)})
+
+        remaining = None if max_time is None else max(0.0, max_time - (time.perf_counter() - start_time))
+        net = _fit_map_stage(
+            stage,
+            net,
+            maps,
+            recipe=recipe,
+            accelerator=accelerator,
+            max_seconds=None if remaining is None or stage != "backbone" else remaining / 4,
+            show=show,
+            on_step=count,
+        )
+        if stage == "backbone" and val_patches is not None and accelerator.is_main_process:
+            row = {"type": "validation", "stage": stage, "step": state["global_step"]}
+            row.update(time=time.perf_counter() - start_time)
+            row.update(
+                _backbone_validation(
+                    net, val_patches, genes=genes_model, seed=seed, batch_size=batch_size, max_batches=val_max_batches
+                )
+            )
+            state["history"].append(row)
+            log(row)
+        save_checkpoint(net, None)
+        return net
+
     def stage_deadline(stage: str) -> float | None:
         if max_time is None:
             return None
         return max_time * mean_time_fraction if stage == "mean" else max_time
 
     first_stage = stages.index(state["stage"]) if resume_state is not None and state["stage"] in stages else 0
+    # Resumed from a map stage's end (the model has that stage; the next one starts afresh): the process-wide random
+    # streams as they were there, restored where the next stage starts.
+    streams_at_start = rng_state if resume_state is not None and resume_state.get("stage") in MAP_STAGES else None
     maps = None
     for stage in stages[first_stage:]:
-        if stage in MAP_STAGES:  # fitted to the maps the diffusion generates, once (stage state saved with weights)
-            if maps is None:
-                maps = _stage_maps(net, train_patches, genes=genes_model, seed=seed)
-            remaining = None if max_time is None else max(0.0, max_time - (time.perf_counter() - start_time))
-            net = _fit_map_stage(
-                stage,
-                net,
-                maps,
-                recipe=recipe,
-                accelerator=accelerator,
-                max_seconds=None if remaining is None or stage != "backbone" else remaining / 4,
-                show=show,
-            )
+        if stage in MAP_STAGES and maps is None:  # the maps the diffusion generates, once
+            maps = _stage_maps(net, train_patches, genes=genes_model, seed=seed)
+        if streams_at_start is not None:  # (after the maps, which a resumed run makes anew)
+            _set_global_rng_state(streams_at_start)
+            streams_at_start = None
+        if stage in MAP_STAGES:  # (the stage's state is saved with the weights)
+            net = map_stage(stage, net, maps)
+            resume_state = None
             continue
         if state["stage"] != stage:  # a new stage: fresh progress counters, the step count runs on
             state.update(stage=stage, epoch=0, step_in_epoch=0, stage_step=0)
@@ -1032,16 +1138,7 @@ def train(
 
         # (the closures bind this stage's optimizer and model: a map stage may have rebuilt the model before it)
         def checkpoint(optimizer: Any = optimizer, *, stopped: bool = False, net: Any = net) -> None:
-            state["elapsed"] = time.perf_counter() - start_time
-            if accelerator.is_main_process:
-                _save_checkpoint(
-                    output_dir / "checkpoints" / f"step-{state['global_step']}",
-                    model=net,
-                    optimizer=optimizer,
-                    generator=generator,
-                    state=state,
-                    best_dir=best_dir if stopped else None,
-                )
+            save_checkpoint(net, optimizer, stopped=stopped)
 
         def validate(epoch: int, stage: str = stage, *, stopped: bool = False, net: Any = net) -> None:
             row: dict[str, Any] = {
@@ -1137,7 +1234,7 @@ def train(
                 bar.set_postfix({k: f"{v:.3f}" for k, v in values.items()})
                 if state["global_step"] % log_every == 0:
                     log({"type": "step", "stage": stage, "epoch": epoch, "step": state["global_step"], **values})
-                over_steps = (max_steps is not None and state["global_step"] >= max_steps) or (
+                over_steps = (max_steps is not None and budget_steps() >= max_steps) or (
                     stage == "mean" and mean_max_steps is not None and state["stage_step"] >= mean_max_steps
                 )
                 if over_steps or (deadline is not None and time.perf_counter() - start_time >= deadline):
@@ -1151,7 +1248,7 @@ def train(
                 if state["epoch"] % checkpoint_every == 0 or state["epoch"] == epochs:
                     checkpoint()
         last_stage = stage == stages[-1]
-        finished = (max_steps is not None and state["global_step"] >= max_steps) or (
+        finished = (max_steps is not None and budget_steps() >= max_steps) or (
             max_time is not None and time.perf_counter() - start_time >= max_time
         )
         # A run its budget stops mid-epoch is validated there too, so that best/ can hold its last weights; the
