@@ -128,3 +128,20 @@ def test_argument_errors(tiny):
         tiny.predict(histology, None, lr_available=[True, False])
     with pytest.raises(ValueError, match="seed"):
         tiny.predict(histology, lr, seed=[1, 2, 3])
+
+
+def test_a_bfloat16_residual_model_samples_like_its_float32_self():
+    # a half-precision model (from_pretrained(torch_dtype=torch.bfloat16), or .to(torch.bfloat16)) once failed in
+    # sample mode: the mean's share map came out float32 and met the ControlNet's bf16 weights
+    import c3diff as c3
+
+    torch.manual_seed(0)
+    model = c3.models.build_model("tiny", genes=["A", "B", "C"])
+    model.mark_fitted("mean")
+    histology, lr = _inputs(model, tiles=1)
+    kwargs = {"mode": "sample", "n_samples": 2, "num_inference_steps": 1, "seed": 3}
+    mean32, std32 = model.predict(histology, lr, **kwargs)
+    mean16, std16 = model.to(torch.bfloat16).predict(histology, lr, **kwargs)
+    assert mean16.dtype == std16.dtype == torch.float32  # results come back as float32
+    assert float((mean16 - mean32).abs().mean() / mean32.abs().mean()) < 0.05
+    assert float(torch.corrcoef(torch.stack([std16.flatten(), std32.flatten()]))[0, 1]) > 0.9

@@ -257,7 +257,7 @@ def share_map(log_pi: torch.Tensor, block: int) -> torch.Tensor:
     """``n_L pi_p``: shares times the pixels of their LR cell (1 everywhere for an even spread)."""
     h, w = log_pi.shape[-2:]
     counts = block_pixel_counts(h, w, block, device=log_pi.device)
-    return log_pi.exp() * counts
+    return log_pi.exp() * counts.to(log_pi.dtype)  # (counts <= 100: exact in bf16/fp16; keeps a half model half)
 
 
 def block_pixel_counts(h: int, w: int, block: int, *, device: torch.device | None = None) -> torch.Tensor:
