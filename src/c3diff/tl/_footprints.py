@@ -230,11 +230,14 @@ def match_footprints(
         empty = (s < _EMPTY_SHARE * y) & (y > 0) & ~_settled(s, y, tolerance)
         if empty.any():
             m += support.T @ np.where(empty, y / support_area[:, None], 0.0)
-        m *= _total_factor(weights @ m, y, tolerance)
         # genes still off are iterated in a compact array of their own; the converged ones are written back
         active, work, target, rounds, error, noise_error = np.arange(m.shape[1]), m.copy(), y, 0, 0.0, 0.0
         while active.size:
             s = weights @ work
+            # one factor per gene for the total (the local pulls below leave it where it was); it scales s exactly
+            total = _total_factor(s, target, tolerance)
+            work *= total
+            s *= total
             settled = _settled(s, target, tolerance)
             done = settled.all(axis=0) if rounds < max_rounds else np.ones(active.size, dtype=bool)
             if done.any():
@@ -252,7 +255,6 @@ def match_footprints(
             factor = np.exp(kernel @ (RELAXATION * np.log(ratio)))  # geometric: a 10x and a 0.1x cancel
             factor[unreached] = 1.0
             work *= factor
-            work *= _total_factor(weights @ work, target, tolerance)  # the local pulls leave the total where it was
         summary["rounds"] = max(summary["rounds"], rounds)
         summary["max_relative_error"] = max(summary["max_relative_error"], error)
         summary["max_noise_sd"] = max(summary["max_noise_sd"], noise_error)
