@@ -264,10 +264,8 @@ def celltype_map(
     min_score
         Leave pixels whose best score is below this (in [0, 1]) unassigned (label 0). The default,
         :data:`DEFAULT_MIN_SCORE` (0.1, for ``log1p=True``), has the best macro F1 over the seven types and
-        "unassigned" on simulated sections with known types (:doc:`/benchmarks`, ``celltype_threshold``). On 10 um
-        counts it leaves 98 % of non-immune tissue unassigned and keeps the true type of three quarters of the
-        immune pixels; on smooth maps (bicubic) it leaves 88 % of non-immune tissue unassigned and keeps the true
-        type of a fifth of the immune pixels (a third without a threshold): a higher ``min_score`` leaves more
+        "unassigned" on simulated sections with known types (:doc:`/benchmarks`, ``celltype_threshold``, which also
+        gives how much tissue it leaves unassigned on counts and on smooth maps): a higher ``min_score`` leaves more
         tissue unassigned, a lower one keeps more immune pixels. ``None`` or ``0``: call every pixel where a marker
         is expressed (the paper's argmax). Pixels where no marker is expressed (best score 0) or no marker is
         finite are never called.
@@ -276,11 +274,7 @@ def celltype_map(
         ``False``: scale the expression itself, the paper's formulation (:doc:`/method`, *Cell-type map*). On a
         super-resolved map a marker's maximum is often a single outlier pixel, so plain min-max squeezes every other
         pixel towards 0, and the types whose markers peak lowest are over-called; on the log scale the peaks weigh
-        less. Measured on 5 simulated demo sections (``min_score=None``; share of the pixels that an immune cell
-        touches called its type): C3-Diff maps 0.497 -> 0.568, bicubic 0.464 -> 0.481, 10 um counts 0.834 ->
-        0.842, the noise-free expected map 0.985 -> 0.986 (pixels whose main type is immune: C3-Diff 0.521 ->
-        0.592, bicubic 0.459 -> 0.478); on the threshold benchmark's sections the best macro F1 rises from
-        0.529 (``log1p=False``, ``min_score=0.03``) to 0.549 (``log1p=True``, ``min_score=0.1``). Scores, and so
+        less (the accuracies with and without it are on the :doc:`/benchmarks` page, ``demo``). Scores, and so
         ``min_score``, are on the scale chosen here: with ``log1p=False`` pass ``min_score=0.03``.
     inplace
         Write the results into ``sdata`` (and return ``None``); otherwise return them as a :class:`CelltypeMap`

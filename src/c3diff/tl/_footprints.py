@@ -23,8 +23,8 @@ FOOTPRINT_TOLERANCE = 5e-3
 
 #: A measurement also counts as met when its footprint sum lies within this many Poisson standard deviations
 #: (``sqrt(sum)``) of its count: a count is one noisy draw of the expected map, so pulling the map onto it exactly
-#: fits the noise - on her2st B4 pseudo-spots, exact matching turned a bicubic map's Pearson r at held-out spots from
-#: 0.585 into 0.40 (a zero count of a sparse gene drove the map around its disc to zero).
+#: fits the noise: a zero count of a sparse gene would drive the map around its disc to zero (measured on real
+#: pseudo-spots on the benchmarks page, ``real_pool_recover``).
 FOOTPRINT_NOISE_SD = 2.0
 
 #: Correction rounds at most (each a sparse product per gene batch); the error falls geometrically.

@@ -48,11 +48,9 @@ UNITS = (
     "expected transcript counts per output pixel: the expected count of that square as if all tissue had been "
     "measured, so summed over each measured spot's disc (or 100 um transcript bin) the layer gives that spot's count "
     "(up to that count's Poisson noise, as recorded with the layer), and 0 off the tissue mask. Tiles are first "
-    "calibrated to the LR "
-    "counts: with "
-    "calibration='lr_pixel' the "
-    "prediction summed over each measured (or gap-filled) 100 um LR pixel equals its count; with calibration='tile' "
-    "one factor per tile and gene makes the sum over the tile's measured LR pixels equal theirs"
+    "calibrated to the LR counts: with calibration='lr_pixel' the prediction summed over each measured (or "
+    "gap-filled) 100 um LR pixel equals its count; with calibration='tile' one factor per tile and gene makes the sum "
+    "over the tile's measured LR pixels equal theirs"
 )
 
 #: ``steps``, ``n_samples`` (sample mode) and ``batch_size`` of :func:`super_resolve` when not given, by device kind.
@@ -789,8 +787,7 @@ def super_resolve(
         and scores higher on pixel-wise metrics such as PCC.
     batch_size
         Tiles per dask task (and model call); default :data:`DEVICE_DEFAULTS` (4 on the CPU, 16 on a GPU). A tile's
-        genes go through the model in as few calls as memory allows
-        (:func:`~c3diff.models._sampling.auto_gene_batch_size`).
+        genes go through the model in as few calls as memory allows.
     device
         ``"auto"`` (a GPU when visible), ``"cpu"``, ``"cuda"``, ...
     seed
